@@ -1,0 +1,129 @@
+"""Attention masks that let every position think at once (Figure 3 of the paper).
+
+The trick
+---------
+A thought after *every* token would need l separate generations. Quiet-STaR instead feeds,
+at thought step k, one new token for each of the l positions in a single forward pass, and
+uses the attention mask so that the k-th thought token of position j sees only
+
+* the real text up to and including x_j            (the causal part), and
+* thought tokens 1 .. k of the *same* position j   (a diagonal in each earlier step's block),
+
+and nothing of the thoughts of other positions. With a KV cache the keys of step k are the
+l text tokens followed by k blocks of l thought tokens:
+
+.. code-block:: text
+
+    keys:      x_0 .. x_{l-1} | step 1: T_{0,1} .. T_{l-1,1} | ... | step k: T_{0,k} .. T_{l-1,k}
+    query j:   1 1 .. 1 0 0   | 0 .. 1 (column j) .. 0        | ... | 0 .. 1 (column j) .. 0
+               (x_i, i <= j)
+
+Each block after the first is an identity matrix: those are the diagonals of Figure 3.
+The *talk* tokens that follow the thought (teacher forcing of the next n_true - 1 true
+tokens, see :mod:`qstar_mini.talk`) are just more steps of the same kind, so one mask
+builder serves both.
+
+Position ids place thought token k of position j at position ``j + k``: exactly where it
+would sit if the thought were written into the text after x_j. The naive reference in
+:mod:`qstar_mini.thoughts` does literally that, and the tests check both agree.
+
+Hugging Face convention: a float mask of shape ``(batch, 1, query_len, key_len)`` that is
+added to the attention scores: 0 where a query may attend, the dtype's most negative value
+where it may not. Boolean masks (True = may attend) are easier to read and to test, so each
+builder has a boolean form and :func:`to_additive` converts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import DataError
+
+
+def check_right_padded(attention_mask: torch.Tensor) -> None:
+    """Raise :class:`DataError` unless every row is 1s then 0s and has at least one 1.
+
+    attention_mask: (batch, seq) of 0/1.
+    """
+    if attention_mask.dim() != 2:
+        raise DataError(f"attention_mask must have shape (batch, seq); got {tuple(attention_mask.shape)}")
+    m = attention_mask.long()
+    lengths = m.sum(-1)
+    if bool((lengths == 0).any()):
+        rows = (lengths == 0).nonzero().flatten().tolist()
+        raise DataError(f"batch rows {rows} are all padding; drop empty lines before batching")
+    expected = torch.arange(m.shape[1], device=m.device)[None, :] < lengths[:, None]
+    if not bool((expected.long() == m).all()):
+        raise DataError("attention_mask must be right-padded (1s then 0s); set tokenizer.padding_side = 'right'")
+
+
+def causal_visibility(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean causal mask with padding: query j may see key i iff i <= j and i is not padding.
+
+    attention_mask: (batch, seq) of 0/1, right-padded.
+    returns:        (batch, 1, seq, seq) bool, True = may attend.
+    """
+    seq = attention_mask.shape[-1]
+    device = attention_mask.device
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()   # (seq, seq)
+    keys_ok = attention_mask.bool()[:, None, None, :]                        # (batch, 1, 1, seq)
+    return causal[None, None] & keys_ok
+
+
+def thought_visibility(attention_mask: torch.Tensor, step: int) -> torch.Tensor:
+    """Boolean mask for the queries of thought (or talk) step ``step`` >= 1.
+
+    Keys are the seq text tokens followed by ``step`` blocks of seq tokens (one block per
+    step fed so far, the current one included). Query j sees text x_{<=j} (minus padding)
+    and column j of every block: its own earlier thought tokens and itself.
+
+    attention_mask: (batch, seq) of 0/1, right-padded.
+    returns:        (batch, 1, seq, seq * (1 + step)) bool.
+    """
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (got {step}); step 0 is the causal mask")
+    batch, seq = attention_mask.shape
+    text = causal_visibility(attention_mask)                                  # (batch, 1, seq, seq)
+    own = torch.eye(seq, dtype=torch.bool, device=attention_mask.device)      # (seq, seq)
+    blocks = own.repeat(1, step)[None, None].expand(batch, 1, seq, seq * step)
+    return torch.cat([text, blocks], dim=-1)
+
+
+def to_additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Turn a boolean mask (True = attend) into Hugging Face's additive float mask.
+
+    visible: (..., query, key) bool.  returns: same shape, 0.0 or ``finfo(dtype).min``.
+    """
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return mask.masked_fill(~visible, torch.finfo(dtype).min)
+
+
+def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive 4D causal mask, (batch, 1, seq, seq): the plain forward pass (Algorithm 1, line 1)."""
+    return to_additive(causal_visibility(attention_mask), dtype)
+
+
+def thought_mask(attention_mask: torch.Tensor, step: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive 4D mask for thought/talk step ``step``, (batch, 1, seq, seq * (1 + step))."""
+    return to_additive(thought_visibility(attention_mask, step), dtype)
+
+
+def all_step_masks(attention_mask: torch.Tensor, n_steps: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The mask of the last step, built once; step k's mask is its first seq * (1 + k) keys.
+
+    Slicing instead of rebuilding the mask at every step is why this exists:
+    ``full[..., : seq * (1 + k)]`` equals :func:`thought_mask` (attention_mask, k).
+
+    attention_mask: (batch, seq).  returns: (batch, 1, seq, seq * (1 + n_steps)).
+    """
+    return thought_mask(attention_mask, n_steps, dtype)
+
+
+def step_position_ids(attention_mask: torch.Tensor, step: int) -> torch.Tensor:
+    """Position ids of the tokens fed at step ``step`` (0 = the text itself): j + step.
+
+    attention_mask: (batch, seq).  returns: (batch, seq) long.
+    """
+    batch, seq = attention_mask.shape
+    return (torch.arange(seq, device=attention_mask.device) + step).expand(batch, seq)

@@ -1,0 +1,82 @@
+"""The mixing head: how much to trust the post-thought prediction (Algorithm 1, lines 2f-2g).
+
+A freshly added thought is noise, and a model forced to use it would get worse before it got
+better. So Quiet-STaR keeps the base prediction and learns a weight w that mixes in the
+post-thought one: a shallow MLP reads the two hidden states ``[h_init; h_thought]`` of the
+same (position, offset) and outputs one scalar.
+
+Two variants, switchable with ``QuietStarConfig.mixing``. Mind that they use w for
+*opposite* sides:
+
+``"hidden"`` (the official code, the default)
+    ``w`` weights the **thought**, is unbounded (no sigmoid), and mixes hidden states::
+
+        h_talk = (1 - w) * h_init + w * h_thought;     log p^talk = log_softmax(lm_head(h_talk))
+
+    Because the LM head is linear, this is exactly mixing the *logits* (not the log-probs).
+    The head's last layer starts at zero, so w = 0 and the mix *is* the base prediction at
+    the start of training, bit for bit.
+
+``"logprob"`` (the paper's formula)
+    ``w`` in [0, 1] (a sigmoid) weights the **base** prediction, and log-probs are mixed::
+
+        log p^talk = w * log p^init + (1 - w) * log p^thought
+
+    This is a weighted geometric mean of the two distributions, not renormalised (as in the
+    paper): ``-log p^talk`` of the true token is the w-weighted mean of the two NLLs. With the
+    last layer at zero, w = sigmoid(mixer_bias_init); set ``mixer_bias_init`` high (e.g. 5)
+    to start close to the base model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .lm import text_log_probs
+
+
+class MixingHead(nn.Module):
+    """Shallow MLP ``[h_init; h_thought] -> scalar``, last layer zero-initialised.
+
+    Official code: ``Linear(2 * hidden, hidden) -> ReLU -> Linear(hidden, 1)``.
+    h_init, h_thought: (..., hidden).  returns: (...,) the raw score a.
+    """
+
+    def __init__(self, hidden: int, mixer_hidden: int | None = None, bias_init: float = 0.0):
+        super().__init__()
+        width = mixer_hidden or hidden
+        self.net = nn.Sequential(nn.Linear(2 * hidden, width), nn.ReLU(), nn.Linear(width, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.constant_(self.net[-1].bias, bias_init)
+
+    def forward(self, h_init: torch.Tensor, h_thought: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([h_init, h_thought], dim=-1).to(self.net[0].weight.dtype)
+        return self.net(x)[..., 0]
+
+
+def mixing_weight(head: MixingHead, h_init: torch.Tensor, h_thought: torch.Tensor, mode: str) -> torch.Tensor:
+    """Algorithm 1, line 2f: w_{j:j+n_true}.
+
+    h_init, h_thought: (..., hidden), e.g. (batch, n_thoughts, seq, n_true, hidden).
+    returns: w (...): the thought's weight (unbounded) for mode "hidden"; the base's weight
+    in [0, 1] for mode "logprob".
+    """
+    a = head(h_init, h_thought)
+    return a if mode == "hidden" else torch.sigmoid(a)
+
+
+def mix_log_probs(lm_head: nn.Module, h_init: torch.Tensor, h_thought: torch.Tensor, w: torch.Tensor,
+                  mode: str, meta_ids: tuple[int, ...] = ()) -> torch.Tensor:
+    """Algorithm 1, line 2g: log p^talk, the mixed prediction, over the whole vocabulary.
+
+    h_init, h_thought: (..., hidden).  w: (...) from :func:`mixing_weight`.
+    returns: (..., vocab) log p^talk (meta-tokens excluded).
+    """
+    w = w[..., None].to(h_init.dtype)
+    if mode == "hidden":
+        return text_log_probs(lm_head((1 - w) * h_init + w * h_thought), meta_ids)
+    log_p_init = text_log_probs(lm_head(h_init), meta_ids)
+    log_p_thought = text_log_probs(lm_head(h_thought), meta_ids)
+    mixed = w * log_p_init + (1 - w) * log_p_thought
+    return mixed.masked_fill(torch.isnan(mixed), float("-inf"))   # -inf * 0 at meta-tokens

@@ -1,0 +1,125 @@
+"""Algorithm 1, composed: one Quiet-STaR step on a mini-batch, every intermediate kept.
+
+Read :func:`quiet_star_step` top to bottom: each block is one line of Algorithm 1, in order,
+calling the function of this package that implements it. The result is a
+:class:`StepOutput` whose ``loss`` is ready for ``loss.backward()`` and an optimiser step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from .config import QuietStarConfig
+from .lm import lm_head, text_log_probs
+from .losses import (base_nll, check_finite, combined_loss, future_targets, gather_ahead,
+                     reinforce_loss, rewards, talk_nll, token_log_probs)
+from .meta_tokens import MetaTokens
+from .mixing import MixingHead, mix_log_probs, mixing_weight
+from .talk import talk_hidden
+from .thoughts import generate_thoughts, plain_forward
+
+
+@dataclass
+class StepOutput:
+    """Every tensor of one step; shapes with b = batch, n = n_thoughts, l = seq, t, n_true.
+
+    h_init:           (b, l, hidden)             line 1: plain hidden states
+    log_p_init:       (b, l, n_true)             line 2a: log p^init of the true x_{j+1+i}
+    thoughts:         (b, n, l, t)               lines 2b-c: T_j, ids incl. meta-tokens
+    thought_logprobs: (b, n, l, t - 2)           log p of each sampled thought token
+    h_thought:        (b, n, l, n_true, hidden)  line 2d: post-thought hidden states
+    w:                (b, n, l, n_true)          line 2f: mixing weight (see qstar_mini.mixing)
+    log_p_talk:       (b, n, l, n_true)          line 2g: mixed log p of the true tokens
+    nll:              (b, n, l, n_true)          line 2h: -log_p_talk, 0 where invalid
+    rewards:          (b, n, l)                  line 2i: r_j (no gradient)
+    reinforce:        (b, n, l)                  line 2j: per-thought REINFORCE loss
+    valid:            (b, l, n_true)             which (j, i) have a true token x_{j+1+i}
+    base_nll, talk_nll, policy_loss: scalars;  loss: line 2k, the scalar to backpropagate.
+    With ``think=False`` only h_init, log_p_init, valid, base_nll and loss are set.
+    """
+
+    h_init: torch.Tensor
+    log_p_init: torch.Tensor
+    valid: torch.Tensor
+    base_nll: torch.Tensor
+    loss: torch.Tensor
+    thoughts: torch.Tensor | None = None
+    thought_logprobs: torch.Tensor | None = None
+    h_thought: torch.Tensor | None = None
+    w: torch.Tensor | None = None
+    log_p_talk: torch.Tensor | None = None
+    nll: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    reinforce: torch.Tensor | None = None
+    talk_nll: torch.Tensor | None = None
+    policy_loss: torch.Tensor | None = None
+
+    def shapes(self) -> dict[str, tuple]:
+        """{name: shape} of every tensor held (scalars as ())."""
+        return {f.name: tuple(getattr(self, f.name).shape) for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+
+
+def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor, cfg: QuietStarConfig, *, greedy: bool = False,
+                    noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                    think_mask: torch.Tensor | None = None, step: int | None = None) -> StepOutput:
+    """One step of Algorithm 1 on a batch X = input_ids (batch, seq), right-padded.
+
+    think_mask: optional (batch, seq) bool, the positions whose thoughts are trained
+    (default: every real position with a next token, as in the paper).
+    noise / generator / greedy: how thoughts are sampled (see qstar_mini.thoughts).
+    """
+    n_true = cfg.n_true
+    targets, valid = future_targets(input_ids, attention_mask, n_true)      # (b, l, n_true)
+
+    # 1. h_init <- hidden states of X
+    h_init, cache = plain_forward(model, meta, input_ids, attention_mask)   # (b, l, hidden)
+
+    # 2a. log p^init_{j:j+n_true}: the base log-probs of the next n_true true tokens
+    log_p_init_full = text_log_probs(lm_head(model)(h_init), meta.ids)      # (b, l, vocab)
+    log_p_init = token_log_probs(gather_ahead(log_p_init_full, n_true), targets)  # (b, l, n_true)
+    per_position, base = base_nll(log_p_init[..., 0], valid[..., 0])
+    if not cfg.think:
+        check_finite(step, base_nll=base)
+        return StepOutput(h_init=h_init, log_p_init=log_p_init, valid=valid, base_nll=base, loss=base)
+
+    # 2b-c. T_j <- [<|startofthought|>, t - 2 sampled tokens, <|endofthought|>], for all j at once
+    thoughts = generate_thoughts(
+        model, meta, input_ids, attention_mask, cache, cfg.thought_length, cfg.n_thoughts,
+        extra_steps=n_true - 1, thought_temperature=cfg.thought_temperature,
+        reinforce_temperature=cfg.reinforce_temperature, greedy=greedy, noise=noise,
+        generator=generator)
+
+    # 2d. h^thought_{j:j+n_true} <- hidden states of [X_{:j}; T_j; X_{j+1:j+n_true}] (teacher forcing)
+    h_thought = talk_hidden(model, meta, thoughts, input_ids, n_true)      # (b, n, l, n_true, hidden)
+
+    # 2e-g. w <- mixing_head(h_init, h_thought); log p^talk = mix of base and post-thought
+    h_init_ahead = gather_ahead(h_init, n_true)[:, None].expand_as(h_thought)  # (b, n, l, n_true, hidden)
+    w = mixing_weight(head, h_init_ahead, h_thought, cfg.mixing)           # (b, n, l, n_true)
+    log_p_talk_full = mix_log_probs(lm_head(model), h_init_ahead, h_thought, w, cfg.mixing, meta.ids)
+    log_p_talk = token_log_probs(log_p_talk_full, targets[:, None].expand(w.shape))  # (b, n, l, n_true)
+
+    think = valid[..., 0] if think_mask is None else valid[..., 0] & think_mask.bool()  # (b, l)
+    talk_valid = valid & think[..., None]                                   # (b, l, n_true)
+
+    # 2h. L^NLL_j <- -log p^talk(X_{j+1:j+n_true+1})
+    nll, talk = talk_nll(log_p_talk, talk_valid)
+
+    # 2i. r_j <- log p^talk(true tokens) - mean over the thoughts of the same position
+    r = rewards(log_p_talk, talk_valid, cfg.reward_baseline)                # (b, n, l)
+
+    # 2j. L^REINFORCE_j <- -r_j * 1[r_j > 0] * log p(T_j | X_{:j}, <|startofthought|>)
+    reinforce, policy = reinforce_loss(r, thoughts.logprobs, think, cfg.clamp_negative_rewards)
+
+    # 2k. L_j <- L^NLL_j + L^REINFORCE_j (plus the official 0.5 * base NLL)
+    loss = combined_loss(base, talk, policy, cfg.base_loss_weight, cfg.policy_loss_weight)
+    check_finite(step, base_nll=base, talk_nll=talk, reward=r, w=w, loss=loss)
+
+    return StepOutput(h_init=h_init, log_p_init=log_p_init, valid=valid, base_nll=base, loss=loss,
+                      thoughts=thoughts.ids, thought_logprobs=thoughts.logprobs, h_thought=h_thought,
+                      w=w, log_p_talk=log_p_talk, nll=nll, rewards=r, reinforce=reinforce,
+                      talk_nll=talk, policy_loss=policy)
