@@ -59,6 +59,7 @@ class QuietStarConfig:
                                       # weights the base prediction)
     mixer_hidden: int | None = None   # width of the MLP's hidden layer; None = model width
     mixer_bias_init: float = 0.0      # bias of the head's last layer (weights start at 0)
+    mixer_sigmoid: bool = False       # "hidden" mode only: bound w to [0, 1] (official: no)
 
     # --- losses ----------------------------------------------------------------------------
     reward_baseline: str = "mean"     # official `trice_mode`: subtract the mean over thoughts
@@ -181,7 +182,7 @@ def tiny(**changes) -> QuietStarConfig:
         start_init="(", end_init=")", embedding_scale=1.0,
         policy_loss_weight=1.0, base_loss_weight=0.5,
         lr=1e-4, mixer_lr=1e-3, weight_decay=0.0, warmup_steps=10, grad_clip=1.0,
-        mixer_bias_init=0.0,
+        mixing="hidden", mixer_sigmoid=True, mixer_bias_init=-3.0,
     )
     values.update(changes)
     return QuietStarConfig(**values)

@@ -25,6 +25,7 @@ quickly. Two details of the official code are reproduced here:
 from __future__ import annotations
 
 import torch
+from tokenizers import AddedToken
 from torch import nn
 
 from .errors import ModelError
@@ -104,8 +105,8 @@ def add_meta_tokens(model: nn.Module, tokenizer, start_init: str = "---", end_in
     """
     start_vec, _ = init_embedding(model, tokenizer, start_init)
     end_vec, _ = init_embedding(model, tokenizer, end_init)
-    tokenizer.add_special_tokens({"additional_special_tokens": [START_THOUGHT, END_THOUGHT]},
-                                 replace_additional_special_tokens=False)
+    tokenizer.add_tokens([AddedToken(START_THOUGHT, special=True, normalized=False),
+                          AddedToken(END_THOUGHT, special=True, normalized=False)], special_tokens=True)
     start_id = tokenizer.convert_tokens_to_ids(START_THOUGHT)
     end_id = tokenizer.convert_tokens_to_ids(END_THOUGHT)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):

@@ -15,7 +15,10 @@ Two variants, switchable with ``QuietStarConfig.mixing``. Mind that they use w f
 
     Because the LM head is linear, this is exactly mixing the *logits* (not the log-probs).
     The head's last layer starts at zero, so w = 0 and the mix *is* the base prediction at
-    the start of training, bit for bit.
+    the start of training, bit for bit. (Beware: at w = 0 every thought gets the same
+    mixed prediction, so all rewards are 0 until the head has taken a step.) Option
+    ``mixer_sigmoid=True`` bounds w to [0, 1]; with ``mixer_bias_init=-3`` it starts at 0.05:
+    the tiny preset does that.
 
 ``"logprob"`` (the paper's formula)
     ``w`` in [0, 1] (a sigmoid) weights the **base** prediction, and log-probs are mixed::
@@ -55,15 +58,17 @@ class MixingHead(nn.Module):
         return self.net(x)[..., 0]
 
 
-def mixing_weight(head: MixingHead, h_init: torch.Tensor, h_thought: torch.Tensor, mode: str) -> torch.Tensor:
+def mixing_weight(head: MixingHead, h_init: torch.Tensor, h_thought: torch.Tensor, mode: str,
+                  sigmoid: bool = False) -> torch.Tensor:
     """Algorithm 1, line 2f: w_{j:j+n_true}.
 
     h_init, h_thought: (..., hidden), e.g. (batch, n_thoughts, seq, n_true, hidden).
-    returns: w (...): the thought's weight (unbounded) for mode "hidden"; the base's weight
-    in [0, 1] for mode "logprob".
+    returns: w (...): for mode "hidden" the thought's weight, unbounded as in the official code,
+    or in [0, 1] with ``sigmoid=True`` (then ``mixer_bias_init=-3`` starts it at 0.05); for
+    mode "logprob" the base's weight, always in [0, 1].
     """
     a = head(h_init, h_thought)
-    return a if mode == "hidden" else torch.sigmoid(a)
+    return a if (mode == "hidden" and not sigmoid) else torch.sigmoid(a)
 
 
 def mix_log_probs(lm_head: nn.Module, h_init: torch.Tensor, h_thought: torch.Tensor, w: torch.Tensor,

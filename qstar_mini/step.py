@@ -13,13 +13,26 @@ import torch
 from torch import nn
 
 from .config import QuietStarConfig
-from .lm import lm_head, text_log_probs
+from .lm import check_supported, lm_head, text_log_probs
 from .losses import (base_nll, check_finite, combined_loss, future_targets, gather_ahead,
                      reinforce_loss, rewards, talk_nll, token_log_probs)
-from .meta_tokens import MetaTokens
+from .meta_tokens import MetaTokens, add_meta_tokens
 from .mixing import MixingHead, mix_log_probs, mixing_weight
 from .talk import talk_hidden
 from .thoughts import generate_thoughts, plain_forward
+
+
+def prepare_model(model: nn.Module, tokenizer, cfg: QuietStarConfig) -> tuple[MetaTokens, MixingHead]:
+    """Make a causal LM ready for Quiet-STaR: add the meta-tokens, build the mixing head.
+
+    Checks that the model's attention takes 4D masks. Returns (meta, head); train both with
+    the model (``head`` on the model's device and dtype).
+    """
+    check_supported(model)
+    meta = add_meta_tokens(model, tokenizer, cfg.start_init, cfg.end_init, cfg.embedding_scale)
+    weight = model.get_input_embeddings().weight
+    head = MixingHead(weight.shape[1], cfg.mixer_hidden, cfg.mixer_bias_init).to(weight.device, weight.dtype)
+    return meta, head
 
 
 @dataclass
@@ -99,7 +112,7 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
 
     # 2e-g. w <- mixing_head(h_init, h_thought); log p^talk = mix of base and post-thought
     h_init_ahead = gather_ahead(h_init, n_true)[:, None].expand_as(h_thought)  # (b, n, l, n_true, hidden)
-    w = mixing_weight(head, h_init_ahead, h_thought, cfg.mixing)           # (b, n, l, n_true)
+    w = mixing_weight(head, h_init_ahead, h_thought, cfg.mixing, cfg.mixer_sigmoid)  # (b, n, l, n_true)
     log_p_talk_full = mix_log_probs(lm_head(model), h_init_ahead, h_thought, w, cfg.mixing, meta.ids)
     log_p_talk = token_log_probs(log_p_talk_full, targets[:, None].expand(w.shape))  # (b, n, l, n_true)
 
