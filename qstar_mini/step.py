@@ -93,8 +93,11 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
     h_init, cache = plain_forward(model, meta, input_ids, attention_mask)   # (b, l, hidden)
 
     # 2a. log p^init_{j:j+n_true}: the base log-probs of the next n_true true tokens
-    log_p_init_full = text_log_probs(lm_head(model)(h_init), meta.ids)      # (b, l, vocab)
-    log_p_init = token_log_probs(gather_ahead(log_p_init_full, n_true), targets)  # (b, l, n_true)
+    # The plain pass at position j + i predicts x_{j+1+i}, so log p^init of offset i at j is
+    # the next-token log-prob at j + i: compute it once per position, then look ahead.
+    log_p_next = token_log_probs(text_log_probs(lm_head(model)(h_init), meta.ids),
+                                 targets[..., 0])                           # (b, l)
+    log_p_init = gather_ahead(log_p_next, n_true)                           # (b, l, n_true)
     per_position, base = base_nll(log_p_init[..., 0], valid[..., 0])
     if not cfg.think:
         check_finite(step, base_nll=base)

@@ -1,0 +1,291 @@
+"""What a thought after every token costs, measured: ``qstar-mini bench`` / ``python -m qstar_mini.bench``.
+
+Rows (all on one machine, in one run, medians of ``repeats`` timings after ``warmup`` runs):
+
+* ``thoughts``: parallel thought generation (Figure 3 masks + KV cache) against two per-position
+  loops: the plain reference :func:`qstar_mini.thoughts.naive_thoughts` (recomputes the
+  prefix for every token) and a fairer loop that keeps a KV cache per position.
+* ``step``: one Quiet-STaR training step (forward + backward) against a plain LM step on the
+  same batch. A step processes ``passes = 1 + n_thoughts * (t + n_true - 1)`` tokens per text
+  token (the plain pass once, then t thought tokens and n_true - 1 teacher-forced talk tokens
+  for every thought), so ``overhead = (step time / plain time) / passes`` is 1.0 when the
+  step costs exactly its floor. Attention over the growing cache is the part above the floor.
+* ``memory``: peak memory of a step relative to the plain step (CPU: peak RSS of a fresh
+  process; CUDA: ``max_memory_allocated``).
+* ``inference``: tokens per second with a thought before every token against plain greedy
+  generation (rows added when :mod:`qstar_mini.generate` is present).
+
+JSON: ``{"machine": ..., "rows": [{"name", "params", "median_s", "baseline_median_s", "ratio",
+"passes", "overhead", ...}]}``; fields that do not apply are null.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+from .config import QuietStarConfig
+from .lm import forward_hidden, lm_head, new_cache
+from .masks import causal_mask, step_position_ids
+from .meta_tokens import MetaTokens
+from .mixing import MixingHead
+from .step import quiet_star_step
+from .thoughts import generate_thoughts, naive_thoughts, plain_forward, sample_tokens
+
+TINY = dict(hidden_size=128, num_hidden_layers=4, intermediate_size=384)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def bench_model(vocab: int = 85, device: str = "cpu", dtype=torch.float32, attn: str = "sdpa", **sizes):
+    """A randomly initialised model of the tiny base's shape (timings do not depend on weights)."""
+    from .models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab, **{**TINY, **sizes})
+    cfg._attn_implementation = attn
+    model = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=dtype)
+    hidden = cfg.hidden_size
+    meta = MetaTokens(vocab - 2, vocab - 1, torch.randn(2, hidden), scale=1.0).to(device=device, dtype=dtype)
+    head = MixingHead(hidden).to(device=device, dtype=dtype)
+    return model, meta, head
+
+
+def timeit(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_batch(batch: int, seq: int, vocab: int, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, vocab - 2, (batch, seq), generator=g).to(device)
+    return ids, torch.ones_like(ids)
+
+
+@torch.no_grad()
+def cached_loop_thoughts(model, meta, input_ids, thought_length: int):
+    """Per-position generation with an ordinary KV cache (what `model.generate` would do):
+    for each position j, prefill x_{<=j} + <|startofthought|>, then decode t - 3 more tokens."""
+    out = []
+    for j in range(input_ids.shape[1]):
+        cache = new_cache()
+        tokens = torch.cat([input_ids[:, : j + 1], torch.full_like(input_ids[:, :1], meta.start_id)], 1)
+        mask = torch.ones_like(tokens)
+        dtype = model.get_input_embeddings().weight.dtype
+        h = forward_hidden(model, meta.embed(model, tokens), causal_mask(mask, dtype),
+                           step_position_ids(mask, 0), cache)[:, -1:]
+        for k in range(thought_length - 3):
+            tok = sample_tokens(lm_head(model)(h), meta.ids, greedy=True)
+            pos = torch.full_like(tok, j + 2 + k)
+            keys = cache.get_seq_length() + 1
+            attend_all = torch.zeros(tok.shape[0], 1, 1, keys, dtype=dtype, device=h.device)
+            h = forward_hidden(model, meta.embed(model, tok), attend_all, pos, cache)
+        out.append(h)
+    return out
+
+
+@torch.no_grad()
+def parallel_thoughts(model, meta, input_ids, mask, thought_length: int, n_thoughts: int = 1):
+    _, cache = plain_forward(model, meta, input_ids, mask)
+    return generate_thoughts(model, meta, input_ids, mask, cache, thought_length, n_thoughts, greedy=True)
+
+
+def thought_rows(seqs, lengths, repeats: int, device: str, with_naive: bool = True):
+    model, meta, _ = bench_model(device=device)
+    rows = []
+    for t in lengths:
+        for seq in seqs:
+            ids, mask = random_batch(1, seq, 85, device)
+            par = timeit(lambda: parallel_thoughts(model, meta, ids, mask, t), repeats)
+            loop = timeit(lambda: cached_loop_thoughts(model, meta, ids, t), max(1, repeats // 2))
+            naive = (timeit(lambda: naive_thoughts(model, meta, ids, mask, t, 1, greedy=True), 1, warmup=0)
+                     if with_naive else None)
+            params = dict(seq=seq, t=t, batch=1, n_thoughts=1)
+            rows.append(dict(name="thoughts: parallel vs per-position loop with KV cache", params=params,
+                             median_s=par, baseline_median_s=loop, ratio=loop / par, passes=None, overhead=None))
+            if naive is not None:
+                rows.append(dict(name="thoughts: parallel vs naive reference (no cache)", params=params,
+                                 median_s=par, baseline_median_s=naive, ratio=naive / par, passes=None,
+                                 overhead=None))
+    return rows
+
+
+def step_passes(cfg: QuietStarConfig) -> int:
+    """Token-passes of a Quiet-STaR step per text token: 1 plain + n_thoughts * (t + n_true - 1)."""
+    return 1 + cfg.n_thoughts * (cfg.thought_length + cfg.n_true - 1)
+
+
+def _step(model, meta, head, ids, mask, cfg):
+    out = quiet_star_step(model, meta, head, ids, mask, cfg, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    model.zero_grad(set_to_none=True)
+    head.zero_grad(set_to_none=True)
+    meta.zero_grad(set_to_none=True)
+
+
+def step_rows(settings, seqs, batch: int, repeats: int, device: str):
+    model, meta, head = bench_model(device=device)
+    rows = []
+    for label, cfg in settings:
+        for seq in seqs:
+            cfg_l = cfg.replace(seq_len=seq)
+            ids, mask = random_batch(batch, seq, 85, device)
+            qs = timeit(lambda: _step(model, meta, head, ids, mask, cfg_l), repeats)
+            plain = timeit(lambda: _step(model, meta, head, ids, mask, cfg_l.replace(think=False)), repeats)
+            passes = step_passes(cfg_l)
+            ratio = qs / plain
+            rows.append(dict(name=f"step ({label}) vs plain LM step", median_s=qs, baseline_median_s=plain,
+                             params=dict(seq=seq, batch=batch, t=cfg.thought_length, n_true=cfg.n_true,
+                                         n_thoughts=cfg.n_thoughts),
+                             ratio=ratio, passes=passes, overhead=ratio / passes))
+    return rows
+
+
+def rss_mib() -> float:
+    """Current resident set size of this process in MiB (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
+def peak_rss_during(fn) -> float:
+    """Peak RSS above the starting RSS (MiB) while fn() runs, sampled every millisecond."""
+    start, peak, done = rss_mib(), [0.0], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mib())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], rss_mib()) - start
+
+
+def _peak_rss_child(settings: dict) -> float:
+    """Peak RSS (MiB) above the loaded model of a fresh process running one step of this shape."""
+    code = (
+        "import json, sys\n"
+        "from qstar_mini.bench import _memory_probe\n"
+        "print(_memory_probe(json.loads(sys.argv[1])))\n")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(settings)], capture_output=True, text=True,
+                         check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe(s: dict) -> float:
+    model, meta, head = bench_model()
+    ids, mask = random_batch(s["batch"], s["seq"], 85)
+    cfg = QuietStarConfig(thought_length=s["t"], n_true=s["n_true"], n_thoughts=s["n_thoughts"],
+                          seq_len=s["seq"], think=s["think"])
+    return peak_rss_during(lambda: _step(model, meta, head, ids, mask, cfg))
+
+
+def memory_rows(shapes, batch: int, device: str):
+    rows = []
+    for seq, t, n_true, n_thoughts in shapes:
+        s = dict(seq=seq, t=t, n_true=n_true, n_thoughts=n_thoughts, batch=batch)
+        if device == "cuda":
+            model, meta, head = bench_model(device=device)
+            ids, mask = random_batch(batch, seq, 85, device)
+            peaks = []
+            for think in (True, False):
+                torch.cuda.reset_peak_memory_stats()
+                cfg = QuietStarConfig(thought_length=t, n_true=n_true, n_thoughts=n_thoughts, seq_len=seq, think=think)
+                _step(model, meta, head, ids, mask, cfg)
+                peaks.append(torch.cuda.max_memory_allocated() / 2**20)
+            step_mb, plain_mb = peaks
+        else:
+            step_mb = _peak_rss_child({**s, "think": True})
+            plain_mb = _peak_rss_child({**s, "think": False})
+        rows.append(dict(name="memory: step vs plain LM step (peak MiB above the loaded model)", params=s,
+                         median_s=None, baseline_median_s=None, ratio=step_mb / max(plain_mb, 1e-9),
+                         passes=None, overhead=None, peak_mib=step_mb, baseline_peak_mib=plain_mb))
+    return rows
+
+
+def run(quick: bool = True, device: str | None = None) -> dict:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    tiny = QuietStarConfig(thought_length=7, n_true=2, n_thoughts=4, seq_len=64)
+    official_shape = QuietStarConfig(thought_length=12, n_true=4, n_thoughts=2, seq_len=64)
+    if quick:
+        rows = thought_rows([32, 64], [8], repeats=3, device=device, with_naive=False)
+        rows += step_rows([("tiny", tiny), ("official-shaped", official_shape)], [64], batch=4, repeats=3,
+                          device=device)
+        rows += memory_rows([(64, 12, 4, 2)], batch=4, device=device)
+    else:
+        rows = thought_rows([32, 64, 128], [8, 12], repeats=5, device=device)
+        rows += step_rows([("tiny", tiny), ("official-shaped", official_shape)], [64, 128], batch=8, repeats=5,
+                          device=device)
+        rows += memory_rows([(64, 12, 4, 2), (128, 12, 4, 2), (64, 8, 4, 2), (128, 8, 4, 2)], batch=8, device=device)
+    return {"machine": machine(), "quick": quick, "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"machine: {result['machine']}",
+             f"{'row':58s} {'params':40s} {'median s':>9s} {'baseline':>9s} {'ratio':>7s} {'passes':>6s} {'overhead':>8s}"]
+    for r in result["rows"]:
+        p = ",".join(f"{k}={v}" for k, v in r["params"].items())
+        f = lambda v, spec: "-" if v is None else format(v, spec)
+        lines.append(f"{r['name'][:58]:58s} {p[:40]:40s} {f(r['median_s'], '9.4f')} "
+                     f"{f(r['baseline_median_s'], '9.4f')} {f(r['ratio'], '7.2f')} {f(r['passes'], '6d')} "
+                     f"{f(r['overhead'], '8.2f')}")
+    return "\n".join(lines)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="the short version (under 2 minutes on 2 CPU cores)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+
+
+def run_bench(args) -> int:
+    result = run(quick=args.quick, device=args.device)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qstar_mini.bench", description=__doc__.splitlines()[0])
+    add_bench_arguments(parser)
+    return run_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
