@@ -1,0 +1,105 @@
+# qstar-mini: two commands do everything, `make demo` and `make test` (see README.md).
+#
+# Which Python: the environment you are in, else one of our own.
+#   - inside an activated venv ($VIRTUAL_ENV) or conda/mamba env ($CONDA_PREFIX): its `python`;
+#   - otherwise a `.venv` in this folder, created with `python3 -m venv` on first use.
+# Torch: an importable torch is kept as it is (Colab's, a CUDA build, ...); when there is none,
+# torch==$(TORCH_VERSION) is installed first, from $(TORCH_INDEX) when that is set, e.g.
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (PyPI's default Linux wheel is the large CUDA build; that index serves the small CPU one).
+# Installs are remembered by a stamp file inside the environment, redone when pyproject.toml
+# changes, so a second `make test` goes straight to the tests.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON3       ?= python3
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX   ?=
+
+ifneq ($(strip $(VIRTUAL_ENV)),)
+  ENV_DIR := $(VIRTUAL_ENV)
+else ifneq ($(strip $(CONDA_PREFIX)),)
+  ENV_DIR := $(CONDA_PREFIX)
+else
+  ENV_DIR := $(CURDIR)/.venv
+  OWN_VENV := 1
+endif
+PY := $(ENV_DIR)/bin/python
+
+# One stamp per (environment, checkout): two clones may share one conda environment.
+REPO_ID   := $(shell printf '%s' "$(CURDIR)" | cksum | cut -d' ' -f1)
+STAMP_RUN := $(ENV_DIR)/.qstar-mini-$(REPO_ID)-run.stamp
+STAMP_DEV := $(ENV_DIR)/.qstar-mini-$(REPO_ID)-dev.stamp
+
+DATA_DIR  := data
+TINY_BASE := $(DATA_DIR)/tiny-base
+TINY_BASE_NOISY := $(DATA_DIR)/tiny-base-noisy
+NOISY_FLAGS ?= --frac-working 0.8 --working-error 0.12
+
+.PHONY: help setup setup-dev demo test data pretrain clean
+
+help:
+	@echo "make demo       set up (if needed), then show the tiny base model completing held-out arithmetic"
+	@echo "make test       set up with the dev extras (if needed), then run pytest (unit tests + notebooks)"
+	@echo "make setup      install the package with the notebooks extra into $(ENV_DIR)"
+	@echo "make setup-dev  install the package with the dev and notebooks extras into $(ENV_DIR)"
+	@echo "make data       regenerate the corpus under $(DATA_DIR)/ (byte-identical to the committed one)"
+	@echo "make pretrain   pretrain the tiny base models into $(TINY_BASE)/ and $(TINY_BASE_NOISY)/ (CPU minutes)"
+	@echo "make clean      remove caches and build output (keeps .venv, data/ and runs/)"
+	@echo "Python used: $(PY)"
+
+setup: $(STAMP_RUN)
+setup-dev: $(STAMP_DEV)
+
+demo: $(STAMP_RUN)
+	$(PY) -m qstar_mini demo
+
+test: $(STAMP_DEV)
+	$(PY) -m pytest
+
+data: $(STAMP_RUN)
+	$(PY) -m qstar_mini data --out $(DATA_DIR)
+
+# Two bases: clean working (the corpus in data/), and a noisy one whose own working is only
+# partly right (a corpus made in memory: more lines with working, some steps deliberately wrong).
+pretrain: $(STAMP_RUN)
+	$(PY) -m qstar_mini pretrain --data $(DATA_DIR) --out $(TINY_BASE)
+	$(PY) -m qstar_mini pretrain --out $(TINY_BASE_NOISY) $(NOISY_FLAGS)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis
+	find . -path ./.venv -prune -o \( -name __pycache__ -o -name .ipynb_checkpoints \) -type d -print0 \
+		| xargs -0 rm -rf
+
+# ---- environment -------------------------------------------------------------------------
+
+# Install torch only when none is importable, so that an existing (e.g. CUDA) build is kept.
+define ensure_torch
+	@if $(PY) -c "import torch" >/dev/null 2>&1; then \
+		echo "make: keeping the installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+		echo "make: no torch in $(ENV_DIR); installing torch==$(TORCH_VERSION)$(if $(TORCH_INDEX), from $(TORCH_INDEX))"; \
+		$(PY) -m pip install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+	fi
+endef
+
+$(STAMP_RUN): pyproject.toml | $(PY)
+	$(ensure_torch)
+	$(PY) -m pip install -e ".[notebooks]"
+	@touch $@
+
+$(STAMP_DEV): pyproject.toml | $(PY)
+	$(ensure_torch)
+	$(PY) -m pip install -e ".[dev,notebooks]"
+	@touch $@
+
+ifdef OWN_VENV
+$(PY):
+	@$(PYTHON3) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "make: qstar-mini needs Python >= 3.10; $(PYTHON3) is " + sys.version.split()[0] + " (set PYTHON3=/path/to/python3.x)")'
+	$(PYTHON3) -m venv $(ENV_DIR)
+else
+$(PY):
+	@echo "make: $(PY) not found: the environment $(ENV_DIR) has no python (conda: 'conda install python pip')" >&2
+	@exit 1
+endif

@@ -1,0 +1,235 @@
+"""The ``qstar-mini`` command line: one subcommand per job, each a thin shell around a function.
+
+    qstar-mini data      --out DIR [--n-train N ...]   write the corpus (qstar_mini.data.write_corpus)
+    qstar-mini pretrain  --out DIR [--steps N ...]     pretrain the tiny base model (qstar_mini.models.pretrain)
+    qstar-mini demo      [--model DIR] [--n N]         show it completing held-out lines (qstar_mini.demo.run_demo)
+
+Errors: every :class:`~qstar_mini.errors.QStarError` (bad input: an impossible config, a missing
+model, a broken data file), every usage error (a bad flag, an unknown subcommand) and Ctrl-C
+become ONE line on stderr, ``qstar-mini: error: ...``, and exit status 2 (130 for Ctrl-C), with
+no traceback. Anything else is a bug and keeps its traceback.
+
+Adding a subcommand: write ``add_<name>_command(subparsers)`` that builds its parser and sets
+``func`` to a ``run_<name>(args) -> int`` handler, and append it to :data:`COMMANDS`. Handlers
+import what they need inside the function, so ``qstar-mini --help`` stays fast (no torch import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import ConfigError, QStarError
+from .paths import DATA_DIR, TINY_BASE
+
+PROG = "qstar-mini"
+
+
+class UsageError(Exception):
+    """A command line that argparse rejected (bad flag, unknown subcommand, missing value)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises instead of printing usage and exiting, so that main()
+    reports every problem the same way: one line on stderr and exit status 2."""
+
+    def error(self, message: str):  # argparse calls this for every usage error
+        raise UsageError(message)
+
+
+def _given(args: argparse.Namespace, names: Sequence[str]) -> dict:
+    """The options among ``names`` that the user set (flags default to None), as keyword
+    arguments, so that the library's own defaults apply to everything else."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _existing_dir_or_new(path: str) -> Path:
+    """``--out``: a folder, existing or not; an existing *file* there is refused up front."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {path}: exists and is not a folder; choose another path")
+    return out
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+CORPUS_FLAGS = ("task", "n_train", "n_valid", "n_test", "n_gsm", "frac_working", "working_error", "seed")
+
+
+def add_data_command(subparsers) -> None:
+    from .data import CorpusConfig  # light: no torch, no datasets
+
+    default = CorpusConfig()
+    p = subparsers.add_parser(
+        "data",
+        help="write the synthetic corpus (train/validation/test JSONL and GSM8K-format problems)",
+        description="Write the project's own deterministic corpus to DIR: the same flags give "
+        "byte-identical files. Defaults are those of qstar_mini.data.CorpusConfig.",
+    )
+    p.add_argument("--out", default=str(DATA_DIR), metavar="DIR", help="output folder (default: the repo's data/)")
+    p.add_argument("--task", default=None, help=f"task family (default: {default.task})")
+    p.add_argument("--n-train", type=int, default=None, metavar="N", help=f"training lines (default: {default.n_train})")
+    p.add_argument("--n-valid", type=int, default=None, metavar="N", help=f"validation lines (default: {default.n_valid})")
+    p.add_argument("--n-test", type=int, default=None, metavar="N", help=f"held-out test lines (default: {default.n_test})")
+    p.add_argument("--n-gsm", type=int, default=None, metavar="N",
+                   help=f"GSM8K-format word problems (default: {default.n_gsm})")
+    p.add_argument("--frac-working", type=float, default=None, metavar="F",
+                   help=f"fraction of train lines that show their working (default: {default.frac_working})")
+    p.add_argument("--working-error", type=float, default=None, metavar="F",
+                   help=f"probability that a step of shown train working is wrong (default: {default.working_error})")
+    p.add_argument("--seed", type=int, default=None, help=f"random seed (default: {default.seed})")
+    p.set_defaults(func=run_data)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from .data import CorpusConfig, write_corpus
+
+    cfg = CorpusConfig(**_given(args, CORPUS_FLAGS))  # validates before anything is written
+    out = _existing_dir_or_new(args.out)
+    written = write_corpus(out, cfg)
+    for name, path in written.items():
+        print(f"{name:>12}: {path}")
+    return 0
+
+
+# ---- pretrain -----------------------------------------------------------------------------
+
+def add_pretrain_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pretrain",
+        help="pretrain the tiny base model from scratch on the corpus",
+        description="Pretrain a tiny decoder-only model on the corpus and save it (safetensors) "
+        "with its tokenizer. Unset flags take the defaults of qstar_mini.models.pretrain.",
+    )
+    p.add_argument("--out", default=str(TINY_BASE), metavar="DIR",
+                   help="where to save the model and tokenizer (default: the repo's data/tiny-base)")
+    p.add_argument("--data", default=str(DATA_DIR), metavar="DIR",
+                   help="corpus folder written by `qstar-mini data` (default: the repo's data/)")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="sequences per step")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.add_argument("--arch", default=None, choices=("mistral", "llama"), help="model family (default: mistral)")
+    p.add_argument("--frac-working", type=float, default=None, metavar="F",
+                   help="pretrain on a fresh corpus with this fraction of lines showing working")
+    p.add_argument("--working-error", type=float, default=None, metavar="F",
+                   help="pretrain on a fresh corpus with this fraction of wrong working (a 'noisy' base)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
+    p.set_defaults(func=run_pretrain)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from .models import pretrain
+
+    corpus = None
+    overrides = _given(args, ("frac_working", "working_error"))
+    if overrides:  # a corpus other than the one on disk: generated with CorpusConfig's other defaults
+        from .data import CorpusConfig
+
+        corpus = CorpusConfig(**overrides)
+    _existing_dir_or_new(args.out)
+    report = pretrain(
+        args.out,
+        data_dir=Path(args.data),
+        corpus=corpus,
+        progress=args.progress,
+        **_given(args, ("steps", "batch_size", "lr", "seed", "arch")),
+    )
+    print(f"saved to {args.out}")
+    _print_report(report or {})
+    return 0
+
+
+def _print_report(report: dict, indent: str = "") -> None:
+    """Scalars one per line, nested dicts indented; long lists (loss curves) summarised."""
+    for key, value in report.items():
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print_report(value, indent + "  ")
+        elif isinstance(value, (list, tuple)) and len(value) > 4:
+            print(f"{indent}{key}: [{len(value)} entries]")
+        else:
+            print(f"{indent}{key}: {value}")
+
+
+# ---- demo ---------------------------------------------------------------------------------
+
+def add_demo_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="show the tiny base model completing held-out lines, with and without working",
+        description="Load the tiny base model and greedily complete held-out test lines, once "
+        "answering directly and once forced to show its working; print a table, both "
+        "accuracies and the timings.",
+    )
+    p.add_argument("--model", default=str(TINY_BASE), metavar="DIR",
+                   help="model folder or Hugging Face name (default: the repo's data/tiny-base)")
+    p.add_argument("--data", default=str(DATA_DIR), metavar="DIR", help="corpus folder (default: the repo's data/)")
+    p.add_argument("--n", type=int, default=None, metavar="N", help="held-out lines to score")
+    p.add_argument("--show", type=int, default=None, metavar="K", help="lines to print in the table")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    p.set_defaults(func=run_demo_command)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(model_dir=args.model, data_dir=Path(args.data), **_given(args, ("n", "show", "device")))
+    return 0
+
+
+# ---- the parser and main ------------------------------------------------------------------
+
+#: The subcommands, in the order ``--help`` lists them. Later subcommands append here.
+COMMANDS: list[Callable] = [add_data_command, add_pretrain_command, add_demo_command]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Quiet-STaR, small enough to read: data, a tiny base model, and the demo.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    parser.set_defaults(func=None)
+    parser.command_names = list(subparsers.choices)  # for the 'no command given' message
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("qstar-mini")
+    except Exception:  # running from a checkout that was never pip-installed
+        return "unknown"
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.func is None:
+            commands = ", ".join(parser.command_names)
+            raise UsageError(f"no command given; choose one of: {commands} (see {PROG} --help)")
+        return int(args.func(args) or 0)
+    except (QStarError, UsageError) as error:
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The promises of the packaging: torch is never pinned, the two commands are what README says,
+CI runs exactly `make test`, the conda spec matches pyproject, and notebooks are saved executed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from qstar_mini.paths import REPO_ROOT
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+
+@pytest.fixture(scope="module")
+def pyproject() -> dict:
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+
+
+def requirements(pyproject) -> dict[str, Requirement]:
+    reqs = [Requirement(r) for r in pyproject["project"]["dependencies"]]
+    return {r.name.lower(): r for r in reqs}
+
+
+def commands(path: Path) -> list[str]:
+    """The non-blank, non-comment lines of a shell script."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def makefile_recipe(target: str) -> list[str]:
+    """The recipe lines of ``target:`` in the Makefile (tab-indented lines after it)."""
+    lines = (REPO_ROOT / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"^{re.escape(target)}:", line))
+    recipe = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    return recipe
+
+
+# ---- pyproject ------------------------------------------------------------------------------------
+
+def test_torch_is_a_range_never_a_pin(pyproject):
+    torch = requirements(pyproject)["torch"]
+    operators = {spec.operator for spec in torch.specifier}
+    assert ">=" in operators, torch
+    assert not operators & {"==", "===", "~="}, f"torch must stay a range (Colab brings its own): {torch}"
+
+
+def test_transformers_range_spans_4_57_to_5(pyproject):
+    transformers = requirements(pyproject)["transformers"]
+    for version in ("4.57.0", "5.0.0", "5.24.0"):
+        assert transformers.specifier.contains(version), (transformers, version)
+    assert not transformers.specifier.contains("6.0.0")
+
+
+def test_runtime_dependencies_and_extras(pyproject):
+    assert set(requirements(pyproject)) >= {
+        "torch", "transformers", "datasets", "tokenizers", "safetensors", "accelerate", "tqdm", "matplotlib"}
+    extras = {name: {Requirement(r).name.lower() for r in reqs}
+              for name, reqs in pyproject["project"]["optional-dependencies"].items()}
+    assert {"jupyterlab", "ipywidgets"} <= extras["notebooks"]
+    assert {"pytest", "nbval", "hypothesis"} <= extras["dev"]
+
+
+def test_console_script_points_at_cli_main(pyproject):
+    assert pyproject["project"]["scripts"]["qstar-mini"] == "qstar_mini.cli:main"
+    assert pyproject["project"]["requires-python"] == ">=3.10"
+
+
+def test_pytest_runs_the_notebooks_with_nbval(pyproject):
+    options = pyproject["tool"]["pytest"]["ini_options"]
+    assert set(options["testpaths"]) == {"tests", "notebooks"}
+    addopts = shlex.split(options["addopts"])
+    assert "--nbval" in addopts and "--nbval-current-env" in addopts
+    assert (REPO_ROOT / addopts[addopts.index("--nbval-sanitize-with") + 1]).is_file()
+
+
+# ---- the two commands, CI and README ----------------------------------------------------------------
+
+def test_ci_runs_make_test_and_nothing_else():
+    script = REPO_ROOT / ".ci" / "run"
+    assert os.access(script, os.X_OK), ".ci/run must be executable"
+    lines = commands(script)
+    assert lines[0] == "set -euo pipefail"
+    assert lines[-1] == "make test"
+    assert [line for line in lines if line.startswith("make")] == ["make test"]
+
+
+def test_make_test_runs_pytest_and_make_demo_runs_the_demo():
+    assert makefile_recipe("test") == ["$(PY) -m pytest"]
+    assert makefile_recipe("demo") == ["$(PY) -m qstar_mini demo"]
+
+
+def test_readme_quick_start_has_exactly_the_two_commands():
+    readme = (REPO_ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", quick, flags=re.S)
+    shown = [line.strip() for block in blocks for line in block.splitlines()
+             if line.strip() and not line.strip().startswith("#")]
+    assert shown == ["make demo", "make test"], shown
+
+
+def test_readme_names_the_command_ci_runs():
+    readme = (REPO_ROOT / "README.md").read_text()
+    ci_command = commands(REPO_ROOT / ".ci" / "run")[-1]            # make test
+    assert ci_command in readme
+    assert "python -m pytest" in readme                             # what `make test` runs
+
+
+def test_readme_badge_opens_notebook_00_in_colab():
+    readme = (REPO_ROOT / "README.md").read_text()
+    badge = re.search(r"colab\.research\.google\.com/github/[^)\s]+", readme)
+    assert badge and badge.group(0).endswith("notebooks/00_start_here.ipynb")
+    assert (REPO_ROOT / "notebooks" / "00_start_here.ipynb").is_file()
+
+
+# ---- environment.yml ----------------------------------------------------------------------------------
+
+def test_environment_yml_matches_pyproject(pyproject):
+    env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
+    assert env["name"] == "qstar-mini"
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    names = {Requirement(line).name.lower() for line in pip if not line.startswith("-")}
+    assert names == set(requirements(pyproject)), names ^ set(requirements(pyproject))
+    assert "-e .[dev,notebooks]" in pip
+
+
+# ---- notebooks ------------------------------------------------------------------------------------
+
+NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_is_saved_executed_in_order(path):
+    """nbval compares against the saved outputs, so they must be there, from one clean run."""
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert [c["execution_count"] for c in code] == list(range(1, len(code) + 1)), \
+        f"re-execute {path.name} from a fresh kernel (see README, Notebooks)"
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    for cell in code:
+        for out in cell["outputs"]:
+            assert out.get("ename") is None, f"{path.name} was saved with an error output"
