@@ -16,7 +16,10 @@ Rows (all on one machine, in one run, medians of ``repeats`` timings after ``war
   generation (rows added when :mod:`qstar_mini.generate` is present).
 
 JSON: ``{"machine": ..., "rows": [{"name", "params", "median_s", "baseline_median_s", "ratio",
-"passes", "overhead", ...}]}``; fields that do not apply are null.
+"passes", "overhead", ...}]}``; fields that do not apply are null. ``ratio`` reads "how many
+times": for ``thoughts`` rows the speed-up of the parallel version (baseline / median), for
+``step`` rows the cost of the step over the plain step (median / baseline), for ``memory``
+rows peak memory over the plain step's.
 """
 
 from __future__ import annotations

@@ -180,10 +180,26 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- bench --------------------------------------------------------------------------------
+
+def add_bench_command(subparsers) -> None:
+    from .bench import add_bench_arguments, run_bench
+
+    p = subparsers.add_parser(
+        "bench",
+        help="measure what thinking costs: parallel vs naive thoughts, step vs plain LM step, memory",
+        description="Time parallel thought generation against per-position loops, a Quiet-STaR "
+        "training step against a plain LM step (with its pass count and overhead), and peak memory; "
+        "print a table and optionally write JSON.",
+    )
+    add_bench_arguments(p)
+    p.set_defaults(func=run_bench)
+
+
 # ---- the parser and main ------------------------------------------------------------------
 
 #: The subcommands, in the order ``--help`` lists them. Later subcommands append here.
-COMMANDS: list[Callable] = [add_data_command, add_pretrain_command, add_demo_command]
+COMMANDS: list[Callable] = [add_data_command, add_pretrain_command, add_demo_command, add_bench_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,38 @@
+"""The benchmark's rows have the documented JSON shape and its pass count is the step's."""
+
+import json
+import subprocess
+import sys
+
+from qstar_mini.bench import format_table, step_passes, step_rows, thought_rows
+from qstar_mini.config import QuietStarConfig
+
+KEYS = {"name", "params", "median_s", "baseline_median_s", "ratio", "passes", "overhead"}
+
+
+def test_pass_count_is_plain_pass_plus_thought_and_talk_tokens():
+    cfg = QuietStarConfig(thought_length=12, n_true=4, n_thoughts=2)
+    assert step_passes(cfg) == 1 + 2 * (12 + 4 - 1)
+
+
+def test_rows_have_the_documented_shape():
+    rows = thought_rows([6], [4], repeats=1, device="cpu", with_naive=True)
+    rows += step_rows([("t", QuietStarConfig(thought_length=4, n_true=2, n_thoughts=2, seq_len=8))], [8],
+                      batch=2, repeats=1, device="cpu")
+    for row in rows:
+        assert KEYS <= set(row), row
+        assert row["median_s"] > 0 and row["baseline_median_s"] > 0
+        if row["name"].startswith("thoughts"):     # ratio = speed-up of the parallel version
+            assert abs(row["ratio"] - row["baseline_median_s"] / row["median_s"]) < 1e-9
+        else:                                       # ratio = cost of the step over the plain one
+            assert abs(row["ratio"] - row["median_s"] / row["baseline_median_s"]) < 1e-9
+    step = rows[-1]
+    assert step["passes"] == 1 + 2 * (4 + 2 - 1)
+    assert abs(step["overhead"] - step["ratio"] / step["passes"]) < 1e-12
+    json.dumps({"machine": "x", "rows": rows})
+    assert "overhead" in format_table({"machine": "x", "rows": rows})
+
+
+def test_cli_bench_help_lists_quick_and_json():
+    out = subprocess.run([sys.executable, "-m", "qstar_mini", "bench", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--quick" in out.stdout and "--json" in out.stdout
