@@ -19,6 +19,8 @@ l text tokens followed by k blocks of l thought tokens:
                (x_i, i <= j)
 
 Each block after the first is an identity matrix: those are the diagonals of Figure 3.
+The same masks work when only some positions think (``positions``, shape (batch, m)): the
+text part then has one row per thinking position, and the blocks are m x m identities.
 The *talk* tokens that follow the thought (teacher forcing of the next n_true - 1 true
 tokens, see :mod:`qstar_mini.talk`) are just more steps of the same kind, so one mask
 builder serves both.
@@ -70,22 +72,33 @@ def causal_visibility(attention_mask: torch.Tensor) -> torch.Tensor:
     return causal[None, None] & keys_ok
 
 
-def thought_visibility(attention_mask: torch.Tensor, step: int) -> torch.Tensor:
+def thought_visibility(attention_mask: torch.Tensor, step: int,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask for the queries of thought (or talk) step ``step`` >= 1.
 
-    Keys are the seq text tokens followed by ``step`` blocks of seq tokens (one block per
-    step fed so far, the current one included). Query j sees text x_{<=j} (minus padding)
-    and column j of every block: its own earlier thought tokens and itself.
+    Keys are the seq text tokens followed by ``step`` blocks of m tokens (one block per step
+    fed so far, the current one included), m = the number of thinking positions. Query q
+    (thinking after position j = positions[q]) sees text x_{<=j} (minus padding) and column q
+    of every block: its own earlier thought tokens and itself.
 
     attention_mask: (batch, seq) of 0/1, right-padded.
-    returns:        (batch, 1, seq, seq * (1 + step)) bool.
+    positions: (batch, m) long, the positions that think; default every position (m = seq,
+               positions[q] = q: Figure 3).
+    returns:   (batch, 1, m, seq + m * step) bool.
     """
     if step < 1:
         raise ValueError(f"step must be >= 1 (got {step}); step 0 is the causal mask")
     batch, seq = attention_mask.shape
-    text = causal_visibility(attention_mask)                                  # (batch, 1, seq, seq)
-    own = torch.eye(seq, dtype=torch.bool, device=attention_mask.device)      # (seq, seq)
-    blocks = own.repeat(1, step)[None, None].expand(batch, 1, seq, seq * step)
+    if positions is None:
+        text = causal_visibility(attention_mask)                              # (batch, 1, seq, seq)
+        m = seq
+    else:
+        keys = torch.arange(seq, device=attention_mask.device)
+        text = (keys[None, None, :] <= positions[:, :, None]) & attention_mask.bool()[:, None, :]
+        text = text[:, None]                                                  # (batch, 1, m, seq)
+        m = positions.shape[1]
+    own = torch.eye(m, dtype=torch.bool, device=attention_mask.device)        # (m, m)
+    blocks = own.repeat(1, step)[None, None].expand(batch, 1, m, m * step)
     return torch.cat([text, blocks], dim=-1)
 
 
@@ -103,27 +116,32 @@ def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32
     return to_additive(causal_visibility(attention_mask), dtype)
 
 
-def thought_mask(attention_mask: torch.Tensor, step: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive 4D mask for thought/talk step ``step``, (batch, 1, seq, seq * (1 + step))."""
-    return to_additive(thought_visibility(attention_mask, step), dtype)
+def thought_mask(attention_mask: torch.Tensor, step: int, dtype: torch.dtype = torch.float32,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Additive 4D mask for thought/talk step ``step``, (batch, 1, m, seq + m * step)."""
+    return to_additive(thought_visibility(attention_mask, step, positions), dtype)
 
 
-def all_step_masks(attention_mask: torch.Tensor, n_steps: int,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The mask of the last step, built once; step k's mask is its first seq * (1 + k) keys.
+def all_step_masks(attention_mask: torch.Tensor, n_steps: int, dtype: torch.dtype = torch.float32,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The mask of the last step, built once; step k's mask is its first seq + m * k keys.
 
     Slicing instead of rebuilding the mask at every step is why this exists:
-    ``full[..., : seq * (1 + k)]`` equals :func:`thought_mask` (attention_mask, k).
+    ``full[..., : seq + m * k]`` equals :func:`thought_mask` (attention_mask, k).
 
-    attention_mask: (batch, seq).  returns: (batch, 1, seq, seq * (1 + n_steps)).
+    attention_mask: (batch, seq).  returns: (batch, 1, m, seq + m * n_steps).
     """
-    return thought_mask(attention_mask, n_steps, dtype)
+    return thought_mask(attention_mask, n_steps, dtype, positions)
 
 
-def step_position_ids(attention_mask: torch.Tensor, step: int) -> torch.Tensor:
+def step_position_ids(attention_mask: torch.Tensor, step: int,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
     """Position ids of the tokens fed at step ``step`` (0 = the text itself): j + step.
 
-    attention_mask: (batch, seq).  returns: (batch, seq) long.
+    attention_mask: (batch, seq).  positions: (batch, m) thinking positions (default all).
+    returns: (batch, m) long.
     """
+    if positions is not None:
+        return positions + step
     batch, seq = attention_mask.shape
     return (torch.arange(seq, device=attention_mask.device) + step).expand(batch, seq)

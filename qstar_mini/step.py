@@ -35,6 +35,14 @@ def prepare_model(model: nn.Module, tokenizer, cfg: QuietStarConfig) -> tuple[Me
     return meta, head
 
 
+def at_positions(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """x read at the thinking positions: (b, l, ...) -> (b, m, ...); all positions if None."""
+    if positions is None:
+        return x
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    return x[rows, positions.clamp(min=0)]
+
+
 @dataclass
 class StepOutput:
     """Every tensor of one step; shapes with b = batch, n = n_thoughts, l = seq, t, n_true.
@@ -51,6 +59,9 @@ class StepOutput:
     reinforce:        (b, n, l)                  line 2j: per-thought REINFORCE loss
     valid:            (b, l, n_true)             which (j, i) have a true token x_{j+1+i}
     base_nll, talk_nll, policy_loss: scalars;  loss: line 2k, the scalar to backpropagate.
+    positions:        (b, m) or None             thinking positions when only some think; then
+                                                 every "l" above except in h_init and
+                                                 log_p_init is m
     With ``think=False`` only h_init, log_p_init, valid, base_nll and loss are set.
     """
 
@@ -69,6 +80,7 @@ class StepOutput:
     reinforce: torch.Tensor | None = None
     talk_nll: torch.Tensor | None = None
     policy_loss: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     def shapes(self) -> dict[str, tuple]:
         """{name: shape} of every tensor held (scalars as ())."""
@@ -79,11 +91,16 @@ class StepOutput:
 def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor, cfg: QuietStarConfig, *, greedy: bool = False,
                     noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                    think_mask: torch.Tensor | None = None, step: int | None = None) -> StepOutput:
+                    think_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                    step: int | None = None) -> StepOutput:
     """One step of Algorithm 1 on a batch X = input_ids (batch, seq), right-padded.
 
-    think_mask: optional (batch, seq) bool, the positions whose thoughts are trained
-    (default: every real position with a next token, as in the paper).
+    Which positions think (default: every real position with a next token, as in the paper):
+    positions:  (batch, m) long, think only after these (``-1``: no thought on that row slot).
+                Only m thoughts per row are generated: the fast way to "think where it
+                matters", e.g. at the answer. The seq axis of the thought tensors has length m.
+    think_mask: (batch, seq) bool, generate at every position but train only these (slower;
+                the same loss as ``positions`` for the same thoughts).
     noise / generator / greedy: how thoughts are sampled (see qstar_mini.thoughts).
     """
     n_true = cfg.n_true
@@ -98,7 +115,7 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
     log_p_next = token_log_probs(text_log_probs(lm_head(model)(h_init), meta.ids),
                                  targets[..., 0])                           # (b, l)
     log_p_init = gather_ahead(log_p_next, n_true)                           # (b, l, n_true)
-    per_position, base = base_nll(log_p_init[..., 0], valid[..., 0])
+    _, base = base_nll(log_p_init[..., 0], valid[..., 0])
     if not cfg.think:
         check_finite(step, base_nll=base)
         return StepOutput(h_init=h_init, log_p_init=log_p_init, valid=valid, base_nll=base, loss=base)
@@ -108,19 +125,23 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
         model, meta, input_ids, attention_mask, cache, cfg.thought_length, cfg.n_thoughts,
         extra_steps=n_true - 1, thought_temperature=cfg.thought_temperature,
         reinforce_temperature=cfg.reinforce_temperature, greedy=greedy, noise=noise,
-        generator=generator)
+        generator=generator, positions=None if positions is None else positions.clamp(min=0))
 
     # 2d. h^thought_{j:j+n_true} <- hidden states of [X_{:j}; T_j; X_{j+1:j+n_true}] (teacher forcing)
-    h_thought = talk_hidden(model, meta, thoughts, input_ids, n_true)      # (b, n, l, n_true, hidden)
+    h_thought = talk_hidden(model, meta, thoughts, input_ids, n_true)      # (b, n, m, n_true, hidden)
+
+    # From here on, text tensors are read at the thinking positions (all of them: m = l).
+    targets, valid = at_positions(targets, positions), at_positions(valid, positions)  # (b, m, n_true)
+    if positions is not None:
+        valid = valid & (positions >= 0)[..., None]
+    think = valid[..., 0] if think_mask is None else valid[..., 0] & think_mask.bool()  # (b, m)
+    talk_valid = valid & think[..., None]                                   # (b, m, n_true)
 
     # 2e-g. w <- mixing_head(h_init, h_thought); log p^talk = mix of base and post-thought
-    h_init_ahead = gather_ahead(h_init, n_true)[:, None].expand_as(h_thought)  # (b, n, l, n_true, hidden)
-    w = mixing_weight(head, h_init_ahead, h_thought, cfg.mixing, cfg.mixer_sigmoid)  # (b, n, l, n_true)
+    h_init_ahead = at_positions(gather_ahead(h_init, n_true), positions)[:, None].expand_as(h_thought)
+    w = mixing_weight(head, h_init_ahead, h_thought, cfg.mixing, cfg.mixer_sigmoid)  # (b, n, m, n_true)
     log_p_talk_full = mix_log_probs(lm_head(model), h_init_ahead, h_thought, w, cfg.mixing, meta.ids)
-    log_p_talk = token_log_probs(log_p_talk_full, targets[:, None].expand(w.shape))  # (b, n, l, n_true)
-
-    think = valid[..., 0] if think_mask is None else valid[..., 0] & think_mask.bool()  # (b, l)
-    talk_valid = valid & think[..., None]                                   # (b, l, n_true)
+    log_p_talk = token_log_probs(log_p_talk_full, targets[:, None].expand(w.shape))  # (b, n, m, n_true)
 
     # 2h. L^NLL_j <- -log p^talk(X_{j+1:j+n_true+1})
     nll, talk = talk_nll(log_p_talk, talk_valid)
@@ -138,4 +159,4 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
     return StepOutput(h_init=h_init, log_p_init=log_p_init, valid=valid, base_nll=base, loss=loss,
                       thoughts=thoughts.ids, thought_logprobs=thoughts.logprobs, h_thought=h_thought,
                       w=w, log_p_talk=log_p_talk, nll=nll, rewards=r, reinforce=reinforce,
-                      talk_nll=talk, policy_loss=policy)
+                      talk_nll=talk, policy_loss=policy, positions=positions)

@@ -44,19 +44,26 @@ def talk_hidden(model: nn.Module, meta: MetaTokens, thoughts: Thoughts, input_id
 
     input_ids: (batch, seq). thoughts: from :func:`qstar_mini.thoughts.generate_thoughts`
     (its cache is extended in place by n_true - 1 steps).
-    returns: h_thought (batch, n_thoughts, seq, n_true, hidden); offset i predicts x_{j+1+i}.
+    returns: h_thought (batch, n_thoughts, m, n_true, hidden); offset i predicts x_{j+1+i}
+    (m = seq, or the number of thinking positions if the thoughts were made for some only).
     Entries whose teacher-forced tokens run past the sequence are computed on padding and
     must be masked by the caller (:func:`qstar_mini.losses.future_targets` says which).
     """
-    batch, n_thoughts, seq, hidden = thoughts.h_end.shape
+    batch, n_thoughts, m, hidden = thoughts.h_end.shape
+    seq = input_ids.shape[1]
+    text = input_ids.repeat_interleave(n_thoughts, 0)                      # (rows, seq)
     states = [thoughts.h_end]
     for i in range(1, n_true):
         k = thoughts.steps_done + 1
-        token = shift_left(input_ids, i).repeat_interleave(n_thoughts, 0)   # x_{j+i}: (rows, seq)
-        h = forward_hidden(model, meta.embed(model, token), thoughts.masks[..., : seq * (1 + k)],
-                           step_position_ids(thoughts.attention_mask, k), thoughts.cache)
+        if thoughts.positions is None:
+            token = shift_left(text, i)                                    # x_{j+i}: (rows, seq)
+        else:
+            token = text.gather(1, (thoughts.positions + i).clamp(max=seq - 1))  # (rows, m)
+        h = forward_hidden(model, meta.embed(model, token), thoughts.masks[..., : seq + m * k],
+                           step_position_ids(thoughts.attention_mask, k, thoughts.positions),
+                           thoughts.cache)
         thoughts.steps_done = k
-        states.append(h.view(batch, n_thoughts, seq, hidden))
+        states.append(h.view(batch, n_thoughts, m, hidden))
     return torch.stack(states, dim=3)
 
 

@@ -54,10 +54,13 @@ class Thoughts:
     h_end:    (batch, n_thoughts, seq, hidden) hidden state at <|endofthought|>: the
                                                 post-thought state of offset 0
     cache:    DynamicCache of batch * n_thoughts rows: text + t thought steps
-    masks:    (batch * n_thoughts, 1, seq, seq * (1 + steps)) the last step's additive mask;
-                                                step k uses its first seq * (1 + k) keys
+    masks:    (batch * n_thoughts, 1, m, seq + m * steps) the last step's additive mask;
+                                                step k uses its first seq + m * k keys
     attention_mask: (batch * n_thoughts, seq)  the padding mask, one row per thought
+    positions: (batch * n_thoughts, m) or None  the thinking positions (None: all, m = seq)
     steps_done: int                             masked steps fed so far (= t)
+
+    With ``positions`` given, the seq axis of ids, logprobs and h_end has length m instead.
     """
 
     ids: torch.Tensor
@@ -66,6 +69,7 @@ class Thoughts:
     cache: object
     masks: torch.Tensor
     attention_mask: torch.Tensor
+    positions: torch.Tensor | None
     steps_done: int
 
 
@@ -113,7 +117,8 @@ def generate_thoughts(model: nn.Module, meta: MetaTokens, input_ids: torch.Tenso
                       extra_steps: int = 0, *, thought_temperature: float = 1.0,
                       reinforce_temperature: float = 1.0, greedy: bool = False,
                       noise: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> Thoughts:
+                      generator: torch.Generator | None = None,
+                      positions: torch.Tensor | None = None) -> Thoughts:
     """Algorithm 1, lines 2b-2c: sample T_j for every position j, n_thoughts times, in parallel.
 
     input_ids, attention_mask: (batch, seq), right-padded; ``cache`` from :func:`plain_forward`
@@ -121,45 +126,49 @@ def generate_thoughts(model: nn.Module, meta: MetaTokens, input_ids: torch.Tenso
     row b * n_thoughts + n).
     thought_length: t, incl. both meta-tokens. ``extra_steps``: talk steps that will follow
     (their keys are included in the mask built here, once).
-    noise: (batch, n_thoughts, seq, t - 2, vocab) Gumbel noise, or None to draw it from
+    noise: (batch, n_thoughts, m, t - 2, vocab) Gumbel noise, or None to draw it from
     ``generator``. greedy: argmax instead of sampling.
-    returns: :class:`Thoughts` (ids (batch, n_thoughts, seq, t), logprobs (..., t - 2), ...).
+    positions: (batch, m) long, think only after these positions ("think where it matters",
+    e.g. the answer); default every position, m = seq. Same thoughts, m / seq of the work.
+    returns: :class:`Thoughts` (ids (batch, n_thoughts, m, t), logprobs (..., t - 2), ...).
     """
     batch, seq = input_ids.shape
+    m = seq if positions is None else positions.shape[1]      # thinking positions per row
     rows = batch * n_thoughts
     n_sampled = thought_length - 2
     cache.batch_repeat_interleave(n_thoughts)                  # (rows, heads, seq, head_dim)
     mask_rows = attention_mask.repeat_interleave(n_thoughts, 0)             # (rows, seq)
+    pos_rows = None if positions is None else positions.repeat_interleave(n_thoughts, 0)  # (rows, m)
     dtype = model.get_input_embeddings().weight.dtype
-    masks = all_step_masks(mask_rows, thought_length + extra_steps, dtype)  # built once
+    masks = all_step_masks(mask_rows, thought_length + extra_steps, dtype, pos_rows)  # built once
     if noise is not None:
-        noise = noise.reshape(rows, seq, n_sampled, -1)
+        noise = noise.reshape(rows, m, n_sampled, -1)
 
-    token = torch.full((rows, seq), meta.start_id, dtype=torch.long, device=input_ids.device)
+    token = torch.full((rows, m), meta.start_id, dtype=torch.long, device=input_ids.device)
     ids, logprobs = [token], []
     h = None
     for k in range(1, thought_length + 1):                     # step k feeds thought token k
-        h = forward_hidden(model, meta.embed(model, token), masks[..., : seq * (1 + k)],
-                           step_position_ids(mask_rows, k), cache)          # (rows, seq, hidden)
+        h = forward_hidden(model, meta.embed(model, token), masks[..., : seq + m * k],
+                           step_position_ids(mask_rows, k, pos_rows), cache)  # (rows, m, hidden)
         if k == thought_length:
             break                                              # h is the state at <|endofthought|>
         if k == thought_length - 1:
             token = torch.full_like(token, meta.end_id)        # forced end meta-token
         else:
-            logits = lm_head(model)(h)                         # (rows, seq, vocab)
+            logits = lm_head(model)(h)                         # (rows, m, vocab)
             step_noise = None if noise is None else noise[:, :, k - 1]
             if step_noise is None and not greedy:
                 step_noise = gumbel_noise(logits.shape, generator, device=logits.device)
             token = sample_tokens(logits, meta.ids, thought_temperature, step_noise, greedy)
-            logp = text_log_probs(logits, meta.ids, reinforce_temperature)   # (rows, seq, vocab)
-            logprobs.append(logp.gather(-1, token[..., None])[..., 0])       # (rows, seq)
+            logp = text_log_probs(logits, meta.ids, reinforce_temperature)   # (rows, m, vocab)
+            logprobs.append(logp.gather(-1, token[..., None])[..., 0])       # (rows, m)
         ids.append(token)
 
     return Thoughts(
-        ids=torch.stack(ids, -1).view(batch, n_thoughts, seq, thought_length),
-        logprobs=torch.stack(logprobs, -1).view(batch, n_thoughts, seq, n_sampled),
-        h_end=h.view(batch, n_thoughts, seq, -1),
-        cache=cache, masks=masks, attention_mask=mask_rows, steps_done=thought_length)
+        ids=torch.stack(ids, -1).view(batch, n_thoughts, m, thought_length),
+        logprobs=torch.stack(logprobs, -1).view(batch, n_thoughts, m, n_sampled),
+        h_end=h.view(batch, n_thoughts, m, -1),
+        cache=cache, masks=masks, attention_mask=mask_rows, positions=pos_rows, steps_done=thought_length)
 
 
 @torch.no_grad()

@@ -202,3 +202,28 @@ def test_official_preset_matches_the_released_code():
 if __name__ == "__main__":
     GOLDEN.write_text(json.dumps(golden_values(), indent=1, sort_keys=True) + "\n")
     print(GOLDEN.read_text())
+
+
+def test_thinking_at_some_positions_equals_all_positions_restricted():
+    """positions=(b, m) makes only m thoughts per row; they and their losses equal the
+    all-positions step read at those positions (greedy thoughts, so both make the same ones)."""
+    cfg = small(n_thoughts=2)
+    _, model, meta, head, ids, mask = setup(cfg, dtype=torch.float64)
+    positions = torch.tensor([[5, 1], [0, 3], [2, -1]])               # -1: no second thought on row 2
+    full = quiet_star_step(model, meta, head, ids, mask, cfg, greedy=True)
+    some = quiet_star_step(model, meta, head, ids, mask, cfg, greedy=True, positions=positions)
+    rows = torch.arange(3)[:, None]
+    p = positions.clamp(min=0)
+    used = positions >= 0
+    assert some.thoughts.shape == (3, 2, 2, cfg.thought_length)
+    assert torch.equal(some.thoughts.transpose(1, 2)[used], full.thoughts.transpose(1, 2)[rows, p][used])
+    for name in ("thought_logprobs", "h_thought", "w", "log_p_talk", "rewards"):
+        a = getattr(some, name).transpose(1, 2)[used]
+        b = getattr(full, name).transpose(1, 2)[rows, p][used]
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=name)
+    # the loss equals the all-positions step that trains only those positions
+    think_mask = torch.zeros_like(mask, dtype=torch.bool)
+    think_mask[rows.expand_as(p)[used], p[used]] = True
+    masked = quiet_star_step(model, meta, head, ids, mask, cfg, greedy=True, think_mask=think_mask)
+    for name in ("loss", "talk_nll", "policy_loss"):
+        torch.testing.assert_close(getattr(some, name), getattr(masked, name), rtol=0, atol=1e-9, msg=name)
