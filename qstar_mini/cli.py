@@ -196,10 +196,45 @@ def add_bench_command(subparsers) -> None:
     p.set_defaults(func=run_bench)
 
 
+# ---- assignments --------------------------------------------------------------------------
+
+def add_assignments_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "assignments",
+        help="write the student notebooks: solutions replaced by stubs, checks kept (docs/teaching.md)",
+        description="For every notebook with exercises (### BEGIN SOLUTION ... ### END SOLUTION), write a "
+        "student copy to DIR under the same name: solution regions become `# YOUR CODE HERE` / "
+        "`raise NotImplementedError()`, hidden tests are removed, the outputs of exercise and check "
+        "cells cleared, nbgrader metadata added where missing. Same sources, byte-identical files.",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the student notebooks, e.g. release/")
+    p.add_argument("--notebooks", default=None, metavar="DIR",
+                   help="instructor notebooks to read (default: the repo's notebooks/)")
+    p.add_argument("--all", dest="include_all", action="store_true",
+                   help="also copy the notebooks that have no exercise")
+    p.add_argument("--clear-outputs", action="store_true",
+                   help="clear every output, not only those that came from the solutions")
+
+    def run_assignments(args: argparse.Namespace) -> int:
+        import nbformat
+
+        from .assignments import NOTEBOOKS_DIR, solution_cells, write_assignments
+
+        written = write_assignments(_existing_dir_or_new(args.out), Path(args.notebooks or NOTEBOOKS_DIR),
+                                    include_all=args.include_all, clear_all_outputs=args.clear_outputs)
+        counts = [len(solution_cells(nbformat.read(path, as_version=4))) for path in written]
+        for path, count in zip(written, counts):
+            print(f"{path}: {count} exercise{'s' if count != 1 else ''}")
+        print(f"{len(written)} student notebooks, {sum(counts)} exercises, in {args.out}")
+        return 0
+
+    p.set_defaults(func=run_assignments)
+
+
 # ---- the parser and main ------------------------------------------------------------------
 
 #: The subcommands, in the order ``--help`` lists them. Later subcommands append here.
-COMMANDS: list[Callable] = [add_data_command, add_pretrain_command, add_demo_command, add_bench_command]
+COMMANDS: list[Callable] = [add_data_command, add_pretrain_command, add_demo_command, add_bench_command, add_assignments_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
