@@ -1,0 +1,260 @@
+"""Checkpoints: everything a Quiet-STaR run needs to be evaluated or resumed, and no pickle.
+
+A checkpoint is one folder, written atomically (into a temporary folder next to it, then
+moved into place with ``os.replace``), so a run killed while saving leaves the previous
+checkpoint intact::
+
+    checkpoint/
+      config.json, model.safetensors          the LM (``save_pretrained``), with the learned
+                                               meta-token embeddings written into its table
+      tokenizer.json, tokenizer_config.json    the tokenizer, meta-tokens included
+      meta_tokens.safetensors                  ``MetaTokens.stored`` (2, hidden) and its scale
+      mixing_head.safetensors                  the mixing head's weights
+      qstar_config.json                        the QuietStarConfig
+      --- only when training can resume from it ---
+      optimizer.safetensors + optimizer.json   AdamW's tensors / its param groups and hyper-parameters
+      scheduler.json                           the learning-rate schedule's position
+      rng.safetensors                          torch's global RNG and the thought-sampling generator
+      trainer_state.json                       step, data position, run settings
+
+Every tensor is stored with ``safetensors`` and everything else as JSON: loading a checkpoint
+never unpickles anything (a pickle can run arbitrary code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import QuietStarConfig
+from .errors import CheckpointError
+from .meta_tokens import MetaTokens
+from .mixing import MixingHead
+
+META_FILE = "meta_tokens.safetensors"
+HEAD_FILE = "mixing_head.safetensors"
+CONFIG_FILE = "qstar_config.json"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_JSON = "optimizer.json"
+SCHEDULER_FILE = "scheduler.json"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "trainer_state.json"
+REQUIRED = ("config.json", META_FILE, HEAD_FILE, CONFIG_FILE)
+
+
+# ----------------------------------------------------------------------------- atomic folders
+
+def write_dir_atomic(out_dir: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_dir)``, then put tmp_dir at ``out_dir`` (replacing an old one).
+
+    The old folder is moved aside first and deleted only once the new one is in place, so at
+    every moment ``out_dir`` is either the complete old checkpoint or the complete new one.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)                                 # mkdtemp makes it private
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if old.exists():
+                os.replace(old, out_dir)                     # put the previous one back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg}); the checkpoint is corrupt") from None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - any failure is one line
+        raise CheckpointError(f"{path} could not be read ({type(e).__name__}); the checkpoint is corrupt") from None
+
+
+# ----------------------------------------------------------------------------- optimizer state as tensors + JSON
+
+def optimizer_state_to_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and the rest (for JSON).
+
+    state["state"][i][key] -> tensors["state.{i}.{key}"]; a non-tensor value goes to the JSON.
+    """
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_state_from_files(tensors: dict[str, torch.Tensor], info: dict) -> dict:
+    """Inverse of :func:`optimizer_state_to_files`."""
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in info.get("scalars", {}).items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+def scheduler_state_to_json(state: dict) -> dict:
+    """A LambdaLR state dict without its (unpicklable, unneeded) lambdas."""
+    return {k: v for k, v in state.items() if k != "lr_lambdas"}
+
+
+def scheduler_state_from_json(state: dict, n_groups: int) -> dict:
+    return dict(state, lr_lambdas=[None] * n_groups)
+
+
+# ----------------------------------------------------------------------------- save / load
+
+def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, tokenizer, meta: MetaTokens,
+                    head: MixingHead, cfg: QuietStarConfig, *, optimizer=None, scheduler=None,
+                    rng: dict[str, torch.Tensor] | None = None, trainer_state: dict | None = None) -> Path:
+    """Write a checkpoint folder atomically; returns its path.
+
+    ``model`` is the plain (unwrapped) LM. Its embedding table gets the learned meta-token
+    rows (``meta.write_into``) so the saved model is usable on its own. Pass optimizer,
+    scheduler, rng ({name: uint8 state tensor}) and trainer_state to make it resumable.
+    """
+    meta.write_into(model)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_file({"stored": meta.stored.detach().cpu().contiguous()}, str(tmp / META_FILE),
+                  metadata={"start_id": str(meta.start_id), "end_id": str(meta.end_id),
+                            "scale": repr(meta.scale)})
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                  str(tmp / HEAD_FILE))
+        _write_json(tmp / CONFIG_FILE, cfg.to_dict())
+        if optimizer is not None:
+            tensors, info = optimizer_state_to_files(optimizer.state_dict())
+            save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
+            _write_json(tmp / OPTIMIZER_JSON, info)
+        if scheduler is not None:
+            _write_json(tmp / SCHEDULER_FILE, scheduler_state_to_json(scheduler.state_dict()))
+        if rng is not None:
+            save_file({k: v.cpu().contiguous() for k, v in rng.items()}, str(tmp / RNG_FILE))
+        if trainer_state is not None:
+            _write_json(tmp / STATE_FILE, trainer_state)
+
+    return write_dir_atomic(out_dir, write)
+
+
+def check_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint folder, or a one-line CheckpointError saying what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a folder)")
+    missing = [name for name in REQUIRED if not (path / name).exists()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    return path
+
+
+def load_config(path: str | os.PathLike) -> QuietStarConfig:
+    """The QuietStarConfig a checkpoint was trained with."""
+    return QuietStarConfig.from_dict(_read_json(Path(path) / CONFIG_FILE))
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns: the trained parts, ready for evaluation."""
+
+    model: nn.Module
+    tokenizer: object
+    meta: MetaTokens
+    head: MixingHead
+    cfg: QuietStarConfig
+    path: Path
+
+
+def load_checkpoint(path: str | os.PathLike, *, device=None, dtype: torch.dtype = torch.float32,
+                    attn_implementation: str | None = None) -> Checkpoint:
+    """Load model, tokenizer, meta-tokens, mixing head and config from a checkpoint folder."""
+    from .models import load_model
+
+    path = check_checkpoint(path)
+    cfg = load_config(path)
+    model, tokenizer = load_model(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
+    meta_tensors = _load_tensors(path / META_FILE)
+    with safe_open(str(path / META_FILE), framework="pt") as f:   # ids and scale: in the header
+        info = f.metadata() or {}
+    try:
+        start_id, end_id, scale = int(info["start_id"]), int(info["end_id"]), float(info["scale"])
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{path / META_FILE} lacks the meta-token ids; the checkpoint is corrupt") from None
+    stored = meta_tensors["stored"]
+    meta = MetaTokens(start_id, end_id, stored * scale, scale=scale)
+    with torch.no_grad():
+        meta.stored.copy_(stored)                      # exactly the saved values (no /scale*scale rounding)
+    weight = model.get_input_embeddings().weight
+    meta = meta.to(weight.device)
+    head = MixingHead(weight.shape[1], cfg.mixer_hidden, cfg.mixer_bias_init)
+    try:
+        head.load_state_dict(_load_tensors(path / HEAD_FILE))
+    except RuntimeError as e:
+        raise CheckpointError(f"{path / HEAD_FILE} does not fit the model "
+                              f"({str(e).splitlines()[0][:120]})") from None
+    head = head.to(weight.device, weight.dtype)
+    meta.write_into(model)
+    return Checkpoint(model=model, tokenizer=tokenizer, meta=meta, head=head, cfg=cfg, path=path)
+
+
+def load_training_state(path: str | os.PathLike, optimizer=None, scheduler=None) -> tuple[dict, dict]:
+    """Restore optimizer and scheduler in place from a resumable checkpoint.
+
+    returns: (trainer_state dict, rng {name: uint8 tensor}).
+    """
+    path = check_checkpoint(path)
+    if not (path / STATE_FILE).exists():
+        raise CheckpointError(f"checkpoint {path} has no {STATE_FILE}: it was not saved by a training "
+                              f"run and cannot be resumed")
+    state = _read_json(path / STATE_FILE)
+    if optimizer is not None:
+        opt_state = optimizer_state_from_files(_load_tensors(path / OPTIMIZER_TENSORS),
+                                               _read_json(path / OPTIMIZER_JSON))
+        try:
+            optimizer.load_state_dict(opt_state)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"the optimizer state in {path} does not fit this run ({e})") from None
+    if scheduler is not None:
+        scheduler.load_state_dict(scheduler_state_from_json(_read_json(path / SCHEDULER_FILE),
+                                                            len(scheduler.base_lrs)))
+    rng = _load_tensors(path / RNG_FILE) if (path / RNG_FILE).exists() else {}
+    return state, rng

@@ -1,0 +1,614 @@
+"""Evaluation: does thinking help, where, and are the thoughts any good?
+
+On held-out lines (by default the answer-only lines of the test split, ``31415=4``), for
+every token x_{j+1} of every line:
+
+* **base**: -log p(x_{j+1}) under the model Quiet-STaR started from (no training at all);
+* **control**: the same under the model trained with the same loop and thinking off;
+* **quiet_star**: the mixed prediction log p^talk after a thought T_j (Algorithm 1, line 2g),
+  with sampled thoughts (averaged over ``n_thoughts`` samples per position) and with a greedy
+  thought; accuracy = argmax of the prediction is the true token;
+* **quiet_star_no_thought**: the trained LM's own prediction without a thought (line 2a).
+
+Answer-token figures (the digit after ``=``, the token thinking is for) are reported on
+their own; ``all_*`` covers every next-token prediction of the line, ``</s>`` included.
+
+**Which tokens benefit** (the paper's Figure: gains concentrate on difficult tokens): every
+token is put in a bin by the *base* model's loss on it, and each bin reports the mean loss
+of base, control and Quiet-STaR and the improvements.
+
+**Are the thoughts right?** The thought at the answer position, decoded between the
+meta-tokens, should be the working (the five running sums mod 10): ``thought_correct`` is
+the fraction of sampled thoughts (temperature ``cfg.thought_temperature``) that are, and
+``thought_correct_greedy`` that of the greedy thought. :func:`thought_correctness` also
+measures a model at other temperatures (the base's best temperature is the bar a
+REINFORCE-trained model must clear to be more than sharpened).
+
+**GSM8K format.** :func:`gsm8k_eval` asks each question zero-shot, generates greedily (with
+thoughts for Quiet-STaR) and compares the first number of the answer with the number after
+``####``; offline on ``data/gsm8k_format.jsonl``, or on real GSM8K with
+:func:`load_gsm8k` (``datasets.load_dataset("gsm8k", "main")``, needs the network).
+:func:`commonsense_qa_eval` scores CommonsenseQA-format multiple choice the way the official
+code does (the most likely of the labels A-E after the prompt); real data via
+:func:`load_commonsense_qa`. A character-level model of 0.8M parameters trained on digit sums
+scores about 0 (GSM8K) or chance (CommonsenseQA) there: the code path is what is tested here,
+not the tiny model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from .data import gsm_final_answer, read_jsonl, split_prompt
+from .errors import DataError
+from .generate import decode_thought, generate_with_thoughts, generated_text, predict_with_thoughts, thought_is_correct
+from .lm import text_log_probs
+from .paths import DATA_DIR, TINY_BASE
+
+BIN_EDGES = (0.0, 0.1, 0.5, 1.0, 2.0, 3.0, math.inf)
+TEMPERATURES = (0.25, 0.5, 0.75, 1.0)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def answer_only(records: list[dict]) -> list[dict]:
+    """The held-out lines without visible working (``31415=4``)."""
+    return [r for r in records if not r.get("has_working", False)]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _encode(tokenizer, records, seq_len: int = 512):
+    from .train import encode_records
+
+    return encode_records(tokenizer, records, seq_len)
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values]
+    return None if not values else sum(values) / len(values)
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+# ----------------------------------------------------------------------------- per-token figures
+
+@torch.no_grad()
+def plain_token_stats(model, tokenizer, records, meta_ids=(), batch_size: int = 256) -> dict:
+    """-log p and correctness of every next token under the plain model (no thought).
+
+    returns: {"nll": (N,) every real next-token prediction, "correct": (N,) bool,
+    "is_answer": (N,) bool, "position": (N,) j, "line": (N,) line index}, flattened in the
+    same order as :func:`thought_token_stats`.
+    """
+    enc = _encode(tokenizer, records)
+    out = {k: [] for k in ("nll", "correct", "is_answer", "position", "line")}
+    device = _device(model)
+    for sl in _chunks(len(enc), batch_size):
+        ids, mask = enc.input_ids[sl].to(device), enc.attention_mask[sl].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()    # (b, l, vocab)
+        logp = text_log_probs(logits, tuple(i for i in meta_ids if i < logits.shape[-1]))
+        _collect(out, logp, ids, mask, enc.answer_pos[sl].to(device), sl.start)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _collect(out, logp, ids, mask, answer_pos, offset):
+    """Append the figures of one batch: logp (b, l, vocab) predicts x_{j+1} at j."""
+    b, l = ids.shape
+    target = ids[:, 1:]                                                       # (b, l-1)
+    lp = logp[:, :-1].gather(-1, target[..., None])[..., 0]                   # (b, l-1)
+    correct = logp[:, :-1].argmax(-1) == target
+    valid = mask[:, 1:].bool()
+    j = torch.arange(l - 1, device=ids.device)[None].expand(b, l - 1)
+    is_answer = (j + 1) == answer_pos[:, None]
+    line = torch.arange(b, device=ids.device)[:, None].expand(b, l - 1) + offset
+    out["nll"].append((-lp)[valid].cpu())
+    out["correct"].append(correct[valid].cpu())
+    out["is_answer"].append(is_answer[valid].cpu())
+    out["position"].append(j[valid].cpu())
+    out["line"].append(line[valid].cpu())
+
+
+@torch.no_grad()
+def thought_token_stats(model, tokenizer, meta, head, cfg, records, *, n_thoughts: int = 4,
+                        greedy: bool = False, temperature: float | None = None, seed: int = 0,
+                        think_where: str = "all", batch_size: int = 128) -> dict:
+    """Like :func:`plain_token_stats` for the mixed prediction after a thought.
+
+    think_where: "all" (a thought before every token, the paper) or "answer" (a thought only
+    before the answer digit; every other token is predicted without one, which is how a model
+    trained with ``think_where="answer"`` is meant to be used).
+
+    Sampled thoughts: nll / correct are means over ``n_thoughts`` thoughts per position.
+    Also returns "nll_no_thought"/"correct_no_thought" (line 2a of the same model), "w" (mean
+    over thoughts; NaN where no thought was made) and, per line, "answer_thoughts": the decoded
+    thoughts before the answer and "answer_thought_ok": whether each is the right working.
+    """
+    enc = _encode(tokenizer, records)
+    device = _device(model)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    n = 1 if greedy else n_thoughts
+    out = {k: [] for k in ("nll", "correct", "is_answer", "position", "line")}
+    plain = {k: [] for k in out}
+    ws, thoughts_text, thoughts_ok = [], [], []
+    for sl in _chunks(len(enc), batch_size):
+        ids, mask = enc.input_ids[sl].to(device), enc.attention_mask[sl].to(device)
+        answer_pos = enc.answer_pos[sl].to(device)
+        b, l = ids.shape
+        before = torch.where(answer_pos > 0, answer_pos - 1, -1)             # (b,) j of the answer
+        if think_where == "answer":        # one thought per line, before the answer; none elsewhere
+            pred = predict_with_thoughts(model, meta, head, cfg, ids, mask, n, greedy=greedy,
+                                         temperature=temperature, generator=generator,
+                                         positions=before.clamp(min=0)[:, None])
+            talk = pred.log_p_init[:, None, :-1].expand(b, n, l - 1, -1).clone()   # (b, n, l-1, vocab)
+            w = torch.full((b, n, l - 1), float("nan"), device=device)
+            lines = (before >= 0).nonzero().flatten()
+            talk[lines, :, before[lines]] = pred.log_p_talk[lines, :, 0]
+            w[lines, :, before[lines]] = pred.w[lines, :, 0]
+            thought_col = torch.zeros_like(before)
+        else:
+            pred = predict_with_thoughts(model, meta, head, cfg, ids, mask, n, greedy=greedy,
+                                         temperature=temperature, generator=generator)
+            talk, w = pred.log_p_talk[:, :, :-1], pred.w[:, :, :-1]           # (b, n, l-1, ...)
+            thought_col = before
+        # mixed prediction, averaged over thoughts: nll = mean_n -log p^talk, acc = mean_n [argmax right]
+        target = ids[:, 1:]                                                   # (b, l-1)
+        lp = talk.gather(-1, target[:, None, :, None].expand(b, n, l - 1, 1))[..., 0]   # (b, n, l-1)
+        correct = (talk.argmax(-1) == target[:, None]).float().mean(1)        # (b, l-1)
+        valid = mask[:, 1:].bool()
+        j = torch.arange(l - 1, device=device)[None].expand(b, l - 1)
+        line = torch.arange(b, device=device)[:, None].expand(b, l - 1) + sl.start
+        out["nll"].append((-lp.mean(1))[valid].cpu())
+        out["correct"].append(correct[valid].cpu())
+        out["is_answer"].append(((j + 1) == answer_pos[:, None])[valid].cpu())
+        out["position"].append(j[valid].cpu())
+        out["line"].append(line[valid].cpu())
+        ws.append(w.mean(1)[valid].cpu())
+        _collect(plain, pred.log_p_init, ids, mask, answer_pos, sl.start)
+        for i in range(b):
+            if int(before[i]) < 0:
+                thoughts_text.append([]), thoughts_ok.append([])
+                continue
+            texts = [decode_thought(tokenizer, pred.thoughts[i, k, int(thought_col[i])]) for k in range(n)]
+            q = enc.questions[sl.start + i]
+            thoughts_text.append(texts)
+            thoughts_ok.append([thought_is_correct(q, t) for t in texts])
+    stats = {k: torch.cat(v) for k, v in out.items()}
+    stats["w"] = torch.cat(ws)
+    stats["nll_no_thought"] = torch.cat(plain["nll"])
+    stats["correct_no_thought"] = torch.cat(plain["correct"])
+    stats["answer_thoughts"] = thoughts_text
+    stats["answer_thought_ok"] = thoughts_ok
+    return stats
+
+
+def summarize(nll: torch.Tensor, correct: torch.Tensor, is_answer: torch.Tensor) -> dict:
+    """all_nll, all_acc (every token) and answer_nll, answer_acc (the answer digit only)."""
+    f = lambda x: None if x.numel() == 0 else round(float(x.float().mean()), 4)   # noqa: E731
+    return {"all_nll": f(nll), "all_acc": f(correct), "answer_nll": f(nll[is_answer]),
+            "answer_acc": f(correct[is_answer]), "n_tokens": int(nll.numel()),
+            "n_answers": int(is_answer.sum())}
+
+
+def by_difficulty(base_nll: torch.Tensor, others: dict[str, torch.Tensor],
+                  edges=BIN_EDGES) -> list[dict]:
+    """Tokens binned by the base model's loss on them; per bin the mean loss of every model
+    and the improvement of ``quiet_star`` over each other model (positive = thinking helped)."""
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (base_nll >= lo) & (base_nll < hi)
+        n = int(inside.sum())
+        row = {"bin": f"[{lo:g}, {hi:g})", "lo": lo, "hi": None if math.isinf(hi) else hi, "n": n,
+               "base_nll": None if n == 0 else round(float(base_nll[inside].mean()), 4)}
+        for name, nll in others.items():
+            row[f"{name}_nll"] = None if n == 0 else round(float(nll[inside].mean()), 4)
+        if n and "quiet_star" in others:
+            q = others["quiet_star"][inside]
+            row["gain_vs_base"] = round(float((base_nll[inside] - q).mean()), 4)
+            for name, nll in others.items():
+                if name != "quiet_star":
+                    row[f"gain_vs_{name}"] = round(float((nll[inside] - q).mean()), 4)
+        rows.append(row)
+    return rows
+
+
+def w_by_position(stats: dict) -> list[float | None]:
+    """Mean w at each position j over the lines (for the 'w over positions' plot); None where
+    no thought was made."""
+    pos, w = stats["position"], stats["w"]
+    top = int(pos.max()) + 1 if pos.numel() else 0
+    means = [float(w[pos == j].nanmean()) if bool((pos == j).any()) else math.nan for j in range(top)]
+    return [None if math.isnan(m) else round(m, 4) for m in means]
+
+
+# ----------------------------------------------------------------------------- thoughts
+
+@torch.no_grad()
+def thought_correctness(model, tokenizer, meta, cfg, records, *, temperature: float = 1.0,
+                        greedy: bool = False, n_samples: int = 1, seed: int = 0,
+                        batch_size: int = 256) -> float | None:
+    """Fraction of thoughts at the answer position whose working is right.
+
+    Only the prompt ``<s>31415=`` is needed (the thought at position j sees x_{<=j}); the
+    mixing head plays no part. The thought judged is the one after ``=``. ``greedy`` takes the argmax thought; else ``n_samples``
+    thoughts per line at ``temperature``.
+    """
+    from .thoughts import generate_thoughts, plain_forward
+
+    records = [r for r in records if r.get("question")]
+    if not records:
+        return None
+    device = _device(model)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompts = [bos + tokenizer(split_prompt(r["text"]), add_special_tokens=False)["input_ids"] for r in records]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    n = 1 if greedy else n_samples
+    ok = []
+    for sl in _chunks(len(prompts), batch_size):
+        rows = prompts[sl]
+        seq = max(len(x) for x in rows)
+        ids = torch.full((len(rows), seq), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), seq), dtype=torch.long)
+        for i, x in enumerate(rows):                          # right-padded (batch, seq)
+            ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+        ids, mask = ids.to(device), mask.to(device)
+        last = torch.tensor([[len(x) - 1] for x in rows], device=device)     # (b, 1): the "="
+        h, cache = plain_forward(model, meta, ids, mask)
+        th = generate_thoughts(model, meta, ids, mask, cache, cfg.thought_length, n,
+                               thought_temperature=temperature, greedy=greedy, generator=generator,
+                               positions=last)
+        for i in range(len(rows)):
+            q = records[sl.start + i]["question"]
+            ok += [thought_is_correct(q, decode_thought(tokenizer, th.ids[i, k, 0])) for k in range(n)]
+    return round(sum(ok) / len(ok), 4)
+
+
+def best_temperature(model, tokenizer, meta, cfg, records, temperatures=TEMPERATURES, *,
+                     n_samples: int = 1, seed: int = 0) -> dict:
+    """Thought correctness at each sampling temperature and greedy; the best of them.
+
+    returns: {"by_temperature": {"0.25": f, ..., "greedy": f}, "best": f, "best_temperature": T}.
+    """
+    res = {f"{t:g}": thought_correctness(model, tokenizer, meta, cfg, records, temperature=t,
+                                         n_samples=n_samples, seed=seed) for t in temperatures}
+    res["greedy"] = thought_correctness(model, tokenizer, meta, cfg, records, greedy=True, seed=seed)
+    best = max(res, key=lambda k: res[k] if res[k] is not None else -1)
+    return {"by_temperature": res, "best": res[best], "best_temperature": best}
+
+
+# ----------------------------------------------------------------------------- GSM8K format
+
+def load_gsm8k(split: str = "test", limit: int | None = None) -> list[dict]:
+    """Real GSM8K via ``datasets`` (needs the network): records with question / answer."""
+    import datasets
+
+    ds = datasets.load_dataset("gsm8k", "main", split=split if not limit else f"{split}[:{limit}]")
+    return [{"question": q, "answer": a} for q, a in zip(ds["question"], ds["answer"])]
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*")
+
+
+def extract_answer(generation: str) -> str | None:
+    """The model's answer: the number after ``####`` if it wrote one, else its first number."""
+    m = re.search(r"####\s*(-?[\d,]+)", generation)
+    if m:
+        return m.group(1).replace(",", "")
+    m = _NUMBER.search(generation)
+    return m.group(0).replace(",", "") if m else None
+
+
+def gsm8k_prompt(question: str) -> str:
+    """Zero-shot, direct answer: the question, a newline, ``A: ``."""
+    return f"{question}\nA: "
+
+
+@torch.no_grad()
+def gsm8k_eval(model, tokenizer, records, *, meta=None, head=None, cfg=None, max_new_tokens: int = 6,
+               limit: int | None = 50, n_examples: int = 3) -> dict:
+    """Zero-shot GSM8K-format accuracy: greedy generation after the question (thinking before
+    each token when meta, head and cfg are given), first number vs the number after ``####``."""
+    records = records[:limit] if limit else records
+    right, examples = [], []
+    think = meta is not None and head is not None and cfg is not None
+    for r in records:
+        prompt = gsm8k_prompt(r["question"])
+        if think:
+            text = generated_text(generate_with_thoughts(model, tokenizer, meta, head, cfg, prompt,
+                                                         max_new_tokens, greedy=True))
+        else:
+            text = _greedy_plain(model, tokenizer, prompt, max_new_tokens, meta)
+        guess, truth = extract_answer(text), gsm_final_answer(r["answer"])
+        right.append(guess == truth)
+        if len(examples) < n_examples:
+            examples.append({"question": r["question"], "generation": text, "predicted": guess, "answer": truth})
+    return {"n": len(right), "accuracy": round(sum(right) / max(1, len(right)), 4), "thinking": think,
+            "examples": examples}
+
+
+def _greedy_plain(model, tokenizer, prompt, max_new_tokens, meta=None) -> str:
+    """Greedy decoding without thoughts (meta-tokens, if the model has them, never chosen)."""
+    device = _device(model)
+    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = torch.tensor([ids + tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
+    meta_ids = tuple(meta.ids) if meta is not None else ()
+    new = []
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=ids).logits[0, -1].float()
+        token = int(text_log_probs(logits, tuple(i for i in meta_ids if i < logits.shape[-1])).argmax())
+        if token == tokenizer.eos_token_id:
+            break
+        new.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------- CommonsenseQA format
+
+def load_commonsense_qa(split: str = "validation", limit: int | None = None) -> list[dict]:
+    """Real CommonsenseQA via ``datasets`` (needs the network): records with question,
+    choices {"label": [...], "text": [...]} and answerKey."""
+    import datasets
+
+    ds = datasets.load_dataset("tau/commonsense_qa", split=split if not limit else f"{split}[:{limit}]")
+    return [{"question": r["question"], "choices": r["choices"], "answerKey": r["answerKey"]} for r in ds]
+
+
+def commonsense_prompt(record: dict) -> str:
+    """Zero-shot multiple choice: the question, one line per choice, then ``Answer:``."""
+    options = "\n".join(f"{label}) {text}" for label, text in zip(record["choices"]["label"],
+                                                                   record["choices"]["text"]))
+    return f"Q: {record['question']}\n{options}\nAnswer:"
+
+
+@torch.no_grad()
+def next_token_log_probs(model, tokenizer, prompt: str, *, meta=None, head=None, cfg=None) -> torch.Tensor:
+    """log p(next token | prompt) over the vocabulary, after a greedy thought when meta, head and
+    cfg are given (the mixed prediction, Algorithm 1 line 2g), else the plain one. (vocab,)"""
+    from .generate import think_once
+    from .thoughts import plain_forward
+
+    device = _device(model)
+    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    x = torch.tensor([ids + tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
+    if meta is None or head is None or cfg is None:
+        logits = model(input_ids=x).logits[0, -1].float()
+        meta_ids = () if meta is None else tuple(i for i in meta.ids if i < logits.shape[-1])
+        return text_log_probs(logits, meta_ids)
+    h_init, cache = plain_forward(model, meta, x, torch.ones_like(x))
+    _, _, log_p_talk, _ = think_once(model, meta, head, cfg, cache, h_init[:, -1], x.shape[1] - 1)
+    return log_p_talk
+
+
+def commonsense_qa_eval(model, tokenizer, records, *, meta=None, head=None, cfg=None,
+                        limit: int | None = 50) -> dict:
+    """Zero-shot CommonsenseQA-format accuracy: the choice label whose first token (`` A``..)
+    gets the highest probability right after ``Answer:`` (thinking first when meta, head and
+    cfg are given), as the official code scores A-E."""
+    records = records[:limit] if limit else records
+    right = []
+    for r in records:
+        log_p = next_token_log_probs(model, tokenizer, commonsense_prompt(r), meta=meta, head=head, cfg=cfg)
+        labels = r["choices"]["label"]
+        first = [tokenizer(" " + label, add_special_tokens=False)["input_ids"][-1] for label in labels]
+        right.append(labels[int(torch.stack([log_p[i] for i in first]).argmax())] == r["answerKey"])
+    return {"n": len(right), "accuracy": round(sum(right) / max(1, len(right)), 4),
+            "thinking": meta is not None and head is not None and cfg is not None}
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+def quick_eval(model, tokenizer, meta, head, cfg, records, *, seed: int = 0, think_where: str = "all") -> dict:
+    """The cheap evaluation run during training, on answer-only held-out lines.
+
+    answer_nll / answer_acc / all_nll: the mixed prediction with one sampled thought per
+    position if ``cfg.think`` (thinking where ``think_where`` says), else the plain prediction;
+    w_answer: the mean w before the answer; thought_correct (one thought per line, sampled at
+    temperature 1, whatever temperature training sampled at) and thought_correct_greedy: right
+    working in the thought after ``=``, measured the same way for every model (also the
+    control, whose meta-tokens exist but are never trained), with a generator seeded by ``seed``.
+    """
+    was = model.training
+    model.eval()
+    try:
+        if cfg.think:
+            st = thought_token_stats(model, tokenizer, meta, head, cfg, records, n_thoughts=1, seed=seed,
+                                     think_where=think_where, temperature=1.0)
+            res = summarize(st["nll"], st["correct"], st["is_answer"])
+            res["w_answer"] = round(float(st["w"][st["is_answer"]].mean()), 4)
+        else:
+            st = plain_token_stats(model, tokenizer, records, meta.ids)
+            res = summarize(st["nll"], st["correct"], st["is_answer"])
+        res["thought_correct"] = thought_correctness(model, tokenizer, meta, cfg, records,
+                                                     temperature=1.0, seed=seed)
+        res["thought_correct_greedy"] = thought_correctness(model, tokenizer, meta, cfg, records,
+                                                            greedy=True, seed=seed)
+        return {k: v for k, v in res.items() if k in ("answer_nll", "answer_acc", "all_nll", "w_answer",
+                                                      "thought_correct", "thought_correct_greedy")}
+    finally:
+        model.train(was)
+
+
+def evaluate(model, tokenizer, meta, head, cfg, records, *, base_model=None, control=None,
+             n_thoughts: int = 4, seed: int = 0, think_where: str = "all", thought_temperature: float = 1.0,
+             gsm_records=None, gsm_limit: int = 50, temperatures=None) -> dict:
+    """The full evaluation of a Quiet-STaR model on held-out ``records``.
+
+    model, tokenizer, meta, head, cfg: the trained Quiet-STaR model (or any prepared model).
+    base_model: the model it started from (plain HF model; its tokenizer shares the text ids).
+    control:    (model, meta) of the no-thought control, or just its model.
+    think_where: "all" (think before every token) or "answer" (only before the answer digit,
+    for models trained that way); recorded in the result.
+    thought_temperature: the sampling temperature of the "sampled" figures (default 1, the
+    paper's; the same for every model, whatever it was trained with).
+    temperatures: also measure the base's thought correctness at these temperatures (needs
+    ``base_model`` to have been prepared: pass ``(model, meta)``).
+    returns (keys always present, values finite or None where a model was not given)::
+
+        {"n_lines", "quiet_star": {all_nll, all_acc, answer_nll, answer_acc, answer_nll_greedy,
+          answer_acc_greedy, w_answer, w_all, thought_correct, thought_correct_greedy},
+         "quiet_star_no_thought": {all_nll, all_acc, answer_nll, answer_acc},
+         "base": {...} | None, "control": {...} | None,
+         "by_difficulty": [{bin, n, base_nll, quiet_star_nll, control_nll, gain_vs_base, ...}],
+         "w_by_position": [...], "examples": [{question, thoughts, ok}], "gsm8k": {...} | None}
+    """
+    records = list(records)
+    if not records:
+        raise DataError("evaluate needs at least one held-out line")
+    was = model.training
+    model.eval()
+    try:
+        st = thought_token_stats(model, tokenizer, meta, head, cfg, records, n_thoughts=n_thoughts, seed=seed,
+                                 think_where=think_where, temperature=thought_temperature)
+        gr = thought_token_stats(model, tokenizer, meta, head, cfg, records, greedy=True, seed=seed,
+                                 think_where=think_where)
+        q = summarize(st["nll"], st["correct"], st["is_answer"])
+        g = summarize(gr["nll"], gr["correct"], gr["is_answer"])
+        q.update(answer_nll_greedy=g["answer_nll"], answer_acc_greedy=g["answer_acc"],
+                 all_nll_greedy=g["all_nll"],
+                 w_answer=round(float(st["w"][st["is_answer"]].mean()), 4) if st["is_answer"].any() else None,
+                 w_all=round(float(st["w"].nanmean()), 4))
+        ok = [x for row in st["answer_thought_ok"] for x in row]
+        q["thought_correct"] = round(sum(ok) / len(ok), 4) if ok else None
+        okg = [x for row in gr["answer_thought_ok"] for x in row]
+        q["thought_correct_greedy"] = round(sum(okg) / len(okg), 4) if okg else None
+        result = {"n_lines": len(records), "think_where": think_where, "quiet_star": q,
+                  "quiet_star_no_thought": summarize(st["nll_no_thought"], st["correct_no_thought"], st["is_answer"])}
+        others = {"quiet_star": st["nll"]}
+        base_stats = None
+        if base_model is not None:
+            bm, bmeta = base_model if isinstance(base_model, tuple) else (base_model, None)
+            base_stats = plain_token_stats(bm, tokenizer, records, meta.ids)
+            result["base"] = summarize(base_stats["nll"], base_stats["correct"], base_stats["is_answer"])
+            if bmeta is not None and temperatures:
+                result["base"]["thoughts"] = best_temperature(bm, tokenizer, bmeta, cfg, records, temperatures, seed=seed)
+        else:
+            result["base"] = None
+        if control is not None:
+            cm = control[0] if isinstance(control, tuple) else control
+            cs = plain_token_stats(cm, tokenizer, records, meta.ids)
+            result["control"] = summarize(cs["nll"], cs["correct"], cs["is_answer"])
+            others["control"] = cs["nll"]
+        else:
+            result["control"] = None
+        reference = base_stats["nll"] if base_stats is not None else st["nll_no_thought"]
+        result["by_difficulty"] = by_difficulty(reference, others)
+        result["by_difficulty_reference"] = "base" if base_stats is not None else "quiet_star_no_thought"
+        result["w_by_position"] = w_by_position(st)
+        result["examples"] = [{"question": r.get("question"), "text": r["text"], "thoughts": t, "ok": o}
+                              for r, t, o in list(zip(records, st["answer_thoughts"], st["answer_thought_ok"]))[:5]]
+        result["gsm8k"] = (None if gsm_records is None else
+                           gsm8k_eval(model, tokenizer, gsm_records, meta=meta, head=head, cfg=cfg, limit=gsm_limit))
+        return result
+    finally:
+        model.train(was)
+
+
+# ----------------------------------------------------------------------------- printing and the command line
+
+def format_table(result: dict) -> str:
+    """A plain-text table of the evaluation's main figures."""
+    rows = [("model", "answer NLL", "answer acc", "all NLL", "all acc")]
+    for name in ("base", "control", "quiet_star_no_thought", "quiet_star"):
+        r = result.get(name)
+        if r:
+            rows.append((name, *(("-" if r.get(k) is None else f"{r[k]:.3f}")
+                                  for k in ("answer_nll", "answer_acc", "all_nll", "all_acc"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    q = result["quiet_star"]
+    lines.append(f"thoughts at the answer: {q.get('thought_correct')} right (sampled), "
+                 f"{q.get('thought_correct_greedy')} (greedy); w at the answer {q.get('w_answer')}")
+    lines.append("which tokens benefit (binned by the base loss):")
+    for b in result["by_difficulty"]:
+        if b["n"]:
+            lines.append(f"  {b['bin']:>11}  n={b['n']:5d}  base {b['base_nll']:.3f}  "
+                         f"quiet-star {b.get('quiet_star_nll', float('nan')):.3f}  gain {b.get('gain_vs_base', 0):+.3f}")
+    if result.get("gsm8k"):
+        lines.append(f"GSM8K-format zero-shot: {result['gsm8k']['accuracy']:.3f} on {result['gsm8k']['n']}")
+    if result.get("commonsense_qa"):
+        lines.append(f"CommonsenseQA-format zero-shot: {result['commonsense_qa']['accuracy']:.3f} "
+                     f"on {result['commonsense_qa']['n']}")
+    return "\n".join(lines)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of ``qstar-mini eval``."""
+    p = parser
+    p.add_argument("--checkpoint", required=True, help="Quiet-STaR checkpoint folder (runs/<name>/checkpoint)")
+    p.add_argument("--control", default=None, help="checkpoint folder of the no-thought control")
+    p.add_argument("--base", default=None,
+                   help="the base model folder or name (default: the one the checkpoint was trained from); '' to skip")
+    p.add_argument("--data", default=str(DATA_DIR / "test.jsonl"), help="held-out JSONL (default data/test.jsonl)")
+    p.add_argument("--all-lines", action="store_true", help="also lines with working (default: answer-only)")
+    p.add_argument("--lines", type=int, default=500, help="held-out lines to use (default 500)")
+    p.add_argument("--n-thoughts", type=int, default=4, help="sampled thoughts per position (default 4)")
+    p.add_argument("--think-where", choices=("all", "answer"), default=None,
+                   help="think before every token or only before the answer (default: as trained)")
+    p.add_argument("--gsm8k", default=str(DATA_DIR / "gsm8k_format.jsonl"),
+                   help="GSM8K-format JSONL, 'hub' for real GSM8K via datasets, or '' to skip")
+    p.add_argument("--gsm-limit", type=int, default=50, help="GSM8K problems to ask (default 50)")
+    p.add_argument("--commonsense-qa", default="",
+                   help="CommonsenseQA-format JSONL, 'hub' for the real one via datasets, or '' to skip (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    return p
+
+
+def _trainer_state(path) -> dict:
+    state = Path(path) / "trainer_state.json"
+    return json.loads(state.read_text()) if state.exists() else {}
+
+
+def _trained_think_where(path) -> str:
+    """The think_where a checkpoint was trained with (trainer_state.json), "all" if unknown."""
+    return _trainer_state(path).get("think_where", "all")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``qstar-mini eval``: evaluate a checkpoint, print the table, optionally write JSON."""
+    from .checkpoint import load_checkpoint
+    from .models import load_model
+
+    ck = load_checkpoint(args.checkpoint)
+    records = read_jsonl(args.data)
+    records = (records if args.all_lines else answer_only(records))[: args.lines]
+    base_name = args.base if args.base is not None else _trainer_state(ck.path).get("model", str(TINY_BASE))
+    base = load_model(base_name)[0] if base_name else None
+    control = load_checkpoint(args.control).model if args.control else None
+    gsm = None
+    if args.gsm8k == "hub":
+        gsm = load_gsm8k(limit=args.gsm_limit)
+    elif args.gsm8k:
+        gsm = read_jsonl(args.gsm8k)
+    think_where = args.think_where or _trained_think_where(ck.path)
+    result = evaluate(ck.model, ck.tokenizer, ck.meta, ck.head, ck.cfg, records, base_model=base,
+                      control=control, n_thoughts=args.n_thoughts, seed=args.seed, think_where=think_where,
+                      gsm_records=gsm, gsm_limit=args.gsm_limit)
+    if args.commonsense_qa:
+        csqa = (load_commonsense_qa(limit=args.gsm_limit) if args.commonsense_qa == "hub"
+                else read_jsonl(args.commonsense_qa, required=("question", "answerKey")))
+        if not all(isinstance(r.get("choices"), dict) and {"label", "text"} <= r["choices"].keys() for r in csqa):
+            raise DataError(f"{args.commonsense_qa}: every record needs choices {{\"label\": [...], \"text\": [...]}}")
+        result["commonsense_qa"] = commonsense_qa_eval(ck.model, ck.tokenizer, csqa, meta=ck.meta, head=ck.head,
+                                                       cfg=ck.cfg, limit=args.gsm_limit)
+    print(format_table(result))
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
