@@ -180,6 +180,36 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- train and eval -------------------------------------------------------------------------
+
+def add_train_command(subparsers) -> None:
+    from .train import add_train_arguments, run_train
+
+    p = subparsers.add_parser(
+        "train",
+        help="train Quiet-STaR (or, with --no-think, the control) with Accelerate",
+        description="The Quiet-STaR training loop: presets tiny (CPU minutes) and official (the "
+        "released code's settings, GPU); --model is a local folder or a Hugging Face name, --data a "
+        "JSONL file or a datasets name. Checkpoints are written atomically; --resume continues one.",
+    )
+    add_train_arguments(p)
+    p.set_defaults(func=run_train)
+
+
+def add_eval_command(subparsers) -> None:
+    from .evaluate import add_eval_arguments, run_eval
+
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate base, control and Quiet-STaR on held-out data (which tokens benefit)",
+        description="Per-token NLL and accuracy of the base model, the no-thought control and "
+        "Quiet-STaR on held-out lines, answer tokens separately, the gain binned by the base "
+        "model's loss, and the GSM8K-format evaluation; prints a table and writes JSON.",
+    )
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval)
+
+
 # ---- bench --------------------------------------------------------------------------------
 
 def add_bench_command(subparsers) -> None:
@@ -234,7 +264,8 @@ def add_assignments_command(subparsers) -> None:
 # ---- the parser and main ------------------------------------------------------------------
 
 #: The subcommands, in the order ``--help`` lists them. Later subcommands append here.
-COMMANDS: list[Callable] = [add_data_command, add_pretrain_command, add_demo_command, add_bench_command, add_assignments_command]
+COMMANDS: list[Callable] = [add_data_command, add_pretrain_command, add_demo_command, add_train_command,
+                            add_eval_command, add_bench_command, add_assignments_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

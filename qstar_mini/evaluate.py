@@ -547,7 +547,8 @@ def format_table(result: dict) -> str:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of ``qstar-mini eval``."""
     p = parser
-    p.add_argument("--checkpoint", required=True, help="Quiet-STaR checkpoint folder (runs/<name>/checkpoint)")
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+                   help="the Quiet-STaR checkpoint folder to evaluate (runs/<name>/checkpoint)")
     p.add_argument("--control", default=None, help="checkpoint folder of the no-thought control")
     p.add_argument("--base", default=None,
                    help="the base model folder or name (default: the one the checkpoint was trained from); '' to skip")
