@@ -49,6 +49,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,6 +374,44 @@ def make_accelerator(device: str | None = None, grad_accum: int = 1, find_unused
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
 
 
+class StopRequest:
+    """Turn the first Ctrl-C (SIGINT) or SIGTERM into a request to stop after the current step.
+
+    The loop then saves a checkpoint (atomically) and returns; ``--resume`` continues from it.
+    A second signal stops at once. Handlers are only installed in the main thread.
+    """
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:                     # asked twice: stop now
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, accelerator) -> bool:
+        """Was any process asked to stop? With several processes they must all stop after the
+        same step (else one would wait forever for the others' gradients), so they agree here."""
+        if accelerator.num_processes > 1:
+            asked = torch.tensor([float(self.signal or 0)], device=accelerator.device)
+            asked = int(accelerator.reduce(asked, "max").item())
+            if self.signal is None and asked:
+                self.signal = asked
+        return self.signal is not None
+
+
 def train(cfg: QuietStarConfig, model_name_or_path=TINY_BASE, data=DATA_DIR, out_dir=None, *,
           think_where: str = "all", lines: str = "answer_only", shuffle_rewards: bool = False,
           eval_data=None, eval_every: int = 50, eval_lines: int = 200, save_every: int | None = None,
@@ -488,47 +528,52 @@ def train(cfg: QuietStarConfig, model_name_or_path=TINY_BASE, data=DATA_DIR, out
     t0 = time.perf_counter()
     bar = tqdm(range(start_step, end_step), disable=not (progress and main), desc="quiet-star" if cfg.think
                else "control", initial=start_step, total=cfg.steps, leave=False)
-    for step in bar:
-        idx = batch_indices(len(enc), cfg.batch_size, step, cfg.seed)      # the global batch
-        idx = idx[rank::world]                                              # this process's share
-        parts = []
-        for chunk in idx.split(micro):                                      # grad_accum micro-batches
-            with accelerator.accumulate(module):
-                ids, mask, think_pos = micro_batch(enc, chunk, accelerator.device)
-                positions = think_pos if think_where == "answer" else None     # the fast path
-                out = module(ids, mask, cfg, generator=generator, step=step,
-                             shuffle_rewards=shuffle_rewards, positions=positions)
-                accelerator.backward(out["loss"])
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
-                optimizer.step()                       # (skipped by Accelerate until the last micro-batch)
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                parts.append(step_metrics(out, think_pos.cpu(), positions is not None,
-                                          [enc.questions[i] for i in chunk.tolist()], tokenizer))
-        last = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
-        if world > 1:                                   # the losses averaged over processes
-            shared = torch.tensor([last["loss"], last["base_nll"]], device=accelerator.device)
-            last["loss"], last["base_nll"] = accelerator.reduce(shared, "mean").tolist()
-        last.update(step=step + 1, lr=scheduler.get_last_lr()[0],
-                    seconds=round(time.perf_counter() - t0, 2))
-        history.append(last)
-        if main and metrics_path is not None:
-            _append_jsonl(metrics_path, {"kind": "train", **last})
-        bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "w", "thought_correct") if k in last})
-        done = step + 1
-        if eval_every and done % eval_every == 0 and done < end_step:
-            evaluate_now(done)
-        if save_every and done % save_every == 0 and done < end_step:
-            save(done)
+    done = start_step
+    with StopRequest() as stop:            # Ctrl-C / SIGTERM: finish the step, save, stop
+        for step in bar:
+            idx = batch_indices(len(enc), cfg.batch_size, step, cfg.seed)      # the global batch
+            idx = idx[rank::world]                                              # this process's share
+            parts = []
+            for chunk in idx.split(micro):                                      # grad_accum micro-batches
+                with accelerator.accumulate(module):
+                    ids, mask, think_pos = micro_batch(enc, chunk, accelerator.device)
+                    positions = think_pos if think_where == "answer" else None     # the fast path
+                    out = module(ids, mask, cfg, generator=generator, step=step,
+                                 shuffle_rewards=shuffle_rewards, positions=positions)
+                    accelerator.backward(out["loss"])
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+                    optimizer.step()                       # (skipped by Accelerate until the last micro-batch)
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    parts.append(step_metrics(out, think_pos.cpu(), positions is not None,
+                                              [enc.questions[i] for i in chunk.tolist()], tokenizer))
+            last = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+            if world > 1:                                   # the losses averaged over processes
+                shared = torch.tensor([last["loss"], last["base_nll"]], device=accelerator.device)
+                last["loss"], last["base_nll"] = accelerator.reduce(shared, "mean").tolist()
+            last.update(step=step + 1, lr=scheduler.get_last_lr()[0],
+                        seconds=round(time.perf_counter() - t0, 2))
+            history.append(last)
+            if main and metrics_path is not None:
+                _append_jsonl(metrics_path, {"kind": "train", **last})
+            bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "w", "thought_correct") if k in last})
+            done = step + 1
+            if eval_every and done % eval_every == 0 and done < end_step:
+                evaluate_now(done)
+            if save_every and done % save_every == 0 and done < end_step:
+                save(done)
+            if stop.agreed(accelerator):            # every process stops after the same step
+                break
     bar.close()
-    finished = max(end_step, start_step)
+    finished = done if stop.signal is not None else max(end_step, start_step)
     if finished == cfg.steps and (not evals or evals[-1]["step"] != finished):
         evaluate_now(finished)
     save(finished)
     model.eval()
     return {"steps": finished, "seconds": round(time.perf_counter() - t0, 2), "final": last,
+            "interrupted": None if stop.signal is None else signal.Signals(stop.signal).name,
             "evals": evals, "history": history, "out_dir": None if out_dir is None else str(out_dir),
             "checkpoint": None if ckpt_dir is None else str(ckpt_dir),
             "modules": (raw.model, tokenizer, raw.meta, raw.head)}
@@ -663,5 +708,10 @@ def run_train(args: argparse.Namespace) -> int:
     for e in result["evals"]:
         shown = {k: v for k, v in e.items() if isinstance(v, (int, float))}
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    if result["interrupted"]:
+        import sys
+        print(f"qstar-mini: interrupted ({result['interrupted']}) after step {result['steps']}; checkpoint "
+              f"saved in {result['checkpoint']}; continue with the same command and --resume", file=sys.stderr)
+        return 130 if result["interrupted"] == "SIGINT" else 143
     print(f"trained {result['steps']} steps in {result['seconds']:.1f} s; checkpoint: {result['checkpoint']}")
     return 0
