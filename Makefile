@@ -37,10 +37,11 @@ TINY_BASE := $(DATA_DIR)/tiny-base
 TINY_BASE_NOISY := $(DATA_DIR)/tiny-base-noisy
 NOISY_FLAGS ?= --frac-working 0.8 --working-error 0.12
 
-.PHONY: help setup setup-dev demo test data pretrain clean
+.PHONY: help setup setup-dev demo reproduce test data pretrain clean
 
 help:
-	@echo "make demo       set up (if needed), then show the tiny base model completing held-out arithmetic"
+	@echo "make demo       set up (if needed); the base model with and without working, then Quiet-STaR and its controls trained and evaluated (runs/demo/)"
+	@echo "make reproduce  all seeds and controls behind README's results table (runs/reproduce/)"
 	@echo "make test       set up with the dev extras (if needed), then run pytest (unit tests + notebooks)"
 	@echo "make setup      install the package with the notebooks extra into $(ENV_DIR)"
 	@echo "make setup-dev  install the package with the dev and notebooks extras into $(ENV_DIR)"
@@ -54,6 +55,9 @@ setup-dev: $(STAMP_DEV)
 
 demo: $(STAMP_RUN)
 	$(PY) -m qstar_mini demo
+
+reproduce: $(STAMP_RUN)
+	$(PY) -m qstar_mini.experiments reproduce
 
 test: $(STAMP_DEV)
 	$(PY) -m pytest

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import ConfigError, QStarError
-from .paths import DATA_DIR, TINY_BASE
+from .paths import DATA_DIR, RUNS_DIR, TINY_BASE
 
 PROG = "qstar-mini"
 
@@ -170,13 +170,23 @@ def add_demo_command(subparsers) -> None:
     p.add_argument("--n", type=int, default=None, metavar="N", help="held-out lines to score")
     p.add_argument("--show", type=int, default=None, metavar="K", help="lines to print in the table")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--base-only", action="store_true",
+                   help="only the base model's completions; skip training Quiet-STaR and the controls")
+    p.add_argument("--out", default=str(RUNS_DIR / "demo"), metavar="DIR",
+                   help="where the pipeline writes report.json and the plots (default: runs/demo)")
     p.set_defaults(func=run_demo_command)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
+    """The whole story: the base with and without working, then (unless --base-only) Quiet-STaR
+    and its controls trained, evaluated and reported (qstar_mini.experiments.run_demo_pipeline)."""
     from .demo import run_demo
 
     run_demo(model_dir=args.model, data_dir=Path(args.data), **_given(args, ("n", "show", "device")))
+    if not args.base_only:
+        from .experiments import run_demo_pipeline
+
+        run_demo_pipeline(out_dir=Path(args.out))
     return 0
 
 
