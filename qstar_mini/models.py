@@ -41,8 +41,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -51,6 +49,7 @@ import torch
 
 from .data import (CONFIG_FILE, WORK_CLOSE, WORK_OPEN, CorpusConfig, answer_index, generate_splits,
                    get_task, read_jsonl, split_prompt, task_for_question, working_is_correct)
+from .checkpoint import write_dir_atomic
 from .errors import ModelError
 from .paths import DATA_DIR, TINY_BASE
 
@@ -319,29 +318,6 @@ def _lr_lambda(steps: int, warmup: int, min_ratio: float = 0.1):
     return factor
 
 
-def _save_dir_atomic(out_dir: Path, write) -> None:
-    """Call ``write(tmp_dir)``, then move tmp_dir to ``out_dir`` (replacing an old one)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)                                  # mkdtemp makes it private
-        for f in tmp.rglob("*"):
-            os.chmod(f, 0o755 if f.is_dir() else 0o644)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if old.exists():
-                os.replace(old, out_dir)                 # put the previous one back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def pretrain(out_dir, data_dir=DATA_DIR, corpus: CorpusConfig | None = None, steps: int = 4000,
              batch_size: int = 64, lr: float = 2e-3, seed: int = 0, arch: str = "mistral",
              progress: bool = True, *, warmup_steps: int = 100, weight_decay: float = 0.01,
@@ -426,7 +402,7 @@ def pretrain(out_dir, data_dir=DATA_DIR, corpus: CorpusConfig | None = None, ste
         tokenizer.save_pretrained(tmp)
         (tmp / "pretrain_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
-    _save_dir_atomic(out_dir, write)
+    write_dir_atomic(out_dir, write)
     return report
 
 
