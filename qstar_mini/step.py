@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import QuietStarConfig
+from .errors import ConfigError
 from .lm import check_supported, lm_head, text_log_probs
 from .losses import (base_nll, check_finite, combined_loss, future_targets, gather_ahead,
                      reinforce_loss, rewards, talk_nll, token_log_probs)
@@ -29,6 +30,11 @@ def prepare_model(model: nn.Module, tokenizer, cfg: QuietStarConfig) -> tuple[Me
     the model (``head`` on the model's device and dtype).
     """
     check_supported(model)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    needed = cfg.seq_len + cfg.thought_length + cfg.n_true - 1
+    if limit is not None and needed > limit:
+        raise ConfigError(f"seq_len + thought_length + n_true - 1 = {needed} positions exceed the model's "
+                          f"context of {limit}; lower seq_len to at most {limit - needed + cfg.seq_len}")
     meta = add_meta_tokens(model, tokenizer, cfg.start_init, cfg.end_init, cfg.embedding_scale)
     weight = model.get_input_embeddings().weight
     head = MixingHead(weight.shape[1], cfg.mixer_hidden, cfg.mixer_bias_init).to(weight.device, weight.dtype)

@@ -52,6 +52,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,9 +162,11 @@ class Encoded:
 
 
 def encode_records(tokenizer, records: list[dict], seq_len: int) -> Encoded:
-    """Tokenize ``<s> + text + </s>`` (whichever of the two the tokenizer has), right-pad."""
+    """Tokenize ``<s> + text + </s>`` (whichever of the two the tokenizer has), right-pad.
+
+    Lines longer than ``seq_len`` tokens are truncated, with a warning that counts them."""
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    rows, answer_pos, think_pos = [], [], []
+    rows, answer_pos, think_pos, cut = [], [], [], 0
     for r in records:
         enc = tokenizer(r["text"], add_special_tokens=False, return_offsets_mapping=True)
         ids = ([bos] if bos is not None else []) + list(enc["input_ids"]) + ([eos] if eos is not None else [])
@@ -177,10 +180,14 @@ def encode_records(tokenizer, records: list[dict], seq_len: int) -> Encoded:
                 think = pos - 1
         except DataError:
             pass
+        cut += len(ids) > seq_len
         rows.append(ids[:seq_len])
         ok = 0 < pos < min(len(ids), seq_len)
         answer_pos.append(pos if ok else -1)
         think_pos.append(think if ok else -1)
+    if cut:
+        warnings.warn(f"{cut} of {len(records)} lines are longer than seq_len={seq_len} tokens and were "
+                      f"truncated; raise --seq-len to keep them whole", stacklevel=2)
     seq = max(len(x) for x in rows)
     input_ids = torch.full((len(rows), seq), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), seq), dtype=torch.long)

@@ -41,3 +41,20 @@ def test_a_batch_of_only_padding_is_refused():
     with pytest.raises(DataError, match="all padding"):
         quiet_star_step(tiny_random_model("llama", dtype=torch.float32), tiny_meta(torch.float32),
                         MixingHead(HIDDEN), ids, mask, tiny(seq_len=7))
+
+
+def test_a_config_longer_than_the_model_context_is_refused():
+    from qstar_mini.errors import ConfigError
+    from qstar_mini.models import build_tokenizer, tiny_model
+    tok = build_tokenizer()
+    model = tiny_model(tok, hidden_size=32, num_hidden_layers=1, intermediate_size=64, max_position_embeddings=64)
+    with pytest.raises(ConfigError, match="exceed the model's context of 64; lower seq_len to at most 56"):
+        prepare_model(model, tok, tiny(seq_len=60))
+
+
+def test_lines_longer_than_seq_len_are_counted_in_a_warning():
+    from qstar_mini.models import build_tokenizer
+    from qstar_mini.train import encode_records
+    with pytest.warns(UserWarning, match="1 of 2 lines are longer than seq_len=8"):
+        enc = encode_records(build_tokenizer(), [{"text": "12345=(13610)5"}, {"text": "1=1"}], 8)
+    assert enc.input_ids.shape[1] == 8
