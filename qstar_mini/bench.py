@@ -13,7 +13,8 @@ Rows (all on one machine, in one run, medians of ``repeats`` timings after ``war
 * ``memory``: peak memory of a step relative to the plain step (CPU: peak RSS of a fresh
   process; CUDA: ``max_memory_allocated``).
 * ``inference``: tokens per second with a thought before every token against plain greedy
-  generation (rows added when :mod:`qstar_mini.generate` is present).
+  generation with a KV cache. Thinking costs t + 1 single-token passes per new token (t thought
+  tokens, then the token itself) against 1, so ``passes = t + 1``.
 
 JSON: ``{"machine": ..., "rows": [{"name", "params", "median_s", "baseline_median_s", "ratio",
 "passes", "overhead", ...}]}``; fields that do not apply are null. ``ratio`` reads "how many
@@ -239,6 +240,49 @@ def memory_rows(shapes, batch: int, device: str):
     return rows
 
 
+@torch.no_grad()
+def plain_generate(model, meta, prompt_ids: torch.Tensor, n_new: int) -> list[int]:
+    """Greedy generation with a KV cache, no thoughts: one single-token pass per new token."""
+    cache = new_cache()
+    mask = torch.ones_like(prompt_ids)
+    dtype = model.get_input_embeddings().weight.dtype
+    h = forward_hidden(model, meta.embed(model, prompt_ids), causal_mask(mask, dtype),
+                       step_position_ids(mask, 0), cache)[:, -1:]
+    out, position = [], prompt_ids.shape[1] - 1
+    for _ in range(n_new):
+        token = sample_tokens(lm_head(model)(h), meta.ids, greedy=True)           # (1, 1)
+        out.append(int(token))
+        position += 1
+        attend_all = torch.zeros(1, 1, 1, cache.get_seq_length() + 1, dtype=dtype, device=h.device)
+        h = forward_hidden(model, meta.embed(model, token), attend_all,
+                           torch.full_like(token, position), cache)
+    return out
+
+
+def inference_rows(n_new: int, thought_lengths, repeats: int, device: str):
+    """Tokens per second thinking before every token vs plain greedy generation."""
+    from .generate import generate_with_thoughts
+    from .models import build_tokenizer
+
+    model, meta, head = bench_model(device=device)
+    tokenizer = build_tokenizer()
+    prompt = "31415="
+    prompt_ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]],
+                              device=device)
+    plain = timeit(lambda: plain_generate(model, meta, prompt_ids, n_new), repeats)
+    rows = []
+    for t in thought_lengths:
+        cfg = QuietStarConfig(thought_length=t, n_true=1, n_thoughts=2, seq_len=64)
+        with torch.no_grad():
+            thinking = timeit(lambda: generate_with_thoughts(model, tokenizer, meta, head, cfg, prompt, n_new,
+                                                             stop_at_eos=False), repeats)
+        rows.append(dict(name="inference: thinking before every token vs plain generation",
+                         params=dict(new_tokens=n_new, t=t), median_s=thinking, baseline_median_s=plain,
+                         ratio=thinking / plain, passes=t + 1, overhead=thinking / plain / (t + 1),
+                         tokens_per_s=n_new / thinking, baseline_tokens_per_s=n_new / plain))
+    return rows
+
+
 def run(quick: bool = True, device: str | None = None) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -249,11 +293,13 @@ def run(quick: bool = True, device: str | None = None) -> dict:
         rows += step_rows([("tiny", tiny), ("official-shaped", official_shape)], [64], batch=4, repeats=3,
                           device=device)
         rows += memory_rows([(64, 12, 4, 2)], batch=4, device=device)
+        rows += inference_rows(32, [7], repeats=3, device=device)
     else:
         rows = thought_rows([32, 64, 128], [8, 12], repeats=3, device=device)
         rows += step_rows([("tiny", tiny), ("official-shaped", official_shape)], [64, 128], batch=8, repeats=3,
                           device=device)
         rows += memory_rows([(64, 12, 4, 2), (128, 12, 4, 2), (64, 8, 4, 2), (128, 8, 4, 2)], batch=8, device=device)
+        rows += inference_rows(64, [7, 12], repeats=3, device=device)
     return {"machine": machine(), "quick": quick, "rows": rows}
 
 

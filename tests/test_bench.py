@@ -36,3 +36,11 @@ def test_rows_have_the_documented_shape():
 def test_cli_bench_help_lists_quick_and_json():
     out = subprocess.run([sys.executable, "-m", "qstar_mini", "bench", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--quick" in out.stdout and "--json" in out.stdout
+
+
+def test_inference_row_counts_t_plus_one_passes_per_token():
+    from qstar_mini.bench import inference_rows
+    (row,) = inference_rows(2, [4], repeats=1, device="cpu")
+    assert KEYS <= set(row) and row["passes"] == 5
+    assert abs(row["ratio"] - row["median_s"] / row["baseline_median_s"]) < 1e-9
+    assert row["tokens_per_s"] > 0 and row["baseline_tokens_per_s"] > row["tokens_per_s"]
