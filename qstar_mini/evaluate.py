@@ -240,9 +240,10 @@ def thought_correctness(model, tokenizer, meta, cfg, records, *, temperature: fl
                         batch_size: int = 256) -> float | None:
     """Fraction of thoughts at the answer position whose working is right.
 
-    Only the prompt ``<s>31415=`` is needed (the thought at position j sees x_{<=j}); the
-    mixing head plays no part. The thought judged is the one after ``=``. ``greedy`` takes the argmax thought; else ``n_samples``
-    thoughts per line at ``temperature``.
+    Only the prompt ``<s>31415=`` is needed (the thought at position j sees x_{<=j}) and only
+    its last position thinks; the mixing head plays no part. The thought judged is the one after
+    ``=``. ``greedy`` takes the argmax thought; else ``n_samples`` thoughts per line at
+    ``temperature``.
     """
     from .thoughts import generate_thoughts, plain_forward
 

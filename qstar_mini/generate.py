@@ -35,7 +35,7 @@ from torch import nn
 from .config import QuietStarConfig
 from .data import task_for_question, working_is_correct
 from .errors import DataError
-from .lm import forward_hidden, lm_head, new_cache, text_log_probs
+from .lm import forward_hidden, lm_head, text_log_probs
 from .meta_tokens import MetaTokens
 from .mixing import MixingHead, mix_log_probs, mixing_weight
 from .thoughts import generate_thoughts, gumbel_noise, plain_forward, sample_tokens

@@ -83,5 +83,8 @@ def mix_log_probs(lm_head: nn.Module, h_init: torch.Tensor, h_thought: torch.Ten
         return text_log_probs(lm_head((1 - w) * h_init + w * h_thought), meta_ids)
     log_p_init = text_log_probs(lm_head(h_init), meta_ids)
     log_p_thought = text_log_probs(lm_head(h_thought), meta_ids)
-    mixed = w * log_p_init + (1 - w) * log_p_thought
-    return mixed.masked_fill(torch.isnan(mixed), float("-inf"))   # -inf * 0 at meta-tokens
+    # The meta-tokens' columns are -inf in both; w * -inf would make NaN gradients, so mix the
+    # text columns only and put -inf back afterwards.
+    meta = ~torch.isfinite(log_p_init) | ~torch.isfinite(log_p_thought)
+    mixed = w * log_p_init.masked_fill(meta, 0.0) + (1 - w) * log_p_thought.masked_fill(meta, 0.0)
+    return mixed.masked_fill(meta, float("-inf"))

@@ -42,7 +42,8 @@ if _headless():
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 COLOURS = {"base": "#888888", "baseline": "#1f77b4", "control": "#1f77b4", "quiet_star": "#2ca02c",
-           "no_policy": "#ff7f0e", "shuffled_reward": "#d62728", "control_mixed": "#9467bd"}
+           "no_policy": "#ff7f0e", "shuffled_reward": "#d62728", "no_policy_mixed": "#9467bd",
+           "quiet_star_all_positions": "#17becf"}
 
 
 def _save(fig, path) -> None:

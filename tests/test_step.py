@@ -227,3 +227,14 @@ def test_thinking_at_some_positions_equals_all_positions_restricted():
     masked = quiet_star_step(model, meta, head, ids, mask, cfg, greedy=True, think_mask=think_mask)
     for name in ("loss", "talk_nll", "policy_loss"):
         torch.testing.assert_close(getattr(some, name), getattr(masked, name), rtol=0, atol=1e-9, msg=name)
+
+
+def test_paper_logprob_mixing_trains_with_finite_gradients():
+    cfg = small(mixing="logprob", mixer_bias_init=3.0)
+    _, model, meta, head, ids, mask = setup(cfg)
+    out = run(cfg, model, meta, head, ids, mask)
+    assert bool(((out.w > 0) & (out.w < 1)).all())                # w weights the base, in (0, 1)
+    out.loss.backward()
+    for p in list(model.parameters()) + list(head.parameters()) + list(meta.parameters()):
+        assert p.grad is None or bool(torch.isfinite(p.grad).all())
+    assert head.net[-1].bias.grad.abs() > 0
