@@ -5,7 +5,8 @@ import re
 from pathlib import Path
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-SECTION = README[README.index("## Algorithm 1 map"):README.index("## Notebooks")]
+_START = README.index("## Algorithm 1 map")
+SECTION = README[_START:README.index("\n## ", _START + 1)]
 
 
 def test_every_line_of_algorithm_1_is_mapped():
