@@ -12,6 +12,7 @@ Rows (all on one machine, in one run, medians of ``repeats`` timings after ``war
   step costs exactly its floor. Attention over the growing cache is the part above the floor.
 * ``memory``: peak memory of a step relative to the plain step (CPU: peak RSS of a fresh
   process; CUDA: ``max_memory_allocated``).
+* ``end to end`` (``--e2e``): wall time of ``make demo``'s job and of nbval over all notebooks.
 * ``inference``: tokens per second with a thought before every token against plain greedy
   generation with a KV cache. Thinking costs t + 1 single-token passes per new token (t thought
   tokens, then the token itself) against 1, so ``passes = t + 1``.
@@ -283,7 +284,27 @@ def inference_rows(n_new: int, thought_lengths, repeats: int, device: str):
     return rows
 
 
-def run(quick: bool = True, device: str | None = None) -> dict:
+def e2e_rows(commands: list[tuple[str, list[str]]]) -> list[dict]:
+    """Wall time of whole commands (one run each), e.g. ``make demo``'s pipeline and nbval."""
+    from .paths import REPO_ROOT
+
+    rows = []
+    for name, argv in commands:
+        start = time.perf_counter()
+        subprocess.run(argv, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        rows.append(dict(name=f"end to end: {name}", params=dict(command=" ".join(argv[1:])),
+                         median_s=time.perf_counter() - start, baseline_median_s=None, ratio=None,
+                         passes=None, overhead=None))
+    return rows
+
+
+E2E_COMMANDS = [
+    ("make demo (base completions + demo pipeline)", [sys.executable, "-m", "qstar_mini", "demo"]),
+    ("nbval over all notebooks", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "notebooks"]),
+]
+
+
+def run(quick: bool = True, device: str | None = None, e2e: bool = False) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     tiny = QuietStarConfig(thought_length=7, n_true=2, n_thoughts=4, seq_len=64)
@@ -300,6 +321,8 @@ def run(quick: bool = True, device: str | None = None) -> dict:
                           device=device)
         rows += memory_rows([(64, 12, 4, 2), (128, 12, 4, 2), (64, 8, 4, 2), (128, 8, 4, 2)], batch=8, device=device)
         rows += inference_rows(64, [7, 12], repeats=3, device=device)
+    if e2e:
+        rows += e2e_rows(E2E_COMMANDS)
     return {"machine": machine(), "quick": quick, "rows": rows}
 
 
@@ -319,10 +342,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="the short version (under 2 minutes on 2 CPU cores)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    parser.add_argument("--e2e", action="store_true",
+                        help="also time `make demo`'s job and nbval over all notebooks (about 10 minutes more)")
 
 
 def run_bench(args) -> int:
-    result = run(quick=args.quick, device=args.device)
+    result = run(quick=args.quick, device=args.device, e2e=args.e2e)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:

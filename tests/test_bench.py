@@ -44,3 +44,9 @@ def test_inference_row_counts_t_plus_one_passes_per_token():
     assert KEYS <= set(row) and row["passes"] == 5
     assert abs(row["ratio"] - row["median_s"] / row["baseline_median_s"]) < 1e-9
     assert row["tokens_per_s"] > 0 and row["baseline_tokens_per_s"] > row["tokens_per_s"]
+
+
+def test_end_to_end_rows_time_whole_commands():
+    from qstar_mini.bench import e2e_rows
+    (row,) = e2e_rows([("python", [sys.executable, "-c", "import time; time.sleep(0.2)"])])
+    assert KEYS <= set(row) and row["median_s"] >= 0.2 and row["ratio"] is None
