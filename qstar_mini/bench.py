@@ -10,8 +10,11 @@ Rows (all on one machine, in one run, medians of ``repeats`` timings after ``war
   token (the plain pass once, then t thought tokens and n_true - 1 teacher-forced talk tokens
   for every thought), so ``overhead = (step time / plain time) / passes`` is 1.0 when the
   step costs exactly its floor. Attention over the growing cache is the part above the floor.
-* ``memory``: peak memory of a step relative to the plain step (CPU: peak RSS of a fresh
-  process; CUDA: ``max_memory_allocated``).
+* ``memory``: peak memory of a step relative to the plain step, for each ``memory`` mode of
+  :mod:`qstar_mini.rescore` (stepwise graph; thoughts re-scored in one pass; that pass with
+  layer checkpointing). ``peak_mib`` is memory held by live tensors (CPU: the torch profiler's
+  memory timeline; CUDA: ``max_memory_allocated``); the full mode on CPU adds the peak RSS of
+  a fresh process (``peak_rss_mib``). The ``step`` rows of the same modes give their time cost.
 * ``end to end`` (``--e2e``): wall time of ``make demo``'s job and of nbval over all notebooks.
 * ``inference``: tokens per second with a thought before every token against plain greedy
   generation with a KV cache. Thinking costs t + 1 single-token passes per new token (t thought
@@ -27,6 +30,7 @@ rows peak memory over the plain step's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -35,10 +39,11 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import torch
 
-from .config import QuietStarConfig
+from .config import MEMORY_MODES, QuietStarConfig
 from .lm import forward_hidden, lm_head, new_cache
 from .masks import causal_mask, step_position_ids
 from .meta_tokens import MetaTokens
@@ -166,7 +171,7 @@ def step_rows(settings, seqs, batch: int, repeats: int, device: str):
             ratio = qs / plain
             rows.append(dict(name=f"step ({label}) vs plain LM step", median_s=qs, baseline_median_s=plain,
                              params=dict(seq=seq, batch=batch, t=cfg.thought_length, n_true=cfg.n_true,
-                                         n_thoughts=cfg.n_thoughts),
+                                         n_thoughts=cfg.n_thoughts, memory=cfg.memory),
                              ratio=ratio, passes=passes, overhead=ratio / passes))
     return rows
 
@@ -214,30 +219,85 @@ def _memory_probe(s: dict) -> float:
     model, meta, head = bench_model()
     ids, mask = random_batch(s["batch"], s["seq"], 85)
     cfg = QuietStarConfig(thought_length=s["t"], n_true=s["n_true"], n_thoughts=s["n_thoughts"],
-                          seq_len=s["seq"], think=s["think"])
+                          seq_len=s["seq"], think=s["think"], memory=s.get("memory", "stepwise"))
     return peak_rss_during(lambda: _step(model, meta, head, ids, mask, cfg))
 
 
-def memory_rows(shapes, batch: int, device: str):
+def peak_tensor_mib(fn, device: str = "cpu") -> float:
+    """Peak memory held by live tensors (parameters included) while fn() runs, in MiB.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the same quantity from the torch
+    profiler's memory timeline (every allocation and free it records), so it does not depend
+    on the allocator or on other processes, unlike RSS. Profiling makes fn() ~10x slower.
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_c_stderr(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # export_memory_timeline is marked deprecated
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            fn()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "timeline.json")
+            prof.export_memory_timeline(path, device="cpu")
+            with open(path) as f:
+                _, sizes = json.load(f)                 # bytes per category at each event
+    return max((sum(s) for s in sizes), default=0.0) / 2**20
+
+
+@contextlib.contextmanager
+def _quiet_c_stderr():
+    """Hide what C++ code writes to file descriptor 2 (the profiler's start/stop lines)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+MEMORY_NAMES = {"stepwise": "stepwise graph (default)", "rescore": "rescore in one pass",
+                "rescore_checkpointed": "rescore + layer checkpointing"}
+
+
+def memory_rows(shapes, batch: int, device: str, modes=MEMORY_MODES, rss: bool = False):
+    """Peak memory of one step (forward + backward) against the plain LM step, per memory mode
+    (:mod:`qstar_mini.rescore`). ``peak_mib``: live tensors (see :func:`peak_tensor_mib`);
+    with ``rss`` (CPU) also the peak RSS of a fresh process running the step."""
+    model, meta, head = bench_model(device=device)
     rows = []
     for seq, t, n_true, n_thoughts in shapes:
-        s = dict(seq=seq, t=t, n_true=n_true, n_thoughts=n_thoughts, batch=batch)
-        if device == "cuda":
-            model, meta, head = bench_model(device=device)
-            ids, mask = random_batch(batch, seq, 85, device)
-            peaks = []
-            for think in (True, False):
-                torch.cuda.reset_peak_memory_stats()
-                cfg = QuietStarConfig(thought_length=t, n_true=n_true, n_thoughts=n_thoughts, seq_len=seq, think=think)
-                _step(model, meta, head, ids, mask, cfg)
-                peaks.append(torch.cuda.max_memory_allocated() / 2**20)
-            step_mb, plain_mb = peaks
-        else:
-            step_mb = _peak_rss_child({**s, "think": True})
-            plain_mb = _peak_rss_child({**s, "think": False})
-        rows.append(dict(name="memory: step vs plain LM step (peak MiB above the loaded model)", params=s,
-                         median_s=None, baseline_median_s=None, ratio=step_mb / max(plain_mb, 1e-9),
-                         passes=None, overhead=None, peak_mib=step_mb, baseline_peak_mib=plain_mb))
+        ids, mask = random_batch(batch, seq, 85, device)
+        shape = dict(seq=seq, t=t, n_true=n_true, n_thoughts=n_thoughts, batch=batch)
+
+        def peak(think: bool, memory: str = "stepwise") -> float:
+            cfg = QuietStarConfig(thought_length=t, n_true=n_true, n_thoughts=n_thoughts, seq_len=seq,
+                                  think=think, memory=memory)
+            _step(model, meta, head, ids, mask, cfg)    # warm-up: lazy allocations out of the way
+            return peak_tensor_mib(lambda: _step(model, meta, head, ids, mask, cfg), device)
+
+        plain = peak(False)
+        plain_rss = _peak_rss_child({**shape, "think": False}) if rss and device == "cpu" else None
+        for memory in modes:
+            step = peak(True, memory)
+            row = dict(name=f"memory: {MEMORY_NAMES[memory]} vs plain LM step", params={**shape, "memory": memory},
+                       median_s=None, baseline_median_s=None, ratio=step / max(plain, 1e-9), passes=None,
+                       overhead=None, peak_mib=step, baseline_peak_mib=plain)
+            if plain_rss is not None:
+                row["peak_rss_mib"] = _peak_rss_child({**shape, "think": True, "memory": memory})
+                row["baseline_peak_rss_mib"] = plain_rss
+            rows.append(row)
     return rows
 
 
@@ -309,17 +369,20 @@ def run(quick: bool = True, device: str | None = None, e2e: bool = False) -> dic
     torch.manual_seed(0)
     tiny = QuietStarConfig(thought_length=7, n_true=2, n_thoughts=4, seq_len=64)
     official_shape = QuietStarConfig(thought_length=12, n_true=4, n_thoughts=2, seq_len=64)
+    memory_settings = [(f"official-shaped, {m}", official_shape.replace(memory=m))
+                       for m in MEMORY_MODES if m != "stepwise"]          # what the memory trade costs
     if quick:
         rows = thought_rows([32, 64], [8], repeats=3, device=device, with_naive=False)
-        rows += step_rows([("tiny", tiny), ("official-shaped", official_shape)], [64], batch=4, repeats=3,
-                          device=device)
+        rows += step_rows([("tiny", tiny), ("official-shaped", official_shape)] + memory_settings, [64],
+                          batch=4, repeats=3, device=device)
         rows += memory_rows([(64, 12, 4, 2)], batch=4, device=device)
         rows += inference_rows(32, [7], repeats=3, device=device)
     else:
         rows = thought_rows([32, 64, 128], [8, 12], repeats=3, device=device)
-        rows += step_rows([("tiny", tiny), ("official-shaped", official_shape)], [64, 128], batch=8, repeats=3,
-                          device=device)
-        rows += memory_rows([(64, 12, 4, 2), (128, 12, 4, 2), (64, 8, 4, 2), (128, 8, 4, 2)], batch=8, device=device)
+        rows += step_rows([("tiny", tiny), ("official-shaped", official_shape)] + memory_settings, [64, 128],
+                          batch=8, repeats=3, device=device)
+        rows += memory_rows([(64, 12, 4, 2), (128, 12, 4, 2), (64, 8, 4, 2), (128, 8, 4, 2)], batch=8, device=device,
+                            rss=True)
         rows += inference_rows(64, [7, 12], repeats=3, device=device)
     if e2e:
         rows += e2e_rows(E2E_COMMANDS)
@@ -328,13 +391,15 @@ def run(quick: bool = True, device: str | None = None, e2e: bool = False) -> dic
 
 def format_table(result: dict) -> str:
     lines = [f"machine: {result['machine']}",
-             f"{'row':58s} {'params':40s} {'median s':>9s} {'baseline':>9s} {'ratio':>7s} {'passes':>6s} {'overhead':>8s}"]
+             f"{'row':58s} {'params':44s} {'median s':>9s} {'baseline':>9s} {'ratio':>7s} {'passes':>6s} "
+             f"{'overhead':>8s} {'peak MiB':>14s}"]
     for r in result["rows"]:
-        p = ",".join(f"{k}={v}" for k, v in r["params"].items())
+        p = ",".join(f"{k}={v}" for k, v in r["params"].items() if k != "memory" or v != "stepwise")
         f = lambda v, spec: "-" if v is None else format(v, spec)
-        lines.append(f"{r['name'][:58]:58s} {p[:40]:40s} {f(r['median_s'], '9.4f')} "
+        peak = (f"{r['peak_mib']:.0f} / {r['baseline_peak_mib']:.0f}" if r.get("peak_mib") is not None else "-")
+        lines.append(f"{r['name'][:58]:58s} {p[:44]:44s} {f(r['median_s'], '9.4f')} "
                      f"{f(r['baseline_median_s'], '9.4f')} {f(r['ratio'], '7.2f')} {f(r['passes'], '6d')} "
-                     f"{f(r['overhead'], '8.2f')}")
+                     f"{f(r['overhead'], '8.2f')} {peak:>14s}")
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ from .errors import ConfigError
 
 MIXING_MODES = ("hidden", "logprob")  # official code / paper, see qstar_mini.mixing
 BASELINES = ("mean", "none")          # reward baseline: mean over the n_thoughts (official "trice")
+MEMORY_MODES = ("stepwise", "rescore", "rescore_checkpointed")  # see qstar_mini.rescore
 
 
 @dataclass
@@ -66,6 +67,11 @@ class QuietStarConfig:
     clamp_negative_rewards: bool = True  # official `remove_negative_rewards`
     base_loss_weight: float = 0.5     # official `original_loss_weight` (first_and_last_mode)
     policy_loss_weight: float = 1e6   # official `policy_loss_beta`
+
+    # --- memory (not in the official code; see qstar_mini.rescore) ----------------------
+    memory: str = "stepwise"          # "stepwise": keep the graph of every cached thought step
+                                      # (fastest); "rescore": sample without graph, score in one
+                                      # masked pass; "rescore_checkpointed": and recompute layers
 
     # --- optimiser (official quiet-star-train.py) ------------------------------------------
     lr: float = 1e-6
@@ -126,6 +132,7 @@ class QuietStarConfig:
         need(not (self.think and self.reward_baseline == "mean" and self.n_thoughts < 2),
              f"n_thoughts must be >= 2 with reward_baseline='mean' (got {self.n_thoughts}): with one "
              f"thought its reward minus the mean is always 0; use more thoughts or reward_baseline='none'")
+        need(self.memory in MEMORY_MODES, f"memory must be one of {MEMORY_MODES} (got {self.memory!r})")
         need(self.mixing in MIXING_MODES, f"mixing must be one of {MIXING_MODES} (got {self.mixing!r})")
         need(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
         need(self.steps >= 0, f"steps must be >= 0 (got {self.steps})")

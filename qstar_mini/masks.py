@@ -145,3 +145,42 @@ def step_position_ids(attention_mask: torch.Tensor, step: int,
         return positions + step
     batch, seq = attention_mask.shape
     return (torch.arange(seq, device=attention_mask.device) + step).expand(batch, seq)
+
+
+def one_pass_visibility(attention_mask: torch.Tensor, n_steps: int,
+                        positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask for scoring the text and *all* ``n_steps`` thought/talk steps in one pass.
+
+    The sequence is laid out exactly as the KV cache of the step-by-step generation holds it:
+    the seq text tokens, then ``n_steps`` blocks of m tokens (block k = step k of every
+    thinking position). The text rows are the causal mask; the rows of block k are
+    :func:`thought_visibility` of step k, with the later blocks hidden. So one forward pass
+    over ``seq + m * n_steps`` tokens gives every hidden state that ``n_steps`` cached passes
+    give (used by :mod:`qstar_mini.rescore`).
+
+    attention_mask: (batch, seq) of 0/1, right-padded.  positions: (batch, m) or None (m = seq).
+    returns: (batch, 1, seq + m * n_steps, seq + m * n_steps) bool, True = may attend.
+    """
+    batch, seq = attention_mask.shape
+    m = seq if positions is None else positions.shape[1]
+    total = seq + m * n_steps
+    text = causal_visibility(attention_mask)                                     # (batch, 1, seq, seq)
+    text_rows = torch.cat([text, text.new_zeros(batch, 1, seq, m * n_steps)], -1)
+    last = thought_visibility(attention_mask, n_steps, positions)               # (batch, 1, m, total)
+    block = torch.arange(n_steps, device=attention_mask.device).repeat_interleave(m)  # step of each column - 1
+    later = torch.cat([torch.zeros(seq, dtype=torch.long, device=block.device), block + 1])  # (total,) 0 = text
+    steps = torch.arange(1, n_steps + 1, device=block.device)                    # query step k
+    keep = later[None, :] <= steps[:, None]                                      # (n_steps, total)
+    rows = last[:, :, None] & keep[None, None, :, None, :]                       # (batch, 1, n_steps, m, total)
+    return torch.cat([text_rows, rows.reshape(batch, 1, m * n_steps, total)], 2)
+
+
+def one_pass_position_ids(attention_mask: torch.Tensor, n_steps: int,
+                          positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Position ids for :func:`one_pass_visibility`'s layout: text j at j, step k of position j at j + k.
+
+    returns: (batch, seq + m * n_steps) long.
+    """
+    parts = [step_position_ids(attention_mask, 0)]
+    parts += [step_position_ids(attention_mask, k, positions) for k in range(1, n_steps + 1)]
+    return torch.cat(parts, dim=1)

@@ -7,6 +7,7 @@ calling the function of this package that implements it. The result is a
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 
 import torch
@@ -19,6 +20,7 @@ from .losses import (base_nll, check_finite, combined_loss, future_targets, gath
                      reinforce_loss, rewards, talk_nll, token_log_probs)
 from .meta_tokens import MetaTokens, add_meta_tokens
 from .mixing import MixingHead, mix_log_probs, mixing_weight
+from .rescore import rescore_thoughts
 from .talk import talk_hidden
 from .thoughts import generate_thoughts, plain_forward
 
@@ -127,14 +129,24 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
         return StepOutput(h_init=h_init, log_p_init=log_p_init, valid=valid, base_nll=base, loss=base)
 
     # 2b-c. T_j <- [<|startofthought|>, t - 2 sampled tokens, <|endofthought|>], for all j at once
-    thoughts = generate_thoughts(
-        model, meta, input_ids, attention_mask, cache, cfg.thought_length, cfg.n_thoughts,
-        extra_steps=n_true - 1, thought_temperature=cfg.thought_temperature,
-        reinforce_temperature=cfg.reinforce_temperature, greedy=greedy, noise=noise,
-        generator=generator, positions=None if positions is None else positions.clamp(min=0))
+    think_at = None if positions is None else positions.clamp(min=0)
+    stepwise = cfg.memory == "stepwise"
+    with contextlib.nullcontext() if stepwise else torch.no_grad():        # see qstar_mini.rescore
+        thoughts = generate_thoughts(
+            model, meta, input_ids, attention_mask, cache, cfg.thought_length, cfg.n_thoughts,
+            extra_steps=n_true - 1 if stepwise else 0, thought_temperature=cfg.thought_temperature,
+            reinforce_temperature=cfg.reinforce_temperature, greedy=greedy, noise=noise,
+            generator=generator, positions=think_at)
 
     # 2d. h^thought_{j:j+n_true} <- hidden states of [X_{:j}; T_j; X_{j+1:j+n_true}] (teacher forcing)
-    h_thought = talk_hidden(model, meta, thoughts, input_ids, n_true)      # (b, n, m, n_true, hidden)
+    if stepwise:
+        h_thought = talk_hidden(model, meta, thoughts, input_ids, n_true)  # (b, n, m, n_true, hidden)
+        thought_logprobs = thoughts.logprobs                               # (b, n, m, t - 2)
+    else:   # the same two tensors from one masked pass over the text and every step's tokens
+        scored = rescore_thoughts(model, meta, input_ids, attention_mask, thoughts.ids, n_true,
+                                  reinforce_temperature=cfg.reinforce_temperature, positions=think_at,
+                                  checkpoint_layers=cfg.memory == "rescore_checkpointed")
+        h_thought, thought_logprobs = scored.h_thought, scored.logprobs
 
     # From here on, text tensors are read at the thinking positions (all of them: m = l).
     targets, valid = at_positions(targets, positions), at_positions(valid, positions)  # (b, m, n_true)
@@ -156,13 +168,13 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
     r = rewards(log_p_talk, talk_valid, cfg.reward_baseline)                # (b, n, l)
 
     # 2j. L^REINFORCE_j <- -r_j * 1[r_j > 0] * log p(T_j | X_{:j}, <|startofthought|>)
-    reinforce, policy = reinforce_loss(r, thoughts.logprobs, think, cfg.clamp_negative_rewards)
+    reinforce, policy = reinforce_loss(r, thought_logprobs, think, cfg.clamp_negative_rewards)
 
     # 2k. L_j <- L^NLL_j + L^REINFORCE_j (plus the official 0.5 * base NLL)
     loss = combined_loss(base, talk, policy, cfg.base_loss_weight, cfg.policy_loss_weight)
     check_finite(step, base_nll=base, talk_nll=talk, reward=r, w=w, loss=loss)
 
     return StepOutput(h_init=h_init, log_p_init=log_p_init, valid=valid, base_nll=base, loss=loss,
-                      thoughts=thoughts.ids, thought_logprobs=thoughts.logprobs, h_thought=h_thought,
+                      thoughts=thoughts.ids, thought_logprobs=thought_logprobs, h_thought=h_thought,
                       w=w, log_p_talk=log_p_talk, nll=nll, rewards=r, reinforce=reinforce,
                       talk_nll=talk, policy_loss=policy, positions=positions)

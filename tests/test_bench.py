@@ -50,3 +50,14 @@ def test_end_to_end_rows_time_whole_commands():
     from qstar_mini.bench import e2e_rows
     (row,) = e2e_rows([("python", [sys.executable, "-c", "import time; time.sleep(0.2)"])])
     assert KEYS <= set(row) and row["median_s"] >= 0.2 and row["ratio"] is None
+
+
+def test_memory_rows_cover_every_mode_against_one_plain_peak():
+    from qstar_mini.bench import memory_rows
+    rows = memory_rows([(8, 4, 2, 2)], batch=2, device="cpu")
+    assert [r["params"]["memory"] for r in rows] == ["stepwise", "rescore", "rescore_checkpointed"]
+    for row in rows:
+        assert KEYS <= set(row) and row["median_s"] is None
+        assert row["baseline_peak_mib"] == rows[0]["baseline_peak_mib"] > 0
+        assert abs(row["ratio"] - row["peak_mib"] / row["baseline_peak_mib"]) < 1e-9
+    assert "peak MiB" in format_table({"machine": "x", "rows": rows})
