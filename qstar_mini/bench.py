@@ -9,7 +9,8 @@ Rows (all on one machine, in one run, medians of ``repeats`` timings after ``war
   same batch. A step processes ``passes = 1 + n_thoughts * (t + n_true - 1)`` tokens per text
   token (the plain pass once, then t thought tokens and n_true - 1 teacher-forced talk tokens
   for every thought), so ``overhead = (step time / plain time) / passes`` is 1.0 when the
-  step costs exactly its floor. Attention over the growing cache is the part above the floor.
+  step costs exactly its floor. Attention over the growing cache is the part above the floor;
+  the ``attention=blocks`` row (:mod:`qstar_mini.block_attention`) skips the masked-out keys.
 * ``memory``: peak memory of a step relative to the plain step, for each ``memory`` mode of
   :mod:`qstar_mini.rescore` (stepwise graph; thoughts re-scored in one pass; that pass with
   layer checkpointing). ``peak_mib`` is memory held by live tensors (CPU: the torch profiler's
@@ -171,7 +172,7 @@ def step_rows(settings, seqs, batch: int, repeats: int, device: str):
             ratio = qs / plain
             rows.append(dict(name=f"step ({label}) vs plain LM step", median_s=qs, baseline_median_s=plain,
                              params=dict(seq=seq, batch=batch, t=cfg.thought_length, n_true=cfg.n_true,
-                                         n_thoughts=cfg.n_thoughts, memory=cfg.memory),
+                                         n_thoughts=cfg.n_thoughts, attention=cfg.attention, memory=cfg.memory),
                              ratio=ratio, passes=passes, overhead=ratio / passes))
     return rows
 
@@ -369,17 +370,18 @@ def run(quick: bool = True, device: str | None = None, e2e: bool = False) -> dic
     torch.manual_seed(0)
     tiny = QuietStarConfig(thought_length=7, n_true=2, n_thoughts=4, seq_len=64)
     official_shape = QuietStarConfig(thought_length=12, n_true=4, n_thoughts=2, seq_len=64)
-    memory_settings = [(f"official-shaped, {m}", official_shape.replace(memory=m))
-                       for m in MEMORY_MODES if m != "stepwise"]          # what the memory trade costs
+    variants = [("official-shaped, attention=blocks", official_shape.replace(attention="blocks"))]  # less waste
+    variants += [(f"official-shaped, memory={m}", official_shape.replace(memory=m))
+                 for m in MEMORY_MODES if m != "stepwise"]                 # what the memory trade costs
     if quick:
         rows = thought_rows([32, 64], [8], repeats=3, device=device, with_naive=False)
-        rows += step_rows([("tiny", tiny), ("official-shaped", official_shape)] + memory_settings, [64],
+        rows += step_rows([("tiny", tiny), ("official-shaped", official_shape)] + variants, [64],
                           batch=4, repeats=3, device=device)
         rows += memory_rows([(64, 12, 4, 2)], batch=4, device=device)
         rows += inference_rows(32, [7], repeats=3, device=device)
     else:
         rows = thought_rows([32, 64, 128], [8, 12], repeats=3, device=device)
-        rows += step_rows([("tiny", tiny), ("official-shaped", official_shape)] + memory_settings, [64, 128],
+        rows += step_rows([("tiny", tiny), ("official-shaped", official_shape)] + variants, [64, 128],
                           batch=8, repeats=3, device=device)
         rows += memory_rows([(64, 12, 4, 2), (128, 12, 4, 2), (64, 8, 4, 2), (128, 8, 4, 2)], batch=8, device=device,
                             rss=True)
@@ -391,13 +393,14 @@ def run(quick: bool = True, device: str | None = None, e2e: bool = False) -> dic
 
 def format_table(result: dict) -> str:
     lines = [f"machine: {result['machine']}",
-             f"{'row':58s} {'params':44s} {'median s':>9s} {'baseline':>9s} {'ratio':>7s} {'passes':>6s} "
+             f"{'row':70s} {'params':44s} {'median s':>9s} {'baseline':>9s} {'ratio':>7s} {'passes':>6s} "
              f"{'overhead':>8s} {'peak MiB':>14s}"]
     for r in result["rows"]:
-        p = ",".join(f"{k}={v}" for k, v in r["params"].items() if k != "memory" or v != "stepwise")
+        defaults = {"memory": "stepwise", "attention": "mask"}
+        p = ",".join(f"{k}={v}" for k, v in r["params"].items() if defaults.get(k) != v)
         f = lambda v, spec: "-" if v is None else format(v, spec)
         peak = (f"{r['peak_mib']:.0f} / {r['baseline_peak_mib']:.0f}" if r.get("peak_mib") is not None else "-")
-        lines.append(f"{r['name'][:58]:58s} {p[:44]:44s} {f(r['median_s'], '9.4f')} "
+        lines.append(f"{r['name'][:70]:70s} {p[:44]:44s} {f(r['median_s'], '9.4f')} "
                      f"{f(r['baseline_median_s'], '9.4f')} {f(r['ratio'], '7.2f')} {f(r['passes'], '6d')} "
                      f"{f(r['overhead'], '8.2f')} {peak:>14s}")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from .errors import ConfigError
 MIXING_MODES = ("hidden", "logprob")  # official code / paper, see qstar_mini.mixing
 BASELINES = ("mean", "none")          # reward baseline: mean over the n_thoughts (official "trice")
 MEMORY_MODES = ("stepwise", "rescore", "rescore_checkpointed")  # see qstar_mini.rescore
+ATTENTION_MODES = ("mask", "blocks")  # thought steps: dense masked attention / qstar_mini.block_attention
 
 
 @dataclass
@@ -72,6 +73,11 @@ class QuietStarConfig:
     memory: str = "stepwise"          # "stepwise": keep the graph of every cached thought step
                                       # (fastest); "rescore": sample without graph, score in one
                                       # masked pass; "rescore_checkpointed": and recompute layers
+
+    # --- attention of the thought steps (not in the official code) -----------------------
+    attention: str = "mask"           # "mask": the model's attention with the Figure 3 mask (as
+                                      # the paper); "blocks": the same numbers computed without
+                                      # the masked-out keys (qstar_mini.block_attention; faster)
 
     # --- optimiser (official quiet-star-train.py) ------------------------------------------
     lr: float = 1e-6
@@ -132,6 +138,8 @@ class QuietStarConfig:
         need(not (self.think and self.reward_baseline == "mean" and self.n_thoughts < 2),
              f"n_thoughts must be >= 2 with reward_baseline='mean' (got {self.n_thoughts}): with one "
              f"thought its reward minus the mean is always 0; use more thoughts or reward_baseline='none'")
+        need(self.attention in ATTENTION_MODES,
+             f"attention must be one of {ATTENTION_MODES} (got {self.attention!r})")
         need(self.memory in MEMORY_MODES, f"memory must be one of {MEMORY_MODES} (got {self.memory!r})")
         need(self.mixing in MIXING_MODES, f"mixing must be one of {MIXING_MODES} (got {self.mixing!r})")
         need(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")

@@ -18,9 +18,12 @@ thought n and offset i, the post-thought hidden state that predicts x_{j+1+i}.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
+from .block_attention import structured
 from .lm import body, forward_hidden
 from .masks import step_position_ids
 from .meta_tokens import MetaTokens
@@ -59,9 +62,10 @@ def talk_hidden(model: nn.Module, meta: MetaTokens, thoughts: Thoughts, input_id
             token = shift_left(text, i)                                    # x_{j+i}: (rows, seq)
         else:
             token = text.gather(1, (thoughts.positions + i).clamp(max=seq - 1))  # (rows, m)
-        h = forward_hidden(model, meta.embed(model, token), thoughts.masks[..., : seq + m * k],
-                           step_position_ids(thoughts.attention_mask, k, thoughts.positions),
-                           thoughts.cache)
+        with structured(model, seq, m, k) if thoughts.block_attention else contextlib.nullcontext():
+            h = forward_hidden(model, meta.embed(model, token), thoughts.masks[..., : seq + m * k],
+                               step_position_ids(thoughts.attention_mask, k, thoughts.positions),
+                               thoughts.cache)
         thoughts.steps_done = k
         states.append(h.view(batch, n_thoughts, m, hidden))
     return torch.stack(states, dim=3)

@@ -618,7 +618,7 @@ RUN_KEYS = ("model", "data", "out", "name", "think_where", "lines", "shuffle_rew
             "eval_lines", "save_every", "grad_accum", "device", "preset", "text_field", "max_lines")
 CONFIG_FLAGS = ("steps", "batch_size", "lr", "mixer_lr", "seed", "n_thoughts", "thought_length",
                 "n_true", "seq_len", "policy_loss_weight", "base_loss_weight", "warmup_steps", "mixing",
-                "thought_temperature", "embedding_scale", "weight_decay", "memory")
+                "thought_temperature", "embedding_scale", "weight_decay", "memory", "attention")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -647,7 +647,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--no-policy", action="store_true", default=None,
                    help="control: REINFORCE off (policy_loss_weight = 0)")
     for name in CONFIG_FLAGS:
-        kind = str if name in ("mixing", "memory") else (int if name in ("steps", "batch_size", "seed", "n_thoughts",
+        kind = str if name in ("mixing", "memory", "attention") else (int if name in ("steps", "batch_size", "seed", "n_thoughts",
                                                               "thought_length", "n_true", "seq_len",
                                                               "warmup_steps") else float)
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"QuietStarConfig.{name}")
