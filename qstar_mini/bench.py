@@ -45,6 +45,7 @@ import warnings
 import torch
 
 from .config import MEMORY_MODES, QuietStarConfig
+from .errors import ConfigError
 from .lm import forward_hidden, lm_head, new_cache
 from .masks import causal_mask, step_position_ids
 from .meta_tokens import MetaTokens
@@ -126,8 +127,8 @@ def parallel_thoughts(model, meta, input_ids, mask, thought_length: int, n_thoug
     return generate_thoughts(model, meta, input_ids, mask, cache, thought_length, n_thoughts, greedy=True)
 
 
-def thought_rows(seqs, lengths, repeats: int, device: str, with_naive: bool = True):
-    model, meta, _ = bench_model(device=device)
+def thought_rows(seqs, lengths, repeats: int, device: str, with_naive: bool = True, dtype=torch.float32):
+    model, meta, _ = bench_model(device=device, dtype=dtype)
     rows = []
     for t in lengths:
         for seq in seqs:
@@ -159,8 +160,8 @@ def _step(model, meta, head, ids, mask, cfg):
     meta.zero_grad(set_to_none=True)
 
 
-def step_rows(settings, seqs, batch: int, repeats: int, device: str):
-    model, meta, head = bench_model(device=device)
+def step_rows(settings, seqs, batch: int, repeats: int, device: str, dtype=torch.float32):
+    model, meta, head = bench_model(device=device, dtype=dtype)
     rows = []
     for label, cfg in settings:
         for seq in seqs:
@@ -272,11 +273,11 @@ MEMORY_NAMES = {"stepwise": "stepwise graph (default)", "rescore": "rescore in o
                 "rescore_checkpointed": "rescore + layer checkpointing"}
 
 
-def memory_rows(shapes, batch: int, device: str, modes=MEMORY_MODES, rss: bool = False):
+def memory_rows(shapes, batch: int, device: str, modes=MEMORY_MODES, rss: bool = False, dtype=torch.float32):
     """Peak memory of one step (forward + backward) against the plain LM step, per memory mode
     (:mod:`qstar_mini.rescore`). ``peak_mib``: live tensors (see :func:`peak_tensor_mib`);
     with ``rss`` (CPU) also the peak RSS of a fresh process running the step."""
-    model, meta, head = bench_model(device=device)
+    model, meta, head = bench_model(device=device, dtype=dtype)
     rows = []
     for seq, t, n_true, n_thoughts in shapes:
         ids, mask = random_batch(batch, seq, 85, device)
@@ -321,12 +322,12 @@ def plain_generate(model, meta, prompt_ids: torch.Tensor, n_new: int) -> list[in
     return out
 
 
-def inference_rows(n_new: int, thought_lengths, repeats: int, device: str):
+def inference_rows(n_new: int, thought_lengths, repeats: int, device: str, dtype=torch.float32):
     """Tokens per second thinking before every token vs plain greedy generation."""
     from .generate import generate_with_thoughts
     from .models import build_tokenizer
 
-    model, meta, head = bench_model(device=device)
+    model, meta, head = bench_model(device=device, dtype=dtype)
     tokenizer = build_tokenizer()
     prompt = "31415="
     prompt_ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]],
@@ -342,6 +343,58 @@ def inference_rows(n_new: int, thought_lengths, repeats: int, device: str):
                          params=dict(new_tokens=n_new, t=t), median_s=thinking, baseline_median_s=plain,
                          ratio=thinking / plain, passes=t + 1, overhead=thinking / plain / (t + 1),
                          tokens_per_s=n_new / thinking, baseline_tokens_per_s=n_new / plain))
+    return rows
+
+
+SIZES = {
+    "tiny": dict(vocab=85, **TINY),                              # the project's tiny base, ~0.8M parameters
+    "100m": dict(vocab=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, intermediate_size=2048),  # ~110M, a GPT-2-small-sized Mistral
+}
+
+
+def matmul_tflops(device: str, dtype=torch.float32, n: int | None = None, repeats: int = 5) -> float:
+    """The machine's measured dense matmul rate in TFLOP/s: an n x n by n x n product (2 n^3 FLOPs)."""
+    n = n or (8192 if device == "cuda" else 1024)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    return 2 * n ** 3 / timeit(lambda: a @ b, repeats) / 1e12
+
+
+def matmul_params(model) -> int:
+    """Parameters a token meets in matrix multiplies: all but the input embedding table (whose
+    lookup is not a matmul); a tied LM head is counted once, as the head."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return total if head is embedding else total - embedding.numel()
+
+
+def throughput_rows(sizes, seq: int, batch: int, repeats: int, device: str, dtype=torch.float32):
+    """Achieved TFLOP/s of a Quiet-STaR step (official shape) and of a plain LM step, against the
+    measured matmul rate. Model FLOPs by the usual convention: 6 N per token-pass (forward 2 N,
+    backward 4 N; N = :func:`matmul_params`), attention and the mixing head not counted, so the
+    achieved fraction is a lower bound."""
+    rate = matmul_tflops(device, dtype)
+    cfg = QuietStarConfig(thought_length=12, n_true=4, n_thoughts=2, seq_len=seq)
+    rows = []
+    for size in sizes:
+        spec = dict(SIZES[size])
+        vocab = spec.pop("vocab")
+        model, meta, head = bench_model(vocab=vocab, device=device, dtype=dtype, **spec)
+        ids, mask = random_batch(batch, seq, vocab, device)
+        n_params = matmul_params(model)
+        for label, c, passes in (("Quiet-STaR step (official-shaped)", cfg, step_passes(cfg)),
+                                 ("plain LM step", cfg.replace(think=False), 1)):
+            seconds = timeit(lambda: _step(model, meta, head, ids, mask, c), repeats)
+            flops = 6 * n_params * batch * seq * passes
+            achieved = flops / seconds / 1e12
+            rows.append(dict(name=f"throughput: {label}, TFLOP/s vs measured matmul rate",
+                             params=dict(size=size, params_m=round(n_params / 1e6, 1), dtype=str(dtype).replace("torch.", ""),
+                                         seq=seq, batch=batch),
+                             median_s=seconds, baseline_median_s=None, ratio=achieved / rate, passes=passes,
+                             overhead=None, tflops=achieved, matmul_tflops=rate, model_flops=flops))
+        del model, meta, head
     return rows
 
 
@@ -365,41 +418,54 @@ E2E_COMMANDS = [
 ]
 
 
-def run(quick: bool = True, device: str | None = None, e2e: bool = False) -> dict:
+def run(quick: bool = True, device: str | None = None, e2e: bool = False, dtype=None,
+        sizes: tuple[str, ...] | None = None) -> dict:
+    """Every row in one run. dtype: default float32 on CPU, bfloat16 on CUDA. sizes: the model
+    sizes of the throughput rows (default ``tiny`` on CPU, ``tiny`` and ``100m`` on CUDA)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    sizes = sizes or (("tiny", "100m") if device == "cuda" else ("tiny",))
     torch.manual_seed(0)
     tiny = QuietStarConfig(thought_length=7, n_true=2, n_thoughts=4, seq_len=64)
     official_shape = QuietStarConfig(thought_length=12, n_true=4, n_thoughts=2, seq_len=64)
     variants = [("official-shaped, attention=blocks", official_shape.replace(attention="blocks"))]  # less waste
     variants += [(f"official-shaped, memory={m}", official_shape.replace(memory=m))
                  for m in MEMORY_MODES if m != "stepwise"]                 # what the memory trade costs
+    kw = dict(device=device, dtype=dtype)
     if quick:
-        rows = thought_rows([32, 64], [8], repeats=3, device=device, with_naive=False)
+        rows = thought_rows([32, 64], [8], repeats=3, with_naive=False, **kw)
         rows += step_rows([("tiny", tiny), ("official-shaped", official_shape)] + variants, [64],
-                          batch=4, repeats=3, device=device)
-        rows += memory_rows([(64, 12, 4, 2)], batch=4, device=device)
-        rows += inference_rows(32, [7], repeats=3, device=device)
+                          batch=4, repeats=3, **kw)
+        rows += memory_rows([(64, 12, 4, 2)], batch=4, **kw)
+        rows += inference_rows(32, [7], repeats=3, **kw)
+        rows += throughput_rows(sizes, seq=64, batch=4, repeats=3, **kw)
     else:
-        rows = thought_rows([32, 64, 128], [8, 12], repeats=3, device=device)
+        rows = thought_rows([32, 64, 128], [8, 12], repeats=3, **kw)
         rows += step_rows([("tiny", tiny), ("official-shaped", official_shape)] + variants, [64, 128],
-                          batch=8, repeats=3, device=device)
-        rows += memory_rows([(64, 12, 4, 2), (128, 12, 4, 2), (64, 8, 4, 2), (128, 8, 4, 2)], batch=8, device=device,
-                            rss=True)
-        rows += inference_rows(64, [7, 12], repeats=3, device=device)
+                          batch=8, repeats=3, **kw)
+        rows += memory_rows([(64, 12, 4, 2), (128, 12, 4, 2), (64, 8, 4, 2), (128, 8, 4, 2)], batch=8,
+                            rss=device == "cpu", **kw)
+        rows += inference_rows(64, [7, 12], repeats=3, **kw)
+        rows += throughput_rows(sizes, seq=128, batch=8, repeats=3, **kw)
     if e2e:
         rows += e2e_rows(E2E_COMMANDS)
-    return {"machine": machine(), "quick": quick, "rows": rows}
+    return {"machine": machine(), "dtype": str(dtype).replace("torch.", ""), "quick": quick, "rows": rows}
 
 
 def format_table(result: dict) -> str:
-    lines = [f"machine: {result['machine']}",
+    lines = [f"machine: {result['machine']}, {result.get('dtype', 'float32')}",
              f"{'row':70s} {'params':44s} {'median s':>9s} {'baseline':>9s} {'ratio':>7s} {'passes':>6s} "
-             f"{'overhead':>8s} {'peak MiB':>14s}"]
+             f"{'overhead':>8s} {'MiB or TFLOP/s':>14s}"]
     for r in result["rows"]:
         defaults = {"memory": "stepwise", "attention": "mask"}
         p = ",".join(f"{k}={v}" for k, v in r["params"].items() if defaults.get(k) != v)
         f = lambda v, spec: "-" if v is None else format(v, spec)
-        peak = (f"{r['peak_mib']:.0f} / {r['baseline_peak_mib']:.0f}" if r.get("peak_mib") is not None else "-")
+        if r.get("peak_mib") is not None:
+            peak = f"{r['peak_mib']:.0f} / {r['baseline_peak_mib']:.0f}"
+        elif r.get("tflops") is not None:
+            peak = f"{r['tflops']:.3g} / {r['matmul_tflops']:.3g}"
+        else:
+            peak = "-"
         lines.append(f"{r['name'][:70]:70s} {p[:44]:44s} {f(r['median_s'], '9.4f')} "
                      f"{f(r['baseline_median_s'], '9.4f')} {f(r['ratio'], '7.2f')} {f(r['passes'], '6d')} "
                      f"{f(r['overhead'], '8.2f')} {peak:>14s}")
@@ -410,12 +476,26 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="the short version (under 2 minutes on 2 CPU cores)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--sizes", default=None,
+                        help=f"model sizes for the throughput rows, comma-separated from {sorted(SIZES)} "
+                             f"(default: tiny on CPU, tiny,100m on CUDA)")
     parser.add_argument("--e2e", action="store_true",
                         help="also time `make demo`'s job and nbval over all notebooks (about 10 minutes more)")
 
 
 def run_bench(args) -> int:
-    result = run(quick=args.quick, device=args.device, e2e=args.e2e)
+    sizes = None
+    if args.sizes:
+        sizes = tuple(x.strip() for x in args.sizes.split(",") if x.strip())
+        unknown = [x for x in sizes if x not in SIZES]
+        if unknown:
+            raise ConfigError(f"unknown --sizes {unknown}; choose from {sorted(SIZES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but torch.cuda.is_available() is False on this machine")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    result = run(quick=args.quick, device=args.device, e2e=args.e2e, dtype=dtype, sizes=sizes)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:
@@ -426,7 +506,11 @@ def run_bench(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qstar_mini.bench", description=__doc__.splitlines()[0])
     add_bench_arguments(parser)
-    return run_bench(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run_bench(args)
+    except ConfigError as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

@@ -60,4 +60,31 @@ def test_memory_rows_cover_every_mode_against_one_plain_peak():
         assert KEYS <= set(row) and row["median_s"] is None
         assert row["baseline_peak_mib"] == rows[0]["baseline_peak_mib"] > 0
         assert abs(row["ratio"] - row["peak_mib"] / row["baseline_peak_mib"]) < 1e-9
-    assert "peak MiB" in format_table({"machine": "x", "rows": rows})
+    assert "MiB or TFLOP/s" in format_table({"machine": "x", "rows": rows})
+
+
+def test_throughput_rows_count_6n_flops_per_token_pass_against_the_matmul_rate():
+    from qstar_mini.bench import bench_model, matmul_params, throughput_rows
+    model, _, _ = bench_model()
+    n = sum(p.numel() for p in model.parameters())              # tied head: the table counts once
+    assert matmul_params(model) == n
+    step, plain = throughput_rows(["tiny"], seq=8, batch=2, repeats=1, device="cpu")
+    assert step["passes"] == 1 + 2 * (12 + 4 - 1) and plain["passes"] == 1
+    for row in (step, plain):
+        assert KEYS <= set(row)
+        assert row["model_flops"] == 6 * n * 2 * 8 * row["passes"]
+        assert abs(row["tflops"] - row["model_flops"] / row["median_s"] / 1e12) < 1e-12
+        assert abs(row["ratio"] - row["tflops"] / row["matmul_tflops"]) < 1e-12
+
+
+def test_bench_refuses_unknown_sizes_and_a_missing_gpu_in_one_line():
+    out = subprocess.run([sys.executable, "-m", "qstar_mini", "bench", "--quick", "--sizes", "tiny,huge"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "qstar-mini: error: unknown --sizes ['huge']; choose from ['100m', 'tiny']"]
+    import torch
+    if not torch.cuda.is_available():
+        out = subprocess.run([sys.executable, "-m", "qstar_mini", "bench", "--quick", "--device", "cuda"],
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+        assert "torch.cuda.is_available() is False" in out.stderr
