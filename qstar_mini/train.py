@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, load_training_state, save_checkpoint
-from .config import PRESETS, QuietStarConfig, preset
+from .config import ATTENTION_MODES, MEMORY_MODES, MIXING_MODES, PRESETS, QuietStarConfig, preset
 from .data import EQUALS, answer_index, read_jsonl
 from .errors import ConfigError, DataError
 from .losses import combined_loss, reinforce_loss
@@ -650,7 +650,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         kind = str if name in ("mixing", "memory", "attention") else (int if name in ("steps", "batch_size", "seed", "n_thoughts",
                                                               "thought_length", "n_true", "seq_len",
                                                               "warmup_steps") else float)
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"QuietStarConfig.{name}")
+        choices = {"mixing": MIXING_MODES, "memory": MEMORY_MODES, "attention": ATTENTION_MODES}.get(name)
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, choices=choices,
+                       help=f"QuietStarConfig.{name}")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default 50; 0 = only start/end)")
     p.add_argument("--eval-lines", type=int, default=None, help="held-out lines per evaluation (default 200)")
     p.add_argument("--save-every", type=int, default=None, help="also checkpoint every N steps")

@@ -1,8 +1,11 @@
 """The benchmark's rows have the documented JSON shape and its pass count is the step's."""
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from qstar_mini.bench import format_table, step_passes, step_rows, thought_rows
 from qstar_mini.config import QuietStarConfig
@@ -88,3 +91,23 @@ def test_bench_refuses_unknown_sizes_and_a_missing_gpu_in_one_line():
                              capture_output=True, text=True)
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
         assert "torch.cuda.is_available() is False" in out.stderr
+
+
+def test_gpu_check_script_parses_and_defaults_to_cuda():
+    from qstar_mini.paths import REPO_ROOT
+    script = REPO_ROOT / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "DEVICE=${DEVICE:-cuda}" in text and "qstar_mini.bench" in text
+
+
+@pytest.mark.skipif(os.environ.get("QSTAR_SLOW") != "1", reason="about 2 minutes; set QSTAR_SLOW=1")
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    from qstar_mini.paths import REPO_ROOT
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh")], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = (tmp_path / "correctness.txt").read_text().splitlines()
+    assert sum(line.endswith(("OK", "(OK)")) for line in lines) == 8 + 1   # 4 archs x 2 attentions, memory modes
+    assert json.loads((tmp_path / "bench_cpu.json").read_text())["rows"]

@@ -18,6 +18,7 @@ def run(*args, cwd=None):
     (["nosuchcommand"], "invalid choice: 'nosuchcommand'"),
     (["train", "--data", "{tmp}/broken.jsonl", "--steps", "1", "--out", "{tmp}/run"], "line 2 is not valid JSON"),
     (["train", "--thought-length", "2", "--steps", "1", "--out", "{tmp}/run"], "thought_length"),
+    (["train", "--memory", "cheap", "--steps", "1", "--out", "{tmp}/run"], "invalid choice: 'cheap'"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, args, message):
     (tmp_path / "broken.jsonl").write_text('{"text": "12345=5"}\nthis is not json\n')
