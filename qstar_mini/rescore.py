@@ -18,9 +18,10 @@ The alternative (``QuietStarConfig.memory``)
     2. feed the text and all S steps' tokens as *one* sequence of ``seq + m * S`` tokens,
        with :func:`qstar_mini.masks.one_pass_visibility` (the Figure 3 mask of every step at
        once, in the order the cache held them) and the same position ids. That pass, with
-       gradients, gives the same log p(T_j) and talk hidden states as the stepwise graph
-       (tested to 1e-10 in float64, gradients included). Cost: the generation's forward passes
-       run twice (once without graph) and the text once more per thought.
+       gradients, gives the same log p(T_j) and talk hidden states as the stepwise graph,
+       hence the same loss and gradients (tests/test_rescore.py, float64). Cost: the
+       generation's forward passes run twice (once without graph) and the text once more
+       per thought.
 ``"rescore_checkpointed"``
     as ``"rescore"``, and each decoder layer of the scoring pass is recomputed during the
     backward pass (``torch.utils.checkpoint``) instead of keeping its activations. Only
