@@ -162,13 +162,16 @@ def _step(model, meta, head, ids, mask, cfg):
 
 def step_rows(settings, seqs, batch: int, repeats: int, device: str, dtype=torch.float32):
     model, meta, head = bench_model(device=device, dtype=dtype)
-    rows = []
+    rows, plain_s = [], {}
     for label, cfg in settings:
         for seq in seqs:
             cfg_l = cfg.replace(seq_len=seq)
             ids, mask = random_batch(batch, seq, 85, device)
             qs = timeit(lambda: _step(model, meta, head, ids, mask, cfg_l), repeats)
-            plain = timeit(lambda: _step(model, meta, head, ids, mask, cfg_l.replace(think=False)), repeats)
+            if seq not in plain_s:      # one baseline per length, shared by the rows; short and noisy: more repeats
+                plain_s[seq] = timeit(lambda: _step(model, meta, head, ids, mask, cfg_l.replace(think=False)),
+                                      max(10, repeats))
+            plain = plain_s[seq]
             passes = step_passes(cfg_l)
             ratio = qs / plain
             rows.append(dict(name=f"step ({label}) vs plain LM step", median_s=qs, baseline_median_s=plain,

@@ -72,9 +72,10 @@ def block_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     scale = dim ** -0.5 if scaling is None else scaling
     group = heads // kv_heads                                       # grouped-query attention
     q = query.view(batch, kv_heads, group, m, dim) * scale          # (b, g, r, m, d), scaled once
-    k_text, v_text = key[:, :, :seq], value[:, :, :seq]             # (b, g, seq, d)
-    k_own = key[:, :, seq:].unflatten(2, (step, m))                 # (b, g, step, m, d)
-    v_own = value[:, :, seq:].unflatten(2, (step, m))
+    # split, not slices: a slice's backward zero-fills a gradient of the whole cache, split's does not
+    k_text, k_own = key.split([seq, m * step], dim=2)               # (b, g, seq, d), (b, g, m*step, d)
+    v_text, v_own = value.split([seq, m * step], dim=2)
+    k_own, v_own = k_own.unflatten(2, (step, m)), v_own.unflatten(2, (step, m))  # (b, g, step, m, d)
 
     s_text = torch.einsum("bgrmd,bgsd->bgrms", q, k_text)           # (b, g, r, m, seq)
     if attention_mask is not None:
@@ -85,8 +86,9 @@ def block_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     p = p.to(query.dtype)
     if dropout > 0.0 and module.training:
         p = nn.functional.dropout(p, p=dropout)
-    out = (torch.einsum("bgrms,bgsd->bgrmd", p[..., :seq], v_text)
-           + torch.einsum("bgrmk,bgkmd->bgrmd", p[..., seq:], v_own))  # (b, g, r, m, d)
+    p_text, p_own = p.split([seq, step], dim=-1)
+    out = (torch.einsum("bgrms,bgsd->bgrmd", p_text, v_text)
+           + torch.einsum("bgrmk,bgkmd->bgrmd", p_own, v_own))       # (b, g, r, m, d)
     return out.reshape(batch, heads, m, dim).transpose(1, 2).contiguous(), None
 
 
