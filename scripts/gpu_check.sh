@@ -15,7 +15,7 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 
-echo "== 1. correctness on $DEVICE (parallel == naive, block attention == mask, memory modes agree, bf16 step finite)"
+echo "== 1. correctness on $DEVICE (parallel == naive, block attention == mask, memory modes agree, bf16 steps finite)"
 $PY - "$DEVICE" <<'PYEOF' | tee "$OUT/correctness.txt"
 import sys, torch, transformers
 sys.path.insert(0, "tests")
@@ -55,18 +55,20 @@ for arch in ARCHS:
 model, meta, head = bench_model(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
 ids, mask = random_batch(4, 64, 85, device)
 losses = {}
-for memory in ("stepwise", "rescore", "rescore_checkpointed"):
-    cfg = QuietStarConfig(thought_length=12, n_true=4, n_thoughts=2, seq_len=64, memory=memory)
+for memory, attention in (("stepwise", "mask"), ("stepwise", "blocks"), ("rescore", "mask"),
+                          ("rescore_checkpointed", "mask")):
+    cfg = QuietStarConfig(thought_length=12, n_true=4, n_thoughts=2, seq_len=64, memory=memory, attention=attention)
     out = quiet_star_step(model, meta, head, ids, mask, cfg, generator=torch.Generator(device).manual_seed(0))
     out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     finite = bool(torch.isfinite(out.loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
-    losses[memory] = out.loss.item()
+    losses[memory, attention] = out.loss.item()
     model.zero_grad(set_to_none=True); head.zero_grad(set_to_none=True); meta.zero_grad(set_to_none=True)
-    print(f"step {model.dtype} memory={memory:22s} loss {losses[memory]:.4f} finite {finite}")
+    print(f"step {model.dtype} memory={memory:22s} attention={attention:6s} loss {losses[memory, attention]:.4f} "
+          f"finite {finite}")
     assert finite
 spread = max(losses.values()) - min(losses.values())
-print(f"memory modes agree on the loss within {spread:.1e} ({'OK' if spread < 5e-2 else 'FAIL'})")
+print(f"memory modes and attentions agree on the loss within {spread:.1e} ({'OK' if spread < 5e-2 else 'FAIL'})")
 assert spread < 5e-2
 PYEOF
 
