@@ -401,6 +401,40 @@ def throughput_rows(sizes, seq: int, batch: int, repeats: int, device: str, dtyp
     return rows
 
 
+def profile_step(seq: int = 128, batch: int = 8, attention: str = "mask", memory: str = "stepwise",
+                 device: str = "cpu", dtype=torch.float32, top: int = 12, repeats: int = 3) -> list[dict]:
+    """Where an official-shaped step's time goes: the torch profiler's top operators by self time.
+
+    Runs ``repeats`` steps (forward + backward) after two warm-ups on the tiny model's shape.
+    returns: [{"op", "self_s", "percent", "calls"}], most time first, over ``top`` rows.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    model, meta, head = bench_model(device=device, dtype=dtype)
+    ids, mask = random_batch(batch, seq, 85, device)
+    cfg = QuietStarConfig(thought_length=12, n_true=4, n_thoughts=2, seq_len=seq, attention=attention, memory=memory)
+    for _ in range(2):
+        _step(model, meta, head, ids, mask, cfg)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with _quiet_c_stderr(), profile(activities=activities) as prof:
+        for _ in range(repeats):
+            _step(model, meta, head, ids, mask, cfg)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    total = sum(getattr(e, attr) for e in events)
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [dict(op=e.key, self_s=getattr(e, attr) / 1e6 / repeats, percent=100 * getattr(e, attr) / total,
+                 calls=e.count // repeats) for e in events[:top]]
+
+
+def format_profile(rows: list[dict], title: str) -> str:
+    lines = [title, f"{'operator':52s} {'self s/step':>11s} {'%':>6s} {'calls':>7s}"]
+    lines += [f"{r['op'][:52]:52s} {r['self_s']:11.4f} {r['percent']:6.1f} {r['calls']:7d}" for r in rows]
+    return "\n".join(lines)
+
+
 def e2e_rows(commands: list[tuple[str, list[str]]]) -> list[dict]:
     """Wall time of whole commands (one run each), e.g. ``make demo``'s pipeline and nbval."""
     from .paths import REPO_ROOT
@@ -484,6 +518,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default=None,
                         help=f"model sizes for the throughput rows, comma-separated from {sorted(SIZES)} "
                              f"(default: tiny on CPU, tiny,100m on CUDA)")
+    parser.add_argument("--profile", choices=["mask", "blocks"], default=None,
+                        help="instead of the table: where an official-shaped step's time goes (torch profiler, "
+                             "l=128, b=8) with this attention")
     parser.add_argument("--e2e", action="store_true",
                         help="also time `make demo`'s job and nbval over all notebooks (about 10 minutes more)")
 
@@ -498,6 +535,16 @@ def run_bench(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but torch.cuda.is_available() is False on this machine")
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.profile:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        rows = profile_step(attention=args.profile, device=device,
+                            dtype=dtype or (torch.bfloat16 if device == "cuda" else torch.float32))
+        print(format_profile(rows, f"official-shaped step (t=12, n_true=4, n_thoughts=2), l=128, b=8, "
+                                   f"attention={args.profile}, {machine()}"))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": machine(), "profile": args.profile, "rows": rows}, f, indent=1)
+        return 0
     result = run(quick=args.quick, device=args.device, e2e=args.e2e, dtype=dtype, sizes=sizes)
     print(format_table(result))
     if args.json:

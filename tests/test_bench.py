@@ -111,3 +111,13 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     lines = (tmp_path / "correctness.txt").read_text().splitlines()
     assert sum(line.endswith(("OK", "(OK)")) for line in lines) == 8 + 1   # 4 archs x 2 attentions, memory modes
     assert json.loads((tmp_path / "bench_cpu.json").read_text())["rows"]
+
+
+def test_profile_lists_the_costliest_operators_of_a_step():
+    from qstar_mini.bench import format_profile, profile_step
+    rows = profile_step(seq=16, batch=2, attention="blocks", top=6, repeats=1)
+    assert len(rows) == 6 and 0 < sum(r["percent"] for r in rows) <= 100.0 + 1e-9
+    assert [r["self_s"] for r in rows] == sorted((r["self_s"] for r in rows), reverse=True)
+    assert "aten::mm" in [r["op"] for r in rows]                  # the layers' matmuls: the floor
+    assert "aten::_scaled_dot_product" not in " ".join(r["op"] for r in rows)   # blocks bypass sdpa
+    assert "operator" in format_profile(rows, "title")
