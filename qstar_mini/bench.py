@@ -17,6 +17,10 @@ Rows (all on one machine, in one run, medians of ``repeats`` timings after ``war
   memory timeline; CUDA: ``max_memory_allocated``); the full mode on CPU adds the peak RSS of
   a fresh process (``peak_rss_mib``). The ``step`` rows of the same modes give their time cost.
 * ``end to end`` (``--e2e``): wall time of ``make demo``'s job and of nbval over all notebooks.
+* ``throughput``: model TFLOP/s of a step (6 N per token-pass) against the measured matmul rate,
+  for the tiny model and, with ``--sizes tiny,100m`` (the CUDA default), a ~110M config.
+* ``--profile mask|blocks`` prints, instead of the table, the torch profiler's costliest
+  operators of one official-shaped step: where the time above the floor goes.
 * ``inference``: tokens per second with a thought before every token against plain greedy
   generation with a KV cache. Thinking costs t + 1 single-token passes per new token (t thought
   tokens, then the token itself) against 1, so ``passes = t + 1``.
