@@ -401,7 +401,6 @@ def throughput_rows(sizes, seq: int, batch: int, repeats: int, device: str, dtyp
                                          seq=seq, batch=batch),
                              median_s=seconds, baseline_median_s=None, ratio=achieved / rate, passes=passes,
                              overhead=None, tflops=achieved, matmul_tflops=rate, model_flops=flops))
-        del model, meta, head
     return rows
 
 

@@ -14,7 +14,7 @@ from qstar_mini.errors import ConfigError
 from qstar_mini.masks import (causal_visibility, one_pass_position_ids, one_pass_visibility,
                               step_position_ids, thought_visibility)
 from qstar_mini.models import build_tokenizer, tiny_model
-from qstar_mini.rescore import checkpointed_layers, decoder_layers, rescore_thoughts
+from qstar_mini.rescore import decoder_layers, rescore_thoughts
 from qstar_mini.step import prepare_model, quiet_star_step
 from qstar_mini.talk import talk_hidden
 from qstar_mini.thoughts import generate_thoughts, gumbel_noise, plain_forward
