@@ -225,7 +225,7 @@ def load_checkpoint(path: str | os.PathLike, *, device=None, dtype: torch.dtype 
         meta.stored.copy_(stored)                      # exactly the saved values (no /scale*scale rounding)
     weight = model.get_input_embeddings().weight
     meta = meta.to(weight.device)
-    head = MixingHead(weight.shape[1], cfg.mixer_hidden, cfg.mixer_bias_init)
+    head = MixingHead(weight.shape[1], cfg.mixer_hidden, cfg.mixer_bias_init, cfg.mixer_depth)
     try:
         head.load_state_dict(_load_tensors(path / HEAD_FILE))
     except RuntimeError as e:

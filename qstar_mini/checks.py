@@ -289,28 +289,32 @@ def _small_model_and_tokenizer(seed: int):
     return model, tok
 
 
-def check_meta_init(fn: Callable, seed: int = 0, model=None, tokenizer=None) -> None:
+def check_meta_init(fn: Callable, seed: int = 0, model=None, tokenizer=None, how: str = "mean") -> None:
     """Exercise: ``fn(model, tokenizer, text) -> (hidden,)``, the embedding a meta-token starts
-    from: the mean of the input embeddings of the tokens of ``text``, without ``<s>``
-    (reference :func:`qstar_mini.meta_tokens.init_embedding`). A tuple ``(vector, ids)`` like
-    the reference's is accepted too."""
+    from, without ``<s>`` (reference :func:`qstar_mini.meta_tokens.init_embedding`):
+    ``how="mean"`` (the exercise, the tiny preset's ``meta_init``) the mean of the input
+    embeddings of the tokens of ``text``; ``how="first"`` (the official code) the embedding of
+    its first token. A tuple ``(vector, ids)`` like the reference's is accepted too."""
     from .meta_tokens import init_embedding
 
     name = "check_meta_init"
+    if how not in ("mean", "first"):
+        raise ValueError(f"how must be 'mean' or 'first' (got {how!r})")
     if model is None or tokenizer is None:
         model, tokenizer = _small_model_and_tokenizer(seed)
     table = model.get_input_embeddings().weight
     before = table.detach().clone()
     texts = ["---", "(", ")", "=(", "31415"]
     for text in texts:
-        case = f"text={text!r}"
-        exp, ids = init_embedding(model, tokenizer, text)
+        case = f"text={text!r}, how={how!r}"
+        exp, _ = init_embedding(model, tokenizer, text, how)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         out = _call(name, fn, (model, tokenizer, text), case, "fn(model, tokenizer, text: str) -> (hidden,) tensor")
         got = _need_tensor(name, out[0] if isinstance(out, tuple) else out, "the embedding", case)
         hidden = table.shape[1]
         if tuple(got.shape) == (len(ids), hidden) and len(ids) > 1:
             _fail(name, f"you returned one row per token, shape {tuple(got.shape)}; expected ({hidden},)", case=case,
-                  hint="average over the tokens: .mean(0)")
+                  hint="average over the tokens: .mean(0)" if how == "mean" else "keep the first token's row: [ids[0]]")
         if tuple(got.shape) == (1, hidden):
             _fail(name, f"shape (1, {hidden}), expected ({hidden},)", case=case, hint="drop the extra axis: [0] or .squeeze(0)")
         _need_shape(name, got, (hidden,), "the embedding", case)
@@ -331,20 +335,31 @@ def check_meta_init(fn: Callable, seed: int = 0, model=None, tokenizer=None) -> 
         if bos is not None and _same(got, torch.cat([before[[bos]], rows]).mean(0)):
             _fail(name, "your mean includes the <s> token the tokenizer adds at the start", case=case,
                   hint="tokenizer(text, add_special_tokens=False)['input_ids'] gives the characters only")
-        if len(ids) > 1 and _same(got, rows[0]):
-            _fail(name, f"you used only the first token of {text!r} ({len(ids)} tokens)", case=case,
+        if bos is not None and how == "first" and _same(got, before[bos]):
+            _fail(name, "you took the <s> token the tokenizer adds at the start", case=case,
+                  hint="tokenizer(text, add_special_tokens=False)['input_ids'] gives the characters only")
+        if how == "mean" and len(ids) > 1 and _same(got, rows[0]):
+            _fail(name, f"you used only the first token of {text!r} ({len(ids)} tokens): that is the official "
+                        f"code's rule (how='first'), not the mean this exercise asks for", case=case,
                   hint="average the embeddings of ALL its tokens: table[ids].mean(0)")
+        if how == "first" and len(ids) > 1 and _same(got, rows.mean(0)):
+            _fail(name, f"you averaged the {len(ids)} tokens of {text!r}; the official code takes the first only",
+                  case=case, hint="table[ids[0]]: the official initial_start_token rule")
         if len(ids) > 1 and _same(got, rows[-1]):
             _fail(name, f"you used only the last token of {text!r} ({len(ids)} tokens)", case=case,
-                  hint="average the embeddings of ALL its tokens: table[ids].mean(0)")
+                  hint="average the embeddings of ALL its tokens: table[ids].mean(0)" if how == "mean"
+                  else "the official code takes the FIRST token: table[ids[0]]")
         if len(ids) > 1 and _same(got, rows.sum(0)):
             _fail(name, "you summed the token embeddings", case=case,
-                  hint="the mean keeps the size of an ordinary embedding: .mean(0), not .sum(0)")
-        _fail(name, f"the embedding differs from the mean embedding of the tokens {ids} of {text!r} "
+                  hint="the mean keeps the size of an ordinary embedding: .mean(0), not .sum(0)" if how == "mean"
+                  else "the official code takes the first token's row: table[ids[0]]")
+        rule = "the mean embedding of the tokens" if how == "mean" else "the embedding of the first of the tokens"
+        _fail(name, f"the embedding differs from {rule} {ids} of {text!r} "
                     f"(max difference {float((got.double() - exp.double()).abs().max()):.3g})", case=case,
               hint="model.get_input_embeddings().weight[ids].mean(0), with ids from the tokenizer "
-                   "without special tokens")
-    _passed(name, f"{len(texts)} texts on a random tiny model")
+                   "without special tokens" if how == "mean" else
+                   "model.get_input_embeddings().weight[ids[0]], with ids from the tokenizer without special tokens")
+    _passed(name, f"{len(texts)} texts on a random tiny model" + (", official first-token rule" if how == "first" else ""))
 
 
 # ============================================================================ notebook 04: mixing

@@ -5,7 +5,7 @@ Paper notation (Algorithm 1) first, the official code's name in the comment besi
 ===================  ========================  ==============================================
 paper                official code             meaning
 ===================  ========================  ==============================================
-t                    ``n_ahead``               thought length, *including* the two
+t                    ``n_ahead`` = t + 1       thought length, *including* the two
                                                meta-tokens ``<|startofthought|>`` and
                                                ``<|endofthought|>``; t - 2 tokens are sampled
 n_true               ``n_ahead_talk``          true tokens each thought is supervised on
@@ -14,9 +14,20 @@ n_thoughts           ``n_passes``              thoughts sampled per position (th
                                                baseline is their mean)
 ===================  ========================  ==============================================
 
+Why n_ahead = t + 1: the official forward loop runs ``n_ahead + n_ahead_talk - 1`` passes and
+counts the plain pass over the text as the first of them. So with ``n_ahead = 12`` it feeds
+<|startofthought|>, samples n_ahead - 3 = 9 tokens and feeds <|endofthought|>: a thought of
+11 ids, t = 11. Here t counts the ids of a thought, and the plain pass is separate.
+
 Everything else (learning rates, loss weights, the embedding scale of the meta-tokens) has the
 official code's name. Two presets are provided: :func:`official` (the released code's
 defaults, for a 7B model on a GPU) and :func:`tiny` (the project's tiny model on a CPU).
+
+**Where qstar_mini departs from the official code, it says so with a field.** The dataclass
+defaults are the official behaviour; :func:`tiny` switches the departures the tiny
+reproduction uses. ``docs/differences.md`` has the full table (paper / official code /
+qstar_mini) and ``tests/test_official.py`` checks :func:`official` against numbers produced
+by the official code itself.
 
 A config is validated when it is made: an impossible value raises
 :class:`~qstar_mini.errors.ConfigError` with one line naming the field and the fix.
@@ -33,12 +44,18 @@ MIXING_MODES = ("hidden", "logprob")  # official code / paper, see qstar_mini.mi
 BASELINES = ("mean", "none")          # reward baseline: mean over the n_thoughts (official "trice")
 MEMORY_MODES = ("stepwise", "rescore", "rescore_checkpointed")  # see qstar_mini.rescore
 ATTENTION_MODES = ("mask", "blocks")  # thought steps: dense masked attention / qstar_mini.block_attention
+META_INITS = ("first", "mean")        # meta-token init: first token of the text (official) / mean of its tokens
+SCORING_VOCABS = ("all", "text")      # scoring softmax: every column (official) / meta-token columns removed
+REINFORCE_REDUCTIONS = ("mean", "sum")  # log p(T_j): mean over sampled tokens (official) / sum
+TALK_NLL_POOLINGS = ("per_offset", "pooled")  # mean of per-offset means (official) / one mean over all
+POLICY_POSITIONS = ("official", "real")  # see QuietStarConfig.policy_positions
+LR_SCHEDULES = ("linear", "constant")  # HF Trainer warmup-then-linear-decay (official) / warmup-then-hold
 
 
 @dataclass
 class QuietStarConfig:
     # --- Algorithm 1 inputs (paper names) -------------------------------------------------
-    thought_length: int = 12          # t, official `n_ahead`; includes both meta-tokens
+    thought_length: int = 11          # t, official `n_ahead` - 1; includes both meta-tokens
     n_true: int = 4                   # n_true, official `n_ahead_talk`
     n_thoughts: int = 2               # n_thoughts, official `n_passes`
     seq_len: int = 256                # l, tokens per training sequence
@@ -54,13 +71,17 @@ class QuietStarConfig:
     start_init: str = "---"           # official `initial_start_token`: text whose embedding
     end_init: str = "---"             # official `initial_end_token`: initialises the meta-token
     embedding_scale: float = 100.0    # official `embedding_scale`: stored /scale, used *scale
+    meta_init: str = "first"          # "first": the embedding of the init text's first token
+                                      # (official); "mean": the mean over its tokens
 
     # --- mixing head -----------------------------------------------------------------------
     mixing: str = "hidden"            # "hidden" (official: mix hidden states, w weights the
                                       # thought, unbounded) or "logprob" (paper: w in [0, 1]
                                       # weights the base prediction)
-    mixer_hidden: int | None = None   # width of the MLP's hidden layer; None = model width
-    mixer_bias_init: float = 0.0      # bias of the head's last layer (weights start at 0)
+    mixer_hidden: int | None = None   # width of the MLP's hidden layers; None = model width
+    mixer_depth: int = 2              # hidden layers of the MLP: 2 = official `use_complex_talk_head`
+    mixer_bias_init: float | None = None  # bias of the head's last layer (weights start at 0);
+                                      # None = no bias (official)
     mixer_sigmoid: bool = False       # "hidden" mode only: bound w to [0, 1] (official: no)
 
     # --- losses ----------------------------------------------------------------------------
@@ -68,6 +89,18 @@ class QuietStarConfig:
     clamp_negative_rewards: bool = True  # official `remove_negative_rewards`
     base_loss_weight: float = 0.5     # official `original_loss_weight` (first_and_last_mode)
     policy_loss_weight: float = 1e6   # official `policy_loss_beta`
+    scoring_vocab: str = "all"        # softmax that scores the text (log p^init, log p^talk):
+                                      # "all" columns (official) or "text" (meta-tokens removed).
+                                      # Thoughts never sample a meta-token either way.
+    reinforce_reduction: str = "mean"  # log p(T_j) in REINFORCE: "mean" over the t - 2 sampled
+                                      # tokens (official) or "sum" (the log-prob of the thought)
+    talk_nll_pooling: str = "per_offset"  # L^NLL: "per_offset" = mean over the n_true offsets of
+                                      # each offset's mean (official); "pooled" = one mean over
+                                      # every valid (position, offset)
+    policy_positions: str = "official"  # positions REINFORCE averages over: "official" = the
+                                      # code's slice j < l - 1 - n_true, every slot counted in the
+                                      # denominator (padding too); "real" = every real position
+                                      # with a next token, averaged over those
 
     # --- memory (not in the official code; see qstar_mini.rescore) ----------------------
     memory: str = "stepwise"          # "stepwise": keep the graph of every cached thought step
@@ -83,7 +116,14 @@ class QuietStarConfig:
     lr: float = 1e-6
     mixer_lr: float | None = None     # None = same as lr
     weight_decay: float = 0.001
+    decay_meta_tokens: bool = True    # weight decay on the meta-token embeddings (HF Trainer: yes)
+    decay_bias_and_norm: bool = False  # weight decay on biases and LayerNorm weights (HF Trainer: no)
     warmup_steps: int = 20
+    lr_schedule: str = "linear"       # "linear": from 0 up to lr over warmup_steps, then down to 0
+                                      # at lr_decay_steps (HF Trainer); "constant": from
+                                      # lr / warmup_steps up to lr, then held
+    lr_decay_steps: int = 100_000     # where "linear" reaches 0 (official `max_steps`; the run is
+                                      # stopped after `kill_after` = 100 steps, so it barely decays)
     grad_clip: float = 1.0
     seed: int = 0
 
@@ -93,7 +133,8 @@ class QuietStarConfig:
     # The official code's names, so readers of modeling_mistral.py find their way.
     @property
     def n_ahead(self) -> int:
-        return self.thought_length
+        """Official ``n_ahead``: it counts the plain pass too, so n_ahead = t + 1."""
+        return self.thought_length + 1
 
     @property
     def n_ahead_talk(self) -> int:
@@ -120,12 +161,12 @@ class QuietStarConfig:
                 raise ConfigError(msg)
 
         for name in ("thought_length", "n_true", "n_thoughts", "seq_len", "batch_size", "steps",
-                     "warmup_steps", "seed"):
+                     "warmup_steps", "seed", "mixer_depth", "lr_decay_steps"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool),
                  f"{name} must be an integer (got {value!r})")
         need(self.thought_length >= 3,
-             f"thought_length (t, official n_ahead) must be >= 3 to hold <|startofthought|>, at "
+             f"thought_length (t = official n_ahead - 1) must be >= 3 to hold <|startofthought|>, at "
              f"least one sampled token and <|endofthought|> (got {self.thought_length})")
         need(self.n_true >= 1, f"n_true (official n_ahead_talk) must be >= 1 (got {self.n_true})")
         need(self.seq_len >= 2, f"seq_len must be >= 2 (got {self.seq_len})")
@@ -142,6 +183,16 @@ class QuietStarConfig:
              f"attention must be one of {ATTENTION_MODES} (got {self.attention!r})")
         need(self.memory in MEMORY_MODES, f"memory must be one of {MEMORY_MODES} (got {self.memory!r})")
         need(self.mixing in MIXING_MODES, f"mixing must be one of {MIXING_MODES} (got {self.mixing!r})")
+        for name, choices in (("meta_init", META_INITS), ("scoring_vocab", SCORING_VOCABS),
+                              ("reinforce_reduction", REINFORCE_REDUCTIONS),
+                              ("talk_nll_pooling", TALK_NLL_POOLINGS), ("policy_positions", POLICY_POSITIONS),
+                              ("lr_schedule", LR_SCHEDULES)):
+            need(getattr(self, name) in choices, f"{name} must be one of {choices} (got {getattr(self, name)!r})")
+        need(self.mixer_depth >= 1, f"mixer_depth must be >= 1 hidden layer (got {self.mixer_depth})")
+        need(self.mixer_bias_init is None or isinstance(self.mixer_bias_init, (int, float)),
+             f"mixer_bias_init must be a number or None for no bias (got {self.mixer_bias_init!r})")
+        need(self.lr_decay_steps >= self.warmup_steps,
+             f"lr_decay_steps ({self.lr_decay_steps}) must be >= warmup_steps ({self.warmup_steps})")
         need(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
         need(self.steps >= 0, f"steps must be >= 0 (got {self.steps})")
         for name in ("thought_temperature", "reinforce_temperature", "embedding_scale"):
@@ -173,14 +224,34 @@ class QuietStarConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "QuietStarConfig":
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        """The config saved by :meth:`to_dict`; every field must be there (a missing one would
+        silently take the official default)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = set(values) - names, names - set(values)
         if unknown:
             raise ConfigError(f"unknown config field(s) {sorted(unknown)}; see QuietStarConfig")
+        if missing:
+            raise ConfigError(f"config lacks field(s) {sorted(missing)} (saved by an older qstar_mini?); "
+                              f"add them to its config.json with the values the run used, or retrain")
         return cls(**values)
 
 
+OFFICIAL_NAMES = {"n_ahead": "thought_length", "n_ahead_talk": "n_true", "n_passes": "n_thoughts"}
+
+
 def official(**changes) -> QuietStarConfig:
-    """The released code's defaults (quiet-star-train.py, modeling_mistral.py) for Mistral-7B."""
+    """The released code's defaults (quiet-star-train.py, modeling_mistral.py) for Mistral-7B.
+
+    Takes the official names too: ``official(n_ahead=8)`` is ``official(thought_length=7)``
+    (n_ahead counts the plain pass, see the module docstring), ``n_ahead_talk`` is n_true,
+    ``n_passes`` is n_thoughts.
+    """
+    for name, ours in OFFICIAL_NAMES.items():
+        if name in changes:
+            if ours in changes:
+                raise ConfigError(f"give {name} or {ours}, not both")
+            value = changes.pop(name)
+            changes[ours] = value - 1 if name == "n_ahead" and isinstance(value, int) else value
     return QuietStarConfig(**changes)
 
 
@@ -191,13 +262,22 @@ def tiny(**changes) -> QuietStarConfig:
     ``<|endofthought|>``). Learning rates are much larger than the official 1e-6 because the
     model is tiny and trained for a few hundred steps; the meta-tokens start from the
     embeddings of ``(`` and ``)``, the characters that open and close the visible working.
+
+    It also takes qstar_mini's side of every switchable difference from the official code
+    (``docs/differences.md``): a one-hidden-layer mixing head with a bias, bounded w, the
+    meta-tokens out of the scoring softmax, the summed log p(T_j), one pooled talk NLL,
+    REINFORCE over every real position, the warmup-then-hold schedule and no decay on the
+    meta-tokens.
     """
     values = dict(
         thought_length=7, n_true=2, n_thoughts=4, seq_len=24, batch_size=32, steps=150,
-        start_init="(", end_init=")", embedding_scale=1.0,
+        start_init="(", end_init=")", embedding_scale=1.0, meta_init="mean",
         policy_loss_weight=1.0, base_loss_weight=0.5,
         lr=1e-4, mixer_lr=1e-3, weight_decay=0.0, warmup_steps=10, grad_clip=1.0,
-        mixing="hidden", mixer_sigmoid=True, mixer_bias_init=-3.0,
+        mixing="hidden", mixer_sigmoid=True, mixer_bias_init=-3.0, mixer_depth=1,
+        scoring_vocab="text", reinforce_reduction="sum", talk_nll_pooling="pooled",
+        policy_positions="real", lr_schedule="constant", decay_meta_tokens=False,
+        decay_bias_and_norm=True,
     )
     values.update(changes)
     return QuietStarConfig(**values)

@@ -158,6 +158,24 @@ ABLATIONS = (
     Arm("thought_length_5", {"thought_length": 5}),
 )
 
+# Single-seed runs on tier 1 (run_differences): each departure of the tiny preset from the
+# official code switched back to the official side, alone, then all of them together
+# (docs/differences.md reports the result). The meta-token init and the decay on the
+# meta-tokens are left out: the tiny preset's init texts are one token each, and its weight
+# decay is 0, so there those switches change nothing.
+OFFICIAL_MIXER = {"mixer_depth": 2, "mixer_bias_init": None, "mixer_sigmoid": False}
+DIFFERENCES = (
+    Arm("official_scoring_vocab", {"scoring_vocab": "all"}),
+    Arm("official_reinforce_mean", {"reinforce_reduction": "mean"}),
+    Arm("official_talk_nll_per_offset", {"talk_nll_pooling": "per_offset"}),
+    Arm("official_policy_positions", {"policy_positions": "official"}),
+    Arm("official_mixer_depth_2", {"mixer_depth": 2}),
+    Arm("official_mixing_head", OFFICIAL_MIXER),
+    Arm("official_lr_schedule", {"lr_schedule": "linear"}),
+    Arm("official_all_of_these", {"scoring_vocab": "all", "reinforce_reduction": "mean",
+                                  "talk_nll_pooling": "per_offset", "policy_positions": "official",
+                                  "lr_schedule": "linear", **OFFICIAL_MIXER}),
+)
 
 # ----------------------------------------------------------------------------- data
 
@@ -508,6 +526,15 @@ def run_ablations(out_dir=RUNS_DIR / "ablations", seed: int = 0, arms=ABLATIONS,
     return rows
 
 
-if __name__ == "__main__":  # python -m qstar_mini.experiments [demo|reproduce|ablations]
+def run_differences(out_dir=RUNS_DIR / "differences", seed: int = 0) -> dict:
+    """:data:`DIFFERENCES` on tier 1, one seed, next to the tiny preset (``tier1_ablations.json``)."""
+    return run_ablations(out_dir, seed, DIFFERENCES, tier=TIER1)
+
+
+if __name__ == "__main__":  # python -m qstar_mini.experiments [demo|reproduce|ablations|differences]
     what = sys.argv[1] if len(sys.argv) > 1 else "demo"
-    {"demo": run_demo_pipeline, "reproduce": run_reproduction, "ablations": run_ablations}[what]()
+    runs = {"demo": run_demo_pipeline, "reproduce": run_reproduction, "ablations": run_ablations,
+            "differences": run_differences}
+    if what not in runs:
+        sys.exit(f"unknown experiment {what!r}; choose one of {sorted(runs)}")
+    runs[what]()

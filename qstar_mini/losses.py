@@ -82,16 +82,25 @@ def base_nll(log_p_init_next: torch.Tensor, valid_next: torch.Tensor):
     return nll, masked_mean(nll, valid_next)
 
 
-def talk_nll(log_p_talk: torch.Tensor, valid: torch.Tensor):
+def talk_nll(log_p_talk: torch.Tensor, valid: torch.Tensor, pooling: str = "pooled"):
     """Algorithm 1, line 2h: L^NLL_j = -log p^talk(x_{j+1:j+n_true+1}), non-myopic.
 
     log_p_talk: (batch, n_thoughts, seq, n_true) log p^talk of the true tokens.
     valid:      (batch, seq, n_true) bool from :func:`future_targets`.
-    returns: per-entry NLL (batch, n_thoughts, seq, n_true) and the scalar mean over valid ones.
+    pooling:    "pooled": one mean over every valid (thought, position, offset) entry;
+                "per_offset": the mean over the n_true offsets of each offset's own mean (the
+                official code: later offsets have fewer valid positions, so their entries
+                weigh a little more).
+    returns: per-entry NLL (batch, n_thoughts, seq, n_true) and the scalar loss.
     """
     valid = valid[:, None].expand_as(log_p_talk)
     nll = -log_p_talk.masked_fill(~valid, 0.0)
-    return nll, masked_mean(nll, valid)
+    if pooling == "pooled":
+        return nll, masked_mean(nll, valid)
+    if pooling != "per_offset":
+        raise ValueError(f"unknown talk NLL pooling {pooling!r}; choose 'pooled' or 'per_offset'")
+    per_offset = [masked_mean(nll[..., i], valid[..., i]) for i in range(nll.shape[-1])]
+    return nll, torch.stack(per_offset).mean()
 
 
 def rewards(log_p_talk: torch.Tensor, valid: torch.Tensor, baseline: str = "mean") -> torch.Tensor:
@@ -108,22 +117,30 @@ def rewards(log_p_talk: torch.Tensor, valid: torch.Tensor, baseline: str = "mean
 
 
 def reinforce_loss(r: torch.Tensor, thought_logprobs: torch.Tensor, think: torch.Tensor,
-                   clamp_negative: bool = True):
+                   clamp_negative: bool = True, reduction: str = "sum",
+                   counted: torch.Tensor | None = None):
     """Algorithm 1, line 2j: L^REINFORCE_j = -r_j * 1[r_j > 0] * log p(T_j | x_{<=j}, <|startofthought|>).
 
     r:                (batch, n_thoughts, seq) rewards (detached here again, to be safe).
     thought_logprobs: (batch, n_thoughts, seq, t - 2) per sampled token, with graph.
     think:            (batch, seq) bool, positions whose thought counts (real, with a target).
-    returns: per-thought loss (batch, n_thoughts, seq) and the scalar mean over thinking
-    positions and thoughts.
+    reduction:        log p(T_j) as the "sum" of its tokens' log-probs (the thought's
+                      log-probability) or their "mean" (the official code: the same direction,
+                      t - 2 times smaller, so its policy weight means something else).
+    counted:          (batch, seq) bool, the entries the mean divides by; default ``think``.
+                      The official code counts padding too (see ``policy_positions``).
+    returns: per-thought loss (batch, n_thoughts, seq) and the scalar mean.
     """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"unknown REINFORCE reduction {reduction!r}; choose 'sum' or 'mean'")
     r = r.detach()
     if clamp_negative:
         r = r.clamp(min=0.0)
-    log_p_thought = thought_logprobs.sum(-1)                                # log p(T_j)
+    log_p_thought = thought_logprobs.sum(-1) if reduction == "sum" else thought_logprobs.mean(-1)
     mask = think[:, None].expand_as(log_p_thought)
     loss = (-r * log_p_thought).masked_fill(~mask, 0.0)
-    return loss, masked_mean(loss, mask)
+    counted = mask if counted is None else counted[:, None].expand_as(log_p_thought)
+    return loss, loss.sum() / counted.to(loss.dtype).sum().clamp(min=1)
 
 
 def combined_loss(base: torch.Tensor, talk: torch.Tensor, policy: torch.Tensor,

@@ -5,10 +5,10 @@ Every thought is written between them: ``T_j = [<|startofthought|>, s_1 .. s_{t-
 quickly. Two details of the official code are reproduced here:
 
 1. **Initialisation from an existing token.** The official code starts both embeddings from
-   the embedding of ``"---"`` (a single token in Mistral's vocabulary), which in ordinary text
-   often marks a pause or a break. If the text is several tokens in a vocabulary (our
-   character-level tokenizer has no ``---``), we use the mean of their embeddings: the
-   closest thing the vocabulary has.
+   the embedding of ``"---"``, which in ordinary text often marks a pause or a break. It
+   takes the *first* token of the text's encoding (``meta_init="first"``); when the text is
+   several tokens, that is only part of it. ``meta_init="mean"`` (the tiny preset) takes the
+   mean of its tokens' embeddings instead: our character-level tokenizer has no ``---``.
 
 2. **The embedding scale.** The official code stores the meta-token embeddings divided by
    ``embedding_scale`` (100) and multiplies them back when they are used::
@@ -34,16 +34,21 @@ START_THOUGHT = "<|startofthought|>"
 END_THOUGHT = "<|endofthought|>"
 
 
-def init_embedding(model: nn.Module, tokenizer, text: str) -> tuple[torch.Tensor, list[int]]:
-    """The embedding a meta-token starts from: that of ``text``, or the mean over its tokens.
+def init_embedding(model: nn.Module, tokenizer, text: str, how: str = "first") -> tuple[torch.Tensor, list[int]]:
+    """The embedding a meta-token starts from: of the first token of ``text`` (``how="first"``,
+    the official code) or the mean over its tokens (``how="mean"``).
 
     returns: (hidden,) vector and the token ids it was made from.
     """
+    if how not in ("first", "mean"):
+        raise ValueError(f"unknown meta-token init {how!r}; choose 'first' or 'mean'")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     unk = getattr(tokenizer, "unk_token_id", None)
     if not ids or (unk is not None and unk in ids):
         raise ModelError(f"cannot initialise a meta-token from {text!r}: the tokenizer has no token "
                          f"for it; choose text made of tokens in the vocabulary (e.g. '-')")
+    if how == "first":
+        ids = ids[:1]
     table = model.get_input_embeddings().weight
     return table[ids].detach().mean(0).clone(), list(ids)
 
@@ -92,19 +97,19 @@ class MetaTokens(nn.Module):
 
 
 def add_meta_tokens(model: nn.Module, tokenizer, start_init: str = "---", end_init: str = "---",
-                    embedding_scale: float = 100.0) -> MetaTokens:
+                    embedding_scale: float = 100.0, meta_init: str = "first") -> MetaTokens:
     """Add ``<|startofthought|>`` and ``<|endofthought|>`` to a tokenizer and its model.
 
     The tokenizer gets two special tokens (never split, never produced by ordinary text);
     the model's embedding table (and an untied LM head) grows by two rows; the embedding rows
     start as described above. Their LM-head rows do not matter: qstar_mini never lets the
-    meta-tokens be predicted (see :func:`qstar_mini.thoughts.text_log_probs`). Calling it
+    meta-tokens be sampled or emitted (see :func:`qstar_mini.lm.text_log_probs`). Calling it
     again on the same tokenizer reuses the existing ids.
 
     returns: the :class:`MetaTokens` module (train it with the model).
     """
-    start_vec, _ = init_embedding(model, tokenizer, start_init)
-    end_vec, _ = init_embedding(model, tokenizer, end_init)
+    start_vec, _ = init_embedding(model, tokenizer, start_init, meta_init)
+    end_vec, _ = init_embedding(model, tokenizer, end_init, meta_init)
     tokenizer.add_tokens([AddedToken(START_THOUGHT, special=True, normalized=False),
                           AddedToken(END_THOUGHT, special=True, normalized=False)], special_tokens=True)
     start_id = tokenizer.convert_tokens_to_ids(START_THOUGHT)

@@ -42,16 +42,25 @@ from .lm import text_log_probs
 class MixingHead(nn.Module):
     """Shallow MLP ``[h_init; h_thought] -> scalar``, last layer zero-initialised.
 
-    Official code: ``Linear(2 * hidden, hidden) -> ReLU -> Linear(hidden, 1)``.
+    ``depth`` hidden layers of ``mixer_hidden`` units (default: the model width), ReLU after
+    each. Official code (``use_complex_talk_head``): depth 2, no bias on the last layer,
+    ``Linear(2h, h) -> ReLU -> Linear(h, h) -> ReLU -> Linear(h, 1, bias=False)``.
+    ``bias_init``: None for no last-layer bias (official), else its starting value.
     h_init, h_thought: (..., hidden).  returns: (...,) the raw score a.
     """
 
-    def __init__(self, hidden: int, mixer_hidden: int | None = None, bias_init: float = 0.0):
+    def __init__(self, hidden: int, mixer_hidden: int | None = None, bias_init: float | None = None,
+                 depth: int = 2):
         super().__init__()
         width = mixer_hidden or hidden
-        self.net = nn.Sequential(nn.Linear(2 * hidden, width), nn.ReLU(), nn.Linear(width, 1))
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Linear(2 * hidden if i == 0 else width, width), nn.ReLU()]
+        layers.append(nn.Linear(width, 1, bias=bias_init is not None))
+        self.net = nn.Sequential(*layers)
         nn.init.zeros_(self.net[-1].weight)
-        nn.init.constant_(self.net[-1].bias, bias_init)
+        if bias_init is not None:
+            nn.init.constant_(self.net[-1].bias, bias_init)
 
     def forward(self, h_init: torch.Tensor, h_thought: torch.Tensor) -> torch.Tensor:
         x = torch.cat([h_init, h_thought], dim=-1).to(self.net[0].weight.dtype)
@@ -67,6 +76,8 @@ def mixing_weight(head: MixingHead, h_init: torch.Tensor, h_thought: torch.Tenso
     or in [0, 1] with ``sigmoid=True`` (then ``mixer_bias_init=-3`` starts it at 0.05); for
     mode "logprob" the base's weight, always in [0, 1].
     """
+    if mode not in ("hidden", "logprob"):
+        raise ValueError(f"unknown mixing mode {mode!r}; choose 'hidden' or 'logprob'")
     a = head(h_init, h_thought)
     return a if (mode == "hidden" and not sigmoid) else torch.sigmoid(a)
 
@@ -76,15 +87,19 @@ def mix_log_probs(lm_head: nn.Module, h_init: torch.Tensor, h_thought: torch.Ten
     """Algorithm 1, line 2g: log p^talk, the mixed prediction, over the whole vocabulary.
 
     h_init, h_thought: (..., hidden).  w: (...) from :func:`mixing_weight`.
-    returns: (..., vocab) log p^talk (meta-tokens excluded).
+    meta_ids: the columns removed from the softmax (``cfg.scoring_vocab == "text"``); the
+    official code keeps every column (pass ``()``).
+    returns: (..., vocab) log p^talk (-inf at ``meta_ids``).
     """
+    if mode not in ("hidden", "logprob"):
+        raise ValueError(f"unknown mixing mode {mode!r}; choose 'hidden' or 'logprob'")
     w = w[..., None].to(h_init.dtype)
     if mode == "hidden":
         return text_log_probs(lm_head((1 - w) * h_init + w * h_thought), meta_ids)
     log_p_init = text_log_probs(lm_head(h_init), meta_ids)
     log_p_thought = text_log_probs(lm_head(h_thought), meta_ids)
-    # The meta-tokens' columns are -inf in both; w * -inf would make NaN gradients, so mix the
-    # text columns only and put -inf back afterwards.
+    # Removed meta-token columns are -inf in both; w * -inf would make NaN gradients, so mix the
+    # other columns only and put -inf back afterwards.
     meta = ~torch.isfinite(log_p_init) | ~torch.isfinite(log_p_thought)
     mixed = w * log_p_init.masked_fill(meta, 0.0) + (1 - w) * log_p_thought.masked_fill(meta, 0.0)
     return mixed.masked_fill(meta, float("-inf"))

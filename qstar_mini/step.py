@@ -37,10 +37,26 @@ def prepare_model(model: nn.Module, tokenizer, cfg: QuietStarConfig) -> tuple[Me
     if limit is not None and needed > limit:
         raise ConfigError(f"seq_len + thought_length + n_true - 1 = {needed} positions exceed the model's "
                           f"context of {limit}; lower seq_len to at most {limit - needed + cfg.seq_len}")
-    meta = add_meta_tokens(model, tokenizer, cfg.start_init, cfg.end_init, cfg.embedding_scale)
+    meta = add_meta_tokens(model, tokenizer, cfg.start_init, cfg.end_init, cfg.embedding_scale, cfg.meta_init)
     weight = model.get_input_embeddings().weight
-    head = MixingHead(weight.shape[1], cfg.mixer_hidden, cfg.mixer_bias_init).to(weight.device, weight.dtype)
-    return meta, head
+    head = MixingHead(weight.shape[1], cfg.mixer_hidden, cfg.mixer_bias_init, cfg.mixer_depth)
+    return meta, head.to(weight.device, weight.dtype)
+
+
+def scoring_ids(meta: MetaTokens, cfg: QuietStarConfig) -> tuple[int, ...]:
+    """The columns removed from the softmax that scores the text: the meta-tokens for
+    ``scoring_vocab="text"``, none for the official ``"all"``."""
+    return meta.ids if cfg.scoring_vocab == "text" else ()
+
+
+def policy_slots(cfg: QuietStarConfig, seq: int, positions: torch.Tensor | None, device) -> torch.Tensor | None:
+    """For ``policy_positions="official"``: which thinking slots the REINFORCE mean divides by,
+    (1 or b, m) bool. The official code keeps the positions j < l - 1 - n_true (one short of
+    the last full window) and averages over all of them, padding included. None for "real"."""
+    if cfg.policy_positions != "official":
+        return None
+    j = torch.arange(seq, device=device)[None] if positions is None else positions
+    return j < seq - 1 - cfg.n_true
 
 
 def at_positions(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
@@ -120,7 +136,7 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
     # 2a. log p^init_{j:j+n_true}: the base log-probs of the next n_true true tokens
     # The plain pass at position j + i predicts x_{j+1+i}, so log p^init of offset i at j is
     # the next-token log-prob at j + i: compute it once per position, then look ahead.
-    log_p_next = token_log_probs(text_log_probs(lm_head(model)(h_init), meta.ids),
+    log_p_next = token_log_probs(text_log_probs(lm_head(model)(h_init), scoring_ids(meta, cfg)),
                                  targets[..., 0])                           # (b, l)
     log_p_init = gather_ahead(log_p_next, n_true)                           # (b, l, n_true)
     _, base = base_nll(log_p_init[..., 0], valid[..., 0])
@@ -154,21 +170,28 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
         valid = valid & (positions >= 0)[..., None]
     think = valid[..., 0] if think_mask is None else valid[..., 0] & think_mask.bool()  # (b, m)
     talk_valid = valid & think[..., None]                                   # (b, m, n_true)
+    slots = policy_slots(cfg, input_ids.shape[1], positions, input_ids.device)
+    if slots is not None:                                                   # official: fewer, all counted
+        slots = slots.expand_as(think)
+        policy_think = think & slots
+    else:
+        policy_think = think
 
     # 2e-g. w <- mixing_head(h_init, h_thought); log p^talk = mix of base and post-thought
     h_init_ahead = at_positions(gather_ahead(h_init, n_true), positions)[:, None].expand_as(h_thought)
     w = mixing_weight(head, h_init_ahead, h_thought, cfg.mixing, cfg.mixer_sigmoid)  # (b, n, m, n_true)
-    log_p_talk_full = mix_log_probs(lm_head(model), h_init_ahead, h_thought, w, cfg.mixing, meta.ids)
+    log_p_talk_full = mix_log_probs(lm_head(model), h_init_ahead, h_thought, w, cfg.mixing, scoring_ids(meta, cfg))
     log_p_talk = token_log_probs(log_p_talk_full, targets[:, None].expand(w.shape))  # (b, n, m, n_true)
 
     # 2h. L^NLL_j <- -log p^talk(X_{j+1:j+n_true+1})
-    nll, talk = talk_nll(log_p_talk, talk_valid)
+    nll, talk = talk_nll(log_p_talk, talk_valid, cfg.talk_nll_pooling)
 
     # 2i. r_j <- log p^talk(true tokens) - mean over the thoughts of the same position
     r = rewards(log_p_talk, talk_valid, cfg.reward_baseline)                # (b, n, l)
 
     # 2j. L^REINFORCE_j <- -r_j * 1[r_j > 0] * log p(T_j | X_{:j}, <|startofthought|>)
-    reinforce, policy = reinforce_loss(r, thought_logprobs, think, cfg.clamp_negative_rewards)
+    reinforce, policy = reinforce_loss(r, thought_logprobs, policy_think, cfg.clamp_negative_rewards,
+                                       cfg.reinforce_reduction, counted=slots)
 
     # 2k. L_j <- L^NLL_j + L^REINFORCE_j (plus the official 0.5 * base NLL)
     loss = combined_loss(base, talk, policy, cfg.base_loss_weight, cfg.policy_loss_weight)

@@ -65,7 +65,7 @@ from .data import EQUALS, answer_index, read_jsonl
 from .errors import ConfigError, DataError
 from .losses import combined_loss, reinforce_loss
 from .paths import DATA_DIR, RUNS_DIR, TINY_BASE
-from .step import StepOutput, prepare_model, quiet_star_step
+from .step import StepOutput, policy_slots, prepare_model, quiet_star_step
 
 THINK_WHERE = ("all", "answer")
 LINES = ("answer_only", "all", "working")
@@ -265,25 +265,67 @@ def shuffled_policy_loss(out: StepOutput, cfg: QuietStarConfig, think_mask, gene
     perm = noise.to(out.rewards.device).argsort(dim=1)                      # (b, n, l)
     r = out.rewards.gather(1, perm)
     think = out.valid[..., 0] if think_mask is None else out.valid[..., 0] & think_mask.bool()
-    _, policy = reinforce_loss(r, out.thought_logprobs, think, cfg.clamp_negative_rewards)
+    slots = policy_slots(cfg, out.h_init.shape[1], out.positions, r.device)
+    if slots is not None:
+        slots = slots.expand_as(think)
+        think = think & slots
+    _, policy = reinforce_loss(r, out.thought_logprobs, think, cfg.clamp_negative_rewards,
+                               cfg.reinforce_reduction, counted=slots)
     return policy
+
+
+def _no_decay(module: nn.Module) -> set[int]:
+    """ids of the parameters the Hugging Face Trainer exempts from weight decay: every bias and
+    the weights of ``nn.LayerNorm`` modules (RMSNorm weights are decayed)."""
+    exempt = {id(p) for name, p in module.named_parameters() if name.endswith("bias")}
+    for sub in module.modules():
+        if isinstance(sub, nn.LayerNorm):
+            exempt |= {id(p) for p in sub.parameters(recurse=False)}
+    return exempt
 
 
 def build_optimizer(module: QuietStarModule, cfg: QuietStarConfig) -> torch.optim.AdamW:
     """AdamW with three parameter groups (in this order, which checkpoints rely on):
-    the LM at ``cfg.lr``, the meta-tokens at ``cfg.lr`` (no weight decay; their speed-up is
-    ``embedding_scale``), the mixing head at ``cfg.mixer_lr`` (or ``cfg.lr``)."""
-    return torch.optim.AdamW([
-        {"params": list(module.model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"params": [module.meta.stored], "lr": cfg.lr, "weight_decay": 0.0},
-        {"params": list(module.head.parameters()), "lr": cfg.mixer_lr or cfg.lr,
-         "weight_decay": cfg.weight_decay},
-    ])
+    the LM at ``cfg.lr``, the meta-tokens at ``cfg.lr`` (their speed-up is ``embedding_scale``;
+    weight decay only with ``decay_meta_tokens``), the mixing head at ``cfg.mixer_lr`` (or
+    ``cfg.lr``). Without ``decay_bias_and_norm`` (the HF Trainer's rule, official) two more
+    groups follow: the LM's and the head's biases and LayerNorm weights, without decay."""
+    lm, head = list(module.model.parameters()), list(module.head.parameters())
+    exempt = set() if cfg.decay_bias_and_norm else _no_decay(module.model) | _no_decay(module.head)
+    decay = cfg.weight_decay
+    groups = [
+        {"params": [p for p in lm if id(p) not in exempt], "lr": cfg.lr, "weight_decay": decay},
+        {"params": [module.meta.stored], "lr": cfg.lr, "weight_decay": decay if cfg.decay_meta_tokens else 0.0},
+        {"params": [p for p in head if id(p) not in exempt], "lr": cfg.mixer_lr or cfg.lr, "weight_decay": decay},
+    ]
+    if not cfg.decay_bias_and_norm:
+        groups += [{"params": [p for p in lm if id(p) in exempt], "lr": cfg.lr, "weight_decay": 0.0},
+                   {"params": [p for p in head if id(p) in exempt], "lr": cfg.mixer_lr or cfg.lr, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups)
 
 
 def warmup_schedule(optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from lr / warmup_steps to lr over ``warmup_steps`` steps, then constant."""
+    """``lr_schedule="constant"``: linear warmup from lr / warmup_steps to lr over
+    ``warmup_steps`` steps, then constant."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+
+
+def linear_schedule(optimizer, warmup_steps: int, decay_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``lr_schedule="linear"``, the Hugging Face Trainer's default (official code): from 0 up to
+    lr over ``warmup_steps`` (so the very first step has rate 0), then linearly down to 0 at
+    ``decay_steps``."""
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return s / max(1, warmup_steps)
+        return max(0.0, (decay_steps - s) / max(1, decay_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_schedule(optimizer, cfg: QuietStarConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule ``cfg.lr_schedule`` names."""
+    if cfg.lr_schedule == "linear":
+        return linear_schedule(optimizer, cfg.warmup_steps, cfg.lr_decay_steps)
+    return warmup_schedule(optimizer, cfg.warmup_steps)
 
 
 # ============================================================================ metrics of one step
@@ -488,7 +530,7 @@ def train(cfg: QuietStarConfig, model_name_or_path=TINY_BASE, data=DATA_DIR, out
 
     module = QuietStarModule(model, meta, head)
     optimizer = build_optimizer(module, cfg)
-    scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
+    scheduler = make_schedule(optimizer, cfg)
     generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed * 1000 + rank)
     start_step, evals = 0, []
     if resuming:

@@ -141,7 +141,7 @@ def test_position_ids_ignores_padded_positions(capsys):
 # ---------------------------------------------------------------------------- meta-token init
 
 def meta_ref(model, tok, text):
-    return init_embedding(model, tok, text)[0]
+    return init_embedding(model, tok, text, "mean")[0]
 
 
 def meta_with_bos(model, tok, text):
@@ -176,8 +176,10 @@ def meta_rows(model, tok, text):
 
 def test_meta_init(capsys):
     checks.check_meta_init(meta_ref)
-    checks.check_meta_init(lambda m, t, x: init_embedding(m, t, x))       # the reference's tuple
-    assert capsys.readouterr().out.count("check_meta_init: passed") == 2
+    checks.check_meta_init(lambda m, t, x: init_embedding(m, t, x, "mean"))   # the reference's tuple
+    checks.check_meta_init(meta_first, how="first")                      # the official rule
+    assert capsys.readouterr().out.count("check_meta_init: passed") == 3
+    expect_fail(lambda fn: checks.check_meta_init(fn, how="first"), meta_ref, "averaged .* takes the first only")
     expect_fail(checks.check_meta_init, meta_with_bos, "<s>.*\n.*\n  hint: .*add_special_tokens=False")
     expect_fail(checks.check_meta_init, meta_first, "only the first token")
     expect_fail(checks.check_meta_init, meta_sum, "summed")
