@@ -27,8 +27,15 @@ Two variants, switchable with ``QuietStarConfig.mixing``. Mind that they use w f
 
     This is a weighted geometric mean of the two distributions, not renormalised (as in the
     paper): ``-log p^talk`` of the true token is the w-weighted mean of the two NLLs. With the
-    last layer at zero, w = sigmoid(mixer_bias_init); set ``mixer_bias_init`` high (e.g. 5)
-    to start close to the base model.
+    last layer at zero, w = sigmoid(mixer_bias_init) (0.5 without a bias); set
+    ``mixer_bias_init`` high (e.g. 5) to start close to the base model.
+
+**They are one mix, up to a normaliser.** log p = z - logsumexp(z) for logits z, and the
+logsumexp is one number per row, so renormalising the paper's mix gives
+``softmax(w * z_init + (1 - w) * z_thought)``: logit mixing, as in ``"hidden"``, with w and
+1 - w swapped. What the paper's unnormalised formula adds is ``log Z = logsumexp_v(w log
+p^init(v) + (1 - w) log p^thought(v))``, the same for every token of the row and <= 0 (Hölder's
+inequality), so its NLL is always at least the renormalised one. Notebook 04 shows both.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Shapes used throughout (the paper's letters where it has them)::
     batch      b   sequences in the mini-batch
     seq        l   tokens per sequence; position j = 0 .. l-1
     n_thoughts     thoughts sampled per position (official ``n_passes``)
-    t              thought length incl. both meta-tokens (official ``n_ahead``)
+    t              thought length incl. both meta-tokens (official ``n_ahead`` = t + 1)
     hidden         model width;  vocab  vocabulary size
 
 **What is T_j?** The thought after position j is a row of t token ids::

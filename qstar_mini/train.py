@@ -277,7 +277,7 @@ def shuffled_policy_loss(out: StepOutput, cfg: QuietStarConfig, think_mask, gene
 def _no_decay(module: nn.Module) -> set[int]:
     """ids of the parameters the Hugging Face Trainer exempts from weight decay: every bias and
     the weights of ``nn.LayerNorm`` modules (RMSNorm weights are decayed)."""
-    exempt = {id(p) for name, p in module.named_parameters() if name.endswith("bias")}
+    exempt = {id(p) for name, p in module.named_parameters() if "bias" in name}
     for sub in module.modules():
         if isinstance(sub, nn.LayerNorm):
             exempt |= {id(p) for p in sub.parameters(recurse=False)}

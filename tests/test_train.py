@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from qstar_mini.checkpoint import load_checkpoint, load_training_state, save_checkpoint
-from qstar_mini.config import tiny
+from qstar_mini.config import official, tiny
 from qstar_mini.data import read_jsonl
 from qstar_mini.errors import CheckpointError, ConfigError, DataError, ModelError
 from qstar_mini.models import build_tokenizer, tiny_model
@@ -323,3 +323,49 @@ def test_data_can_be_a_datasets_name(monkeypatch):
     assert [r["text"] for r in records] == ["12345=5", "23456=0"]            # empty lines dropped
     with pytest.raises(DataError, match="no column"):
         load_records("someone/corpus", text_field="body")
+
+
+# ---------------------------------------------------------------- schedule and decay (official)
+
+def test_linear_schedule_is_the_hugging_face_trainers():
+    """official(): lr from 0 up over the warmup, then linearly down (HF Trainer's default)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from qstar_mini.train import make_schedule
+
+    def rates(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched, out = make(opt), []
+        for _ in range(60):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    cfg = official(warmup_steps=20, lr_decay_steps=50)
+    ours = rates(lambda opt: make_schedule(opt, cfg))
+    theirs = rates(lambda opt: get_linear_schedule_with_warmup(opt, 20, 50))
+    assert ours == pytest.approx(theirs, abs=1e-12)
+    assert ours[0] == 0.0 and ours[20] == 1.0 and ours[55] == 0.0
+    held = rates(lambda opt: make_schedule(opt, tiny(warmup_steps=10)))      # tiny: warm up, then hold
+    assert held[0] == pytest.approx(0.1) and held[9:] == [1.0] * 51
+
+
+def test_weight_decay_groups_follow_the_official_trainer(model_dir):
+    """official(): decay on the meta-tokens, none on biases or LayerNorm weights (the HF Trainer
+    of transformers 4.37); tiny(): the meta-tokens never decay."""
+    cfg = official(seq_len=16, weight_decay=0.1)
+    model, tok, meta, head = load(model_dir, cfg)
+    opt = build_optimizer(QuietStarModule(model, meta, head), cfg)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay[id(meta.stored)] == 0.1
+    biases = [p for n, p in head.named_parameters() if "bias" in n]
+    assert biases and all(decay[id(p)] == 0.0 for p in biases)
+    norms = [m.weight for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert all(decay[id(p)] == 0.0 for p in norms)
+    assert decay[id(model.get_input_embeddings().weight)] == 0.1
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters())) + 1 + len(list(head.parameters()))
+    small = tiny(seq_len=16, weight_decay=0.1)
+    model, tok, meta, head = load(model_dir, small)
+    opt = build_optimizer(QuietStarModule(model, meta, head), small)
+    assert len(opt.param_groups) == 3 and opt.param_groups[1]["weight_decay"] == 0.0
