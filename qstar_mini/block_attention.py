@@ -46,6 +46,12 @@ class Layout:
     step: int
 
 
+# Keyword arguments an attention function may receive that do not change its result here:
+# bookkeeping, and a sliding window that prepare_model has already checked is longer than the
+# step's span. Anything else (soft-capping, attention sinks, ...) is refused, not ignored.
+PASSIVE = frozenset({"position_ids", "use_cache", "cache_position", "past_key_values", "past_key_value",
+                     "position_embeddings", "output_attentions", "layer_idx", "sliding_window", "is_causal"})
+
 _LAYOUT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("qstar_block_layout", default=None)
 
 
@@ -59,6 +65,12 @@ def block_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     (the own-thought columns are always visible, the others never).
     returns: (batch, m, heads, head_dim), None.
     """
+    extra = sorted(k for k, v in kwargs.items() if v is not None and v is not False and k not in PASSIVE)
+    if getattr(module, "sinks", None) is not None:
+        extra.append("sinks")
+    if extra:
+        raise ModelError(f"block attention does not implement {', '.join(extra)} of {type(module).__name__}; "
+                         f"use attention='mask' (the model's own attention with the Figure 3 mask)")
     layout = _LAYOUT.get()
     if layout is None:
         raise ModelError(f"attention implementation {NAME!r} is only valid inside qstar_mini.block_attention."
@@ -69,6 +81,12 @@ def block_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     if q_len != m or keys != seq + m * step:
         raise ModelError(f"block attention expected {m} queries and {seq + m * step} keys "
                          f"(seq {seq} + {m} x step {step}), got {q_len} and {keys}")
+    if (heads % kv_heads or key.shape[-1] != dim or value.shape[:3] != key.shape[:3]
+            or (attention_mask is not None and attention_mask.shape[1] != 1)):
+        # e.g. a mask per head that the model computes from its inputs (Doge): more than Figure 3
+        raise ModelError(f"block attention cannot read the attention of {type(module).__name__} (queries "
+                         f"{tuple(query.shape)}, keys {tuple(key.shape)}, mask "
+                         f"{None if attention_mask is None else tuple(attention_mask.shape)}); use attention='mask'")
     scale = dim ** -0.5 if scaling is None else scaling
     group = heads // kv_heads                                       # grouped-query attention
     q = query.view(batch, kv_heads, group, m, dim) * scale          # (b, g, r, m, d), scaled once

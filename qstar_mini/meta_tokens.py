@@ -53,6 +53,15 @@ def init_embedding(model: nn.Module, tokenizer, text: str, how: str = "first") -
     return table[ids].detach().mean(0).clone(), list(ids)
 
 
+def embedding_scale_of(table: nn.Module):
+    """The factor an embedding module multiplies its rows by (Gemma's ``embed_scale``, sqrt of
+    the width, in transformers 5), else 1. The meta-tokens' rows get the same factor, so that a
+    meta-token initialised from a text looks like that text to the model, and rows written into
+    the table mean the same when the saved model is loaded on its own."""
+    scale = getattr(table, "embed_scale", None)
+    return 1.0 if scale is None else scale
+
+
 class MetaTokens(nn.Module):
     """The meta-token embeddings, stored scaled down, used scaled up.
 
@@ -72,7 +81,8 @@ class MetaTokens(nn.Module):
         return self.start_id, self.end_id
 
     def embeddings(self) -> torch.Tensor:
-        """The embeddings the model sees: (2, hidden) = scale * stored."""
+        """The meta-tokens' rows of the embedding table: (2, hidden) = scale * stored. (What the
+        model sees is this times the embedding module's own factor, see :meth:`embed`.)"""
         return self.stored * self.scale
 
     def embed(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -82,7 +92,7 @@ class MetaTokens(nn.Module):
         """
         table = model.get_input_embeddings()
         e = table(input_ids)                                                # (..., hidden)
-        meta = self.embeddings().to(e.dtype)
+        meta = (self.embeddings() * embedding_scale_of(table)).to(e.dtype)
         e = torch.where((input_ids == self.start_id)[..., None], meta[0], e)
         e = torch.where((input_ids == self.end_id)[..., None], meta[1], e)
         return e

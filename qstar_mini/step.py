@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from .config import QuietStarConfig
-from .errors import ConfigError
+from .errors import ConfigError, ModelError, QStarError
 from .lm import check_supported, lm_head, text_log_probs
 from .losses import (base_nll, check_finite, combined_loss, future_targets, gather_ahead,
                      reinforce_loss, rewards, talk_nll, token_log_probs)
 from .meta_tokens import MetaTokens, add_meta_tokens
 from .mixing import MixingHead, mix_log_probs, mixing_weight
 from .rescore import rescore_thoughts
+from .support import check_model
 from .talk import talk_hidden
 from .thoughts import generate_thoughts, plain_forward
 
@@ -28,16 +29,27 @@ from .thoughts import generate_thoughts, plain_forward
 def prepare_model(model: nn.Module, tokenizer, cfg: QuietStarConfig) -> tuple[MetaTokens, MixingHead]:
     """Make a causal LM ready for Quiet-STaR: add the meta-tokens, build the mixing head.
 
-    Checks that the model's attention takes 4D masks. Returns (meta, head); train both with
-    the model (``head`` on the model's device and dtype).
+    Refuses (:class:`~qstar_mini.errors.ModelError`, one line) a model whose numbers through
+    qstar_mini's path would not be its own: known features first (attention that cannot take
+    4D masks, ALiBi, a sliding window shorter than the step's span), then a small probe against
+    the model's own forward (:func:`qstar_mini.support.check_model`). Returns (meta, head);
+    train both with the model (``head`` on the model's device and dtype).
     """
-    check_supported(model)
-    limit = getattr(model.config, "max_position_embeddings", None)
     needed = cfg.seq_len + cfg.thought_length + cfg.n_true - 1
-    if limit is not None and needed > limit:
+    check_supported(model, needed, cfg.seq_len * (cfg.thought_length + cfg.n_true))
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0 and needed > limit:
         raise ConfigError(f"seq_len + thought_length + n_true - 1 = {needed} positions exceed the model's "
                           f"context of {limit}; lower seq_len to at most {limit - needed + cfg.seq_len}")
-    meta = add_meta_tokens(model, tokenizer, cfg.start_init, cfg.end_init, cfg.embedding_scale, cfg.meta_init)
+    try:
+        meta = add_meta_tokens(model, tokenizer, cfg.start_init, cfg.end_init, cfg.embedding_scale, cfg.meta_init)
+        check_model(model, meta, cfg)
+    except (QStarError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:        # anything else inside transformers: this model does not run our way
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        raise ModelError(f"{type(model).__name__} does not run on qstar_mini's path ({type(e).__name__}: {first}); "
+                         f"this architecture is not supported (README, 'Supported models')") from None
     weight = model.get_input_embeddings().weight
     head = MixingHead(weight.shape[1], cfg.mixer_hidden, cfg.mixer_bias_init, cfg.mixer_depth)
     return meta, head.to(weight.device, weight.dtype)
