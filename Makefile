@@ -47,6 +47,8 @@ help:
 	@echo "make setup-dev  install the package with the dev and notebooks extras into $(ENV_DIR)"
 	@echo "make data       regenerate the corpus under $(DATA_DIR)/ (byte-identical to the committed one)"
 	@echo "make pretrain   pretrain the tiny base models into $(TINY_BASE)/ and $(TINY_BASE_NOISY)/ (CPU minutes)"
+	@echo "make smollm2    fetch the real SmolLM2-135M-Instruct once into the cache (qstar-mini models fetch smollm2)"
+	@echo "make real       Quiet-STaR vs the control on SmolLM2 at the hardest tokens of word problems (runs/real/)"
 	@echo "make clean      remove caches and build output (keeps .venv, data/ and runs/)"
 	@echo "Python used: $(PY)"
 
@@ -59,7 +61,10 @@ demo: $(STAMP_RUN)
 reproduce: $(STAMP_RUN)
 	$(PY) -m qstar_mini.experiments reproduce
 
+# The real model (SmolLM2) is fetched like a user fetches it (once; later runs only verify it):
+# notebook 10 and tests/test_real_model.py use it.
 test: $(STAMP_DEV)
+	$(PY) -m qstar_mini models fetch smollm2
 	$(PY) -m pytest
 
 data: $(STAMP_RUN)
@@ -70,6 +75,24 @@ data: $(STAMP_RUN)
 pretrain: $(STAMP_RUN)
 	$(PY) -m qstar_mini pretrain --data $(DATA_DIR) --out $(TINY_BASE)
 	$(PY) -m qstar_mini pretrain --out $(TINY_BASE_NOISY) $(NOISY_FLAGS)
+
+# A real pretrained model (SmolLM2-135M-Instruct), downloaded and converted once into the cache
+# (QSTAR_MINI_CACHE, else ~/.cache/qstar_mini); the real extra brings gguf, needed to convert it.
+STAMP_REAL := $(ENV_DIR)/.qstar-mini-$(REPO_ID)-real.stamp
+
+.PHONY: smollm2
+smollm2: $(STAMP_REAL)
+	$(PY) -m qstar_mini models fetch smollm2
+
+# Quiet-STaR on SmolLM2 at the hardest answer tokens of the word problems, against the
+# no-thought control (qstar_mini/real_text.py; runs/real/report.json; README gives the time).
+.PHONY: real
+real: smollm2
+	$(PY) -m qstar_mini.real_text
+
+$(STAMP_REAL): pyproject.toml $(STAMP_RUN)
+	$(PY) -m pip install -e ".[real]"
+	@touch $@
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis

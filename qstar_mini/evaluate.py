@@ -33,6 +33,18 @@ code does (the most likely of the labels A-E after the prompt); real data via
 :func:`load_commonsense_qa`. A character-level model of 0.8M parameters trained on digit sums
 scores about 0 (GSM8K) or chance (CommonsenseQA) there: the code path is what is tested here,
 not the tiny model.
+
+**Any text.** ``qstar-mini eval --data`` takes any JSONL file with a text field
+(``--text-field``), a folder with ``<split>.jsonl`` or a ``datasets`` name (streamed: only the
+first ``--lines`` records are read). :func:`detect_data_kind` says what the data is: the
+project's arithmetic corpus (every record has its fields ``question``, ``has_working`` and a
+``question=[(working)]answer`` text) gets :func:`evaluate` and every figure above; any other
+text gets :func:`evaluate_text`: per-token NLL with thinking (log p^talk at offset 0, a thought
+after every token) and without (the base model's, and the trained LM's own), the gain per
+token, which tokens benefit (binned by the base loss) and, when the records are GSM8K-format
+``question``/``answer`` problems, the zero-shot accuracy with thinking. The arithmetic-task
+figures (answer accuracy at the ``=``, thoughts right) are then omitted with a one-line note.
+For EleutherAI's lm-evaluation-harness see :mod:`qstar_mini.harness`.
 """
 
 from __future__ import annotations
@@ -40,13 +52,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 from pathlib import Path
 
 import torch
 
 from .data import gsm_final_answer, read_jsonl, split_prompt
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .generate import decode_thought, generate_with_thoughts, generated_text, predict_with_thoughts, thought_is_correct
 from .lm import text_log_probs
 from .paths import DATA_DIR, TINY_BASE
@@ -85,14 +98,16 @@ def _chunks(n: int, size: int):
 # ----------------------------------------------------------------------------- per-token figures
 
 @torch.no_grad()
-def plain_token_stats(model, tokenizer, records, meta_ids=(), batch_size: int = 256) -> dict:
+def plain_token_stats(model, tokenizer, records, meta_ids=(), batch_size: int = 256, *,
+                      seq_len: int = 512) -> dict:
     """-log p and correctness of every next token under the plain model (no thought).
 
+    Lines are ``<s> text </s>`` cut at ``seq_len`` tokens.
     returns: {"nll": (N,) every real next-token prediction, "correct": (N,) bool,
     "is_answer": (N,) bool, "position": (N,) j, "line": (N,) line index}, flattened in the
     same order as :func:`thought_token_stats`.
     """
-    enc = _encode(tokenizer, records)
+    enc = _encode(tokenizer, records, seq_len)
     out = {k: [] for k in ("nll", "correct", "is_answer", "position", "line")}
     device = _device(model)
     for sl in _chunks(len(enc), batch_size):
@@ -123,7 +138,7 @@ def _collect(out, logp, ids, mask, answer_pos, offset):
 @torch.no_grad()
 def thought_token_stats(model, tokenizer, meta, head, cfg, records, *, n_thoughts: int = 4,
                         greedy: bool = False, temperature: float | None = None, seed: int = 0,
-                        think_where: str = "all", batch_size: int = 128) -> dict:
+                        think_where: str = "all", batch_size: int = 128, seq_len: int = 512) -> dict:
     """Like :func:`plain_token_stats` for the mixed prediction after a thought.
 
     think_where: "all" (a thought before every token, the paper) or "answer" (a thought only
@@ -135,7 +150,7 @@ def thought_token_stats(model, tokenizer, meta, head, cfg, records, *, n_thought
     over thoughts; NaN where no thought was made) and, per line, "answer_thoughts": the decoded
     thoughts before the answer and "answer_thought_ok": whether each is the right working.
     """
-    enc = _encode(tokenizer, records)
+    enc = _encode(tokenizer, records, seq_len)
     device = _device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     n = 1 if greedy else n_thoughts
@@ -516,6 +531,231 @@ def evaluate(model, tokenizer, meta, head, cfg, records, *, base_model=None, con
         model.train(was)
 
 
+# ----------------------------------------------------------------------------- any text: the data
+
+ARITHMETIC, GSM8K_FORMAT, TEXT = "arithmetic", "gsm8k_format", "text"
+ARITHMETIC_RULE = ("every record has the corpus's fields question (the digits of a known task), has_working and "
+                   "text = question=[(working)]answer, as `qstar-mini data` writes them")
+ARITHMETIC_METRICS = "arithmetic-task metrics (answer accuracy at the '=', thoughts right)"
+
+
+def is_datasets_name(data) -> bool:
+    """True when ``data`` names a ``datasets`` corpus (``name``, ``owner/name``,
+    ``owner/name:config``) rather than a local JSONL file or folder: the rule of
+    :func:`qstar_mini.train.load_records` (an existing path, a ``.jsonl``/``.json`` suffix, a
+    leading ``/ . ~`` or more than one ``/`` is local)."""
+    if isinstance(data, os.PathLike):
+        return False
+    text = str(data)
+    path = Path(text).expanduser()
+    return not (path.exists() or path.suffix in (".jsonl", ".json") or text.startswith(("/", ".", "~"))
+                or text.count("/") > 1)
+
+
+def _is_gsm_record(record: dict) -> bool:
+    """A GSM8K-format problem: string question and answer, the answer ending ``#### N``."""
+    if not (isinstance(record.get("question"), str) and isinstance(record.get("answer"), str)):
+        return False
+    try:
+        gsm_final_answer(record["answer"])
+    except DataError:
+        return False
+    return True
+
+
+def _is_arithmetic_record(record: dict) -> bool:
+    """A line of the project's arithmetic corpus (see :data:`ARITHMETIC_RULE`)."""
+    from .data import format_line, task_for_question
+
+    q, text, shown = record.get("question"), record.get("text"), record.get("has_working")
+    if not (isinstance(q, str) and q.isascii() and q.isdigit() and isinstance(text, str)
+            and isinstance(shown, bool) and isinstance(record.get("answer"), str)):
+        return False
+    try:
+        task_for_question(q)
+    except DataError:
+        return False
+    working = record.get("working") if shown else None
+    return (working is None or isinstance(working, str)) and text == format_line(q, working, record["answer"])
+
+
+def detect_data_kind(records: list[dict]) -> tuple[str, str]:
+    """Which evaluation applies to ``records``, and why, in words.
+
+    returns: ("arithmetic", why) when every record is a line of the project's arithmetic corpus
+    (:data:`ARITHMETIC_RULE`: answer accuracy at the ``=`` and "thoughts right" mean something
+    only there); ("gsm8k_format", why) when every record is a GSM8K-format problem
+    (question, answer ending ``#### N``); else ("text", why).
+    """
+    n = len(records)
+    arithmetic = sum(_is_arithmetic_record(r) for r in records)
+    if n and arithmetic == n:
+        return ARITHMETIC, f"the project's arithmetic corpus: {ARITHMETIC_RULE}"
+    if n and all(_is_gsm_record(r) for r in records):
+        return GSM8K_FORMAT, "GSM8K-format problems: every record has question and an answer ending '#### N'"
+    if arithmetic:
+        return TEXT, f"general text: only {arithmetic} of {n} records are lines of the arithmetic corpus"
+    return TEXT, ("general text: not the project's arithmetic corpus "
+                  "(its records lack question/has_working/text 'DIGITS=ANSWER')")
+
+
+def load_eval_records(data, *, split: str = "test", text_field: str = "text",
+                      max_lines: int | None = None) -> tuple[list[dict], str]:
+    """Held-out records for ``qstar-mini eval``, each with a non-empty string ``"text"``, and a
+    description of where they came from.
+
+    data: a JSONL file; a folder holding ``<split>.jsonl``; or a ``datasets`` name[:config],
+    of which only the first ``max_lines`` records are streamed (required then; nothing else is
+    downloaded). ``text_field`` names the text (copied to ``"text"``); a record without it but
+    with a GSM8K-format question/answer gets text = ``question + "\\nA: " + answer`` (the prompt
+    of :func:`gsm8k_prompt` followed by the worked answer). Any other record is a one-line
+    DataError; records with an empty text are dropped. Other fields are kept.
+    """
+    if is_datasets_name(data):
+        from .train import _load_hf_dataset
+
+        rows = _load_hf_dataset(str(data), split, text_field, max_lines, all_fields=True)
+        source = f"datasets {str(data)!r}, split {split!r}, first {max_lines} records (streamed)"
+        where = f"dataset {str(data)!r} record"
+    else:
+        path = Path(os.fspath(data)).expanduser()
+        if path.is_dir():
+            path = path / f"{split}.jsonl"
+        rows = read_jsonl(path, required=())
+        rows = rows[:max_lines] if max_lines else rows
+        source, where = str(path), f"{path} record"
+    records = []
+    for i, r in enumerate(rows, start=1):
+        text = r.get(text_field)
+        if isinstance(text, str):
+            record = r if text_field == "text" else dict(r, text=text)
+        elif _is_gsm_record(r):
+            record = dict(r, text=gsm8k_prompt(r["question"]) + r["answer"])
+        else:
+            raise DataError(f"{where} {i} has no string {text_field!r} field and is no GSM8K-format "
+                            f"question/answer; name the text with --text-field")
+        if record["text"].strip():
+            records.append(record)
+    if not records:
+        raise DataError(f"{source}: no record with a non-empty {text_field!r} text")
+    return records, source
+
+
+# ----------------------------------------------------------------------------- any text: the evaluation
+
+def _text_summary(nll: torch.Tensor, correct: torch.Tensor) -> dict:
+    """nll: mean -log p per token (nats); ppl = exp(nll); acc: top-1 accuracy; n_tokens."""
+    if nll.numel() == 0:
+        return {"nll": None, "ppl": None, "acc": None, "n_tokens": 0}
+    mean = float(nll.float().mean())
+    return {"nll": round(mean, 4), "ppl": round(math.exp(min(mean, 700.0)), 4),
+            "acc": round(float(correct.float().mean()), 4), "n_tokens": int(nll.numel())}
+
+
+def _token_gains(tokenizer, targets: torch.Tensor, gain: torch.Tensor, top: int = 8, min_count: int = 3) -> dict:
+    """The token types whose summed gain (reference NLL - Quiet-STaR NLL) is largest and smallest.
+
+    targets: (N,) token ids, gain: (N,) per token, in the same order.
+    returns: {"most": [{token, n, gain_sum, gain_mean}], "least": [...]}.
+    """
+    rows = []
+    for token in torch.unique(targets).tolist():
+        inside = targets == token
+        n = int(inside.sum())
+        if n >= min_count:
+            g = gain[inside]
+            rows.append({"token": tokenizer.decode([token]), "n": n, "gain_sum": round(float(g.sum()), 4),
+                         "gain_mean": round(float(g.mean()), 4)})
+    rows.sort(key=lambda r: r["gain_sum"], reverse=True)
+    return {"most": rows[:top], "least": rows[::-1][:top]}
+
+
+@torch.no_grad()
+def evaluate_text(model, tokenizer, meta, head, cfg, records, *, base_model=None, control=None,
+                  n_thoughts: int = 4, seed: int = 0, thought_temperature: float = 1.0, seq_len: int = 512,
+                  batch_size: int = 8, gsm_records=None, gsm_limit: int = 50) -> dict:
+    """Does thinking help on *any* text? Per-token NLL with and without thinking.
+
+    Every line is ``<s> text </s>`` (whichever of the two the tokenizer has), cut at ``seq_len``
+    tokens; for every next token x_{j+1} (N tokens over all lines):
+
+    * ``quiet_star``: -log p^talk(x_{j+1}), the mixed prediction at offset 0 after the thought T_j
+      made right after x_j (Algorithm 1, line 2g, as in training; a thought after every token),
+      averaged over ``n_thoughts`` thoughts sampled at ``thought_temperature``;
+      ``quiet_star_greedy``: the same with the greedy thought;
+    * ``quiet_star_no_thought``: the trained LM's own prediction (line 2a);
+    * ``base``: the model Quiet-STaR started from (``base_model``), ``control`` likewise;
+
+    all over the text vocabulary (the meta-tokens get probability 0). ``gain_per_token`` is the
+    mean over tokens of (reference NLL - Quiet-STaR NLL), positive when thinking helped;
+    ``by_difficulty`` bins the tokens by the base model's loss (the trained LM's own no-thought
+    loss when no base is given) like :func:`by_difficulty`; ``token_gains`` names the token types
+    the gain comes from. ``gsm8k`` (thinking) and ``gsm8k_base`` (no thinking): zero-shot
+    accuracy on ``gsm_records`` (:func:`gsm8k_eval`).
+    returns: {"n_lines", "seq_len", "n_thoughts", "quiet_star": {nll, ppl, acc, n_tokens, w_mean},
+    "quiet_star_greedy", "quiet_star_no_thought", "base" | None, "control" | None,
+    "gain_per_token": {...}, "by_difficulty": [...], "by_difficulty_reference", "token_gains",
+    "gsm8k" | None, "gsm8k_base" | None}.
+    """
+    records = list(records)
+    if not records:
+        raise DataError("evaluate_text needs at least one line of text")
+    was = model.training
+    model.eval()
+    try:
+        kw = dict(seed=seed, batch_size=batch_size, seq_len=seq_len)
+        st = thought_token_stats(model, tokenizer, meta, head, cfg, records, n_thoughts=n_thoughts,
+                                 temperature=thought_temperature, **kw)
+        gr = thought_token_stats(model, tokenizer, meta, head, cfg, records, greedy=True, **kw)
+        q = _text_summary(st["nll"], st["correct"])
+        q["w_mean"] = round(float(st["w"].nanmean()), 4)
+        result = {"n_lines": len(records), "seq_len": seq_len, "n_thoughts": n_thoughts,
+                  "thought_temperature": thought_temperature, "quiet_star": q,
+                  "quiet_star_greedy": _text_summary(gr["nll"], gr["correct"]),
+                  "quiet_star_no_thought": _text_summary(st["nll_no_thought"], st["correct_no_thought"])}
+        others = {"quiet_star": st["nll"], "quiet_star_greedy": gr["nll"],
+                  "quiet_star_no_thought": st["nll_no_thought"]}
+        base = None
+        if base_model is not None:
+            bm = base_model[0] if isinstance(base_model, tuple) else base_model
+            bs = plain_token_stats(bm, tokenizer, records, meta.ids, batch_size=batch_size, seq_len=seq_len)
+            base = bs["nll"]
+            result["base"] = _text_summary(bs["nll"], bs["correct"])
+        else:
+            result["base"] = None
+        if control is not None:
+            cm = control[0] if isinstance(control, tuple) else control
+            cs = plain_token_stats(cm, tokenizer, records, meta.ids, batch_size=batch_size, seq_len=seq_len)
+            result["control"] = _text_summary(cs["nll"], cs["correct"])
+            others["control"] = cs["nll"]
+        else:
+            result["control"] = None
+        reference = base if base is not None else st["nll_no_thought"]
+        gain = {"vs_no_thought": round(float((st["nll_no_thought"] - st["nll"]).mean()), 4),
+                "greedy_vs_no_thought": round(float((st["nll_no_thought"] - gr["nll"]).mean()), 4)}
+        if base is not None:
+            gain.update(vs_base=round(float((base - st["nll"]).mean()), 4),
+                        greedy_vs_base=round(float((base - gr["nll"]).mean()), 4))
+        if control is not None:
+            gain["vs_control"] = round(float((others["control"] - st["nll"]).mean()), 4)
+        result["gain_per_token"] = gain
+        if base is None:
+            others.pop("quiet_star_no_thought")          # it is the reference itself
+        result["by_difficulty"] = by_difficulty(reference, others)
+        result["by_difficulty_reference"] = "base" if base is not None else "quiet_star_no_thought"
+        enc = _encode(tokenizer, records, seq_len)
+        targets = enc.input_ids[:, 1:][enc.attention_mask[:, 1:].bool()]       # (N,) in the stats' order
+        result["token_gains"] = _token_gains(tokenizer, targets, reference - st["nll"])
+        result["gsm8k"] = result["gsm8k_base"] = None
+        if gsm_records:
+            result["gsm8k"] = gsm8k_eval(model, tokenizer, gsm_records, meta=meta, head=head, cfg=cfg, limit=gsm_limit)
+            if base_model is not None:
+                result["gsm8k_base"] = gsm8k_eval(bm, tokenizer, gsm_records, limit=gsm_limit)
+        return result
+    finally:
+        model.train(was)
+
+
 # ----------------------------------------------------------------------------- printing and the command line
 
 def format_table(result: dict) -> str:
@@ -545,6 +785,54 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _fmt(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_text_table(result: dict) -> str:
+    """A plain-text table of :func:`evaluate_text`'s figures, the notes on what applies included."""
+    rows = [("model", "NLL/token", "ppl", "acc")]
+    names = {"base": "base", "control": "control", "quiet_star_no_thought": "quiet_star_no_thought",
+             "quiet_star": f"quiet_star ({result['n_thoughts']} sampled thought{'s' * (result['n_thoughts'] != 1)})",
+             "quiet_star_greedy": "quiet_star (greedy thought)"}
+    for key, label in names.items():
+        r = result.get(key)
+        if r:
+            rows.append((label, _fmt(r["nll"], ".4f"), _fmt(r["ppl"], ".4g"), _fmt(r["acc"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    g = result["gain_per_token"]
+    ref = result["by_difficulty_reference"]
+    lines.append(f"{result['quiet_star']['n_tokens']} tokens in {result['n_lines']} lines (each cut at "
+                 f"{result['seq_len']} tokens); mean w {result['quiet_star']['w_mean']}")
+    if "vs_base" in g:
+        lines.append(f"gain per token (base NLL - Quiet-STaR NLL): {g['vs_base']:+.4f} nats sampled, "
+                     f"{g['greedy_vs_base']:+.4f} greedy; vs its own no-thought prediction {g['vs_no_thought']:+.4f}")
+    else:
+        lines.append(f"gain per token (no-thought NLL - Quiet-STaR NLL, no base model given): "
+                     f"{g['vs_no_thought']:+.4f} nats sampled, {g['greedy_vs_no_thought']:+.4f} greedy")
+    lines.append(f"which tokens benefit (binned by the {ref} loss per token):")
+    for b in result["by_difficulty"]:
+        if b["n"]:
+            lines.append(f"  {b['bin']:>11}  n={b['n']:6d}  {ref} {b['base_nll']:.3f}  quiet-star "
+                         f"{b['quiet_star_nll']:.3f}  gain {b.get('gain_vs_base', 0):+.3f}")
+    most = result["token_gains"]["most"][:5]
+    if most:
+        lines.append("largest summed gain on the tokens: "
+                     + ", ".join(f"{t['token']!r} (n={t['n']}, {t['gain_sum']:+.2f})" for t in most))
+    for note in result.get("notes", []):
+        lines.append(note)
+    if result.get("gsm8k"):
+        base = result.get("gsm8k_base")
+        lines.append(f"GSM8K-format zero-shot with thinking: {result['gsm8k']['accuracy']:.3f} on "
+                     f"{result['gsm8k']['n']}" + (f" (base, no thinking: {base['accuracy']:.3f})" if base else ""))
+    if result.get("commonsense_qa"):
+        lines.append(f"CommonsenseQA-format zero-shot: {result['commonsense_qa']['accuracy']:.3f} "
+                     f"on {result['commonsense_qa']['n']}")
+    return "\n".join(lines)
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of ``qstar-mini eval``."""
     p = parser
@@ -553,20 +841,72 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--control", default=None, help="checkpoint folder of the no-thought control")
     p.add_argument("--base", default=None,
                    help="the base model folder or name (default: the one the checkpoint was trained from); '' to skip")
-    p.add_argument("--data", default=str(DATA_DIR / "test.jsonl"), help="held-out JSONL (default data/test.jsonl)")
-    p.add_argument("--all-lines", action="store_true", help="also lines with working (default: answer-only)")
+    p.add_argument("--data", default=str(DATA_DIR / "test.jsonl"),
+                   help="held-out text: a JSONL file, a folder with <split>.jsonl, or a datasets name[:config] "
+                        "(streamed: only --lines records are read); default data/test.jsonl")
+    p.add_argument("--split", default="test", help="split of a folder or datasets name (default test)")
+    p.add_argument("--text-field", default="text", help="the field holding the text (default text)")
+    p.add_argument("--all-lines", action="store_true",
+                   help="arithmetic corpus only: also lines with working (default: answer-only)")
     p.add_argument("--lines", type=int, default=500, help="held-out lines to use (default 500)")
     p.add_argument("--n-thoughts", type=int, default=4, help="sampled thoughts per position (default 4)")
     p.add_argument("--think-where", choices=("all", "answer"), default=None,
-                   help="think before every token or only before the answer (default: as trained)")
-    p.add_argument("--gsm8k", default=str(DATA_DIR / "gsm8k_format.jsonl"),
-                   help="GSM8K-format JSONL, 'hub' for real GSM8K via datasets, or '' to skip")
+                   help="arithmetic corpus only: think before every token or only before the answer "
+                        "(default: as trained); other text always thinks before every token")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="cut lines at this many tokens (default 512, at most the model's context - thought_length)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="lines per forward pass on text other than the arithmetic corpus (default 8)")
+    p.add_argument("--gsm8k", default=None,
+                   help="GSM8K-format JSONL, 'hub' for real GSM8K via datasets, or '' to skip (default: "
+                        "data/gsm8k_format.jsonl for the arithmetic corpus, the data itself when it has "
+                        "GSM8K-format question/answer fields, else none)")
     p.add_argument("--gsm-limit", type=int, default=50, help="GSM8K problems to ask (default 50)")
     p.add_argument("--commonsense-qa", default="",
                    help="CommonsenseQA-format JSONL, 'hub' for the real one via datasets, or '' to skip (default)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights' dtype (default float32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     return p
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """One-line ConfigErrors for impossible values, before anything is loaded."""
+    for flag, name, low in (("--lines", "lines", 1), ("--n-thoughts", "n_thoughts", 1), ("--gsm-limit", "gsm_limit", 1),
+                            ("--batch-size", "batch_size", 1), ("--seq-len", "seq_len", 2)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} must be at least {low} (got {value})")
+    if not str(getattr(args, "text_field", "text")).strip():
+        raise ConfigError("--text-field must name a field (got an empty name)")
+
+
+def _text_seq_len(checkpoint, asked: int | None) -> int:
+    """--seq-len for text: default 512; at most the model's context minus the thought's positions.
+    Read from the checkpoint's configs (no weights loaded), so a bad value fails at once."""
+    from transformers import AutoConfig
+
+    from .checkpoint import check_checkpoint, load_config
+
+    path = check_checkpoint(checkpoint)
+    thought_length = load_config(path).thought_length
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - load_checkpoint reports a broken config in one line
+        config = None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(config, "max_position_embeddings", None)
+    room = limit - thought_length if isinstance(limit, int) and limit > thought_length else None
+    if asked is None:
+        return 512 if room is None else max(2, min(512, room))
+    if room is not None and asked > room:
+        raise ConfigError(f"--seq-len {asked} + thought_length {thought_length} exceeds the model's context of "
+                          f"{limit}; use --seq-len {room} or less")
+    return asked
 
 
 def _trainer_state(path) -> dict:
@@ -579,26 +919,66 @@ def _trained_think_where(path) -> str:
     return _trainer_state(path).get("think_where", "all")
 
 
+def _gsm_records(spec, kind: str, records: list[dict], limit: int):
+    """The GSM8K-format problems to ask (see ``--gsm8k``), or None."""
+    if spec == "":
+        return None
+    if spec == "hub":
+        return load_gsm8k(limit=limit)
+    if spec:
+        return read_jsonl(spec)
+    if kind == ARITHMETIC:
+        return read_jsonl(DATA_DIR / "gsm8k_format.jsonl")
+    return [r for r in records if _is_gsm_record(r)] or None
+
+
 def run_eval(args: argparse.Namespace) -> int:
-    """``qstar-mini eval``: evaluate a checkpoint, print the table, optionally write JSON."""
+    """``qstar-mini eval``: evaluate a checkpoint on any text, print the table, optionally write JSON.
+
+    The arithmetic corpus (:func:`detect_data_kind`) gets :func:`evaluate` (answer accuracy,
+    thoughts right, ...); any other text :func:`evaluate_text`, with a note saying which
+    metrics are omitted and why.
+    """
     from .checkpoint import load_checkpoint
     from .models import load_model
 
-    ck = load_checkpoint(args.checkpoint)
-    records = read_jsonl(args.data)
-    records = (records if args.all_lines else answer_only(records))[: args.lines]
+    _check_eval_args(args)
+    records, source = load_eval_records(args.data, split=args.split, text_field=args.text_field,
+                                        max_lines=args.lines if is_datasets_name(args.data) else None)
+    kind, why = detect_data_kind(records)
+    seq_len = None if kind == ARITHMETIC else _text_seq_len(args.checkpoint, args.seq_len)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype]
+    ck = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
     base_name = args.base if args.base is not None else _trainer_state(ck.path).get("model", str(TINY_BASE))
-    base = load_model(base_name)[0] if base_name else None
-    control = load_checkpoint(args.control).model if args.control else None
-    gsm = None
-    if args.gsm8k == "hub":
-        gsm = load_gsm8k(limit=args.gsm_limit)
-    elif args.gsm8k:
-        gsm = read_jsonl(args.gsm8k)
-    think_where = args.think_where or _trained_think_where(ck.path)
-    result = evaluate(ck.model, ck.tokenizer, ck.meta, ck.head, ck.cfg, records, base_model=base,
-                      control=control, n_thoughts=args.n_thoughts, seed=args.seed, think_where=think_where,
-                      gsm_records=gsm, gsm_limit=args.gsm_limit)
+    base = load_model(base_name, dtype=dtype, device=device)[0] if base_name else None
+    control = load_checkpoint(args.control, device=device, dtype=dtype).model if args.control else None
+    gsm = _gsm_records(args.gsm8k, kind, records, args.gsm_limit)
+    data = {"source": source, "kind": kind, "detected": why, "text_field": args.text_field}
+    if kind == ARITHMETIC:
+        records = (records if args.all_lines else answer_only(records))[: args.lines]
+        think_where = args.think_where or _trained_think_where(ck.path)
+        result = evaluate(ck.model, ck.tokenizer, ck.meta, ck.head, ck.cfg, records, base_model=base,
+                          control=control, n_thoughts=args.n_thoughts, seed=args.seed, think_where=think_where,
+                          gsm_records=gsm, gsm_limit=args.gsm_limit)
+        result["notes"] = []
+        header = f"data: {source}: {why}; every metric applies"
+    else:
+        records = records[: args.lines]
+        result = evaluate_text(ck.model, ck.tokenizer, ck.meta, ck.head, ck.cfg, records, base_model=base,
+                               control=control, n_thoughts=args.n_thoughts, seed=args.seed, seq_len=seq_len,
+                               batch_size=args.batch_size, gsm_records=gsm, gsm_limit=args.gsm_limit)
+        notes = [f"{ARITHMETIC_METRICS}: omitted, the data is not the project's arithmetic corpus "
+                 f"(detected when {ARITHMETIC_RULE})"]
+        if gsm is None:
+            notes.append("GSM8K-format accuracy: omitted, the data has no GSM8K-format question/answer fields "
+                         "(--gsm8k FILE asks other problems)")
+        if (args.think_where or _trained_think_where(ck.path)) == "answer":
+            notes.append("the checkpoint was trained to think only before the answer digit; on this text it "
+                         "thinks before every token")
+        result["notes"] = notes
+        header = f"data: {source}: {why}; per-token NLL with and without thinking, gain and which tokens benefit apply"
+    result["data"] = data
     if args.commonsense_qa:
         csqa = (load_commonsense_qa(limit=args.gsm_limit) if args.commonsense_qa == "hub"
                 else read_jsonl(args.commonsense_qa, required=("question", "answerKey")))
@@ -606,7 +986,8 @@ def run_eval(args: argparse.Namespace) -> int:
             raise DataError(f"{args.commonsense_qa}: every record needs choices {{\"label\": [...], \"text\": [...]}}")
         result["commonsense_qa"] = commonsense_qa_eval(ck.model, ck.tokenizer, csqa, meta=ck.meta, head=ck.head,
                                                        cfg=ck.cfg, limit=args.gsm_limit)
-    print(format_table(result))
+    print(header)
+    print(format_table(result) if kind == ARITHMETIC else format_text_table(result))
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -420,13 +420,21 @@ def load_model(name_or_path=TINY_BASE, dtype: torch.dtype = torch.float32,
                attn_implementation: str | None = None, device=None):
     """Load a causal LM and its tokenizer (``trust_remote_code=False``, safetensors only).
 
-    name_or_path: a directory made by ``save_pretrained`` (default: the shipped tiny base) or a
-    Hugging Face model name (needs the network unless cached). Returns ``(model, tokenizer)``,
+    name_or_path: a directory made by ``save_pretrained`` (default: the shipped tiny base), the
+    short name of a real model fetched once with ``qstar-mini models fetch NAME`` (``"smollm2"``:
+    SmolLM2-135M-Instruct, see :mod:`qstar_mini.real_models`; a string equal to such a name
+    always means that model, write ``"./smollm2"`` for a folder of that name) or a Hugging Face
+    model name (needs the network unless cached). Returns ``(model, tokenizer)``,
     the model in eval mode on ``device``; the tokenizer pads on the right and has a pad token
     (``eos`` if it had none, with a warning). Failures raise a one-line :class:`ModelError`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(name_or_path, str):
+        from .real_models import KNOWN, resolve
+
+        if name_or_path in KNOWN:                 # "smollm2" -> its cache folder, or how to fetch it
+            name_or_path = resolve(name_or_path)
     name = os.fspath(name_or_path)
     local = isinstance(name_or_path, Path) or _looks_local(name)
     if local:

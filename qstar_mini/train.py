@@ -104,24 +104,42 @@ def load_records(data, split: str = "train", text_field: str = "text",
     return records[:max_lines] if max_lines else records
 
 
-def _load_hf_dataset(name: str, split: str, text_field: str, max_lines: int | None) -> list[dict]:
+def _load_hf_dataset(name: str, split: str, text_field: str, max_lines: int | None, *,
+                     all_fields: bool = False) -> list[dict]:
+    """The first ``max_lines`` records of a ``datasets`` corpus, streamed: nothing past them is read.
+
+    name: ``"name"``, ``"owner/name"`` or either with ``":config"``. The corpus is opened with
+    ``datasets.load_dataset(..., streaming=True)`` and only its first ``max_lines`` records are
+    taken, so a corpus of many shards (OpenWebMath) is never downloaded whole; a budget is
+    therefore required (one-line DataError without one). Returns ``[{"text": ...}]`` with empty
+    texts dropped; with ``all_fields`` every record's own fields instead (``"text"`` added from
+    ``text_field`` where it is a string; the caller decides about records without one).
+    """
+    import itertools
+
     import datasets
 
     config = None
     if ":" in name:
         name, config = name.split(":", 1)
-    if max_lines:
-        split = f"{split}[:{max_lines}]"
+    if max_lines is None or max_lines < 1:
+        raise DataError(f"--data {name!r} is a datasets name: give a line budget with --max-lines N "
+                        f"(its first N records are streamed; the corpus is never downloaded whole)")
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+        rows = [dict(row) for row in itertools.islice(iter(stream), max_lines)]
     except Exception as e:  # noqa: BLE001 - any failure is one line
         first = (str(e).strip().splitlines() or [""])[0][:160]
         raise DataError(f"--data {name!r} is neither a JSONL file nor a loadable datasets name "
                         f"({type(e).__name__}: {first})") from None
-    if text_field not in ds.column_names:
-        raise DataError(f"dataset {name!r} has no column {text_field!r} (columns: {ds.column_names}); "
+    if not rows:
+        raise DataError(f"dataset {name!r} split {split!r} has no records")
+    if all_fields:
+        return [dict(r, text=r[text_field]) if isinstance(r.get(text_field), str) else r for r in rows]
+    if text_field not in rows[0]:
+        raise DataError(f"dataset {name!r} has no column {text_field!r} (columns: {sorted(rows[0])}); "
                         f"choose one with --text-field")
-    return [{"text": t} for t in ds[text_field] if isinstance(t, str) and t.strip()]
+    return [{"text": r[text_field]} for r in rows if isinstance(r.get(text_field), str) and r[text_field].strip()]
 
 
 def select_lines(records: list[dict], lines: str = "answer_only") -> list[dict]:

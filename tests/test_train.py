@@ -305,26 +305,6 @@ def test_run_train_from_flags_on_a_llama(data_file, tmp_path, capsys):
     assert type(ck.model).__name__ == "LlamaForCausalLM" and ck.cfg.n_thoughts == 2
 
 
-def test_data_can_be_a_datasets_name(monkeypatch):
-    """``--data owner/name[:config]`` goes to ``datasets.load_dataset`` (faked here: no network)."""
-    import datasets
-
-    from qstar_mini.train import load_records
-
-    seen = {}
-
-    def fake_load_dataset(name, config=None, split=None):
-        seen.update(name=name, config=config, split=split)
-        return datasets.Dataset.from_dict({"text": ["12345=5", "", "23456=0"], "other": [1, 2, 3]})
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    records = load_records("someone/corpus:main", max_lines=10)
-    assert seen == {"name": "someone/corpus", "config": "main", "split": "train[:10]"}
-    assert [r["text"] for r in records] == ["12345=5", "23456=0"]            # empty lines dropped
-    with pytest.raises(DataError, match="no column"):
-        load_records("someone/corpus", text_field="body")
-
-
 # ---------------------------------------------------------------- schedule and decay (official)
 
 def test_linear_schedule_is_the_hugging_face_trainers():
