@@ -100,7 +100,8 @@ def test_ci_runs_make_test_and_nothing_else():
 
 
 def test_make_test_runs_pytest_and_make_demo_runs_the_demo():
-    assert makefile_recipe("test") == ["$(PY) -m pytest"]
+    # the real model first, fetched as a user fetches it (verified only, once it is there)
+    assert makefile_recipe("test") == ["$(PY) -m qstar_mini models fetch smollm2", "$(PY) -m pytest"]
     assert makefile_recipe("demo") == ["$(PY) -m qstar_mini demo"]
 
 
