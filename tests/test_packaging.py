@@ -155,3 +155,33 @@ def test_notebook_is_saved_executed_in_order(path):
     for cell in code:
         for out in cell["outputs"]:
             assert out.get("ename") is None, f"{path.name} was saved with an error output"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_colab_setup_cell_survives_a_rerun(path, tmp_path, monkeypatch):
+    """On Colab the setup cell clones once: run twice (Run all after a restart), it must not
+    clone into the folder it made the first time (git would exit 128 and stop Run all)."""
+    import subprocess
+    import types
+
+    cell = next("".join(c["source"]) for c in json.loads(path.read_text())["cells"]
+                if c["cell_type"] == "code" and "google.colab" in "".join(c["source"]))
+    repo = tmp_path / "qstar_mini"
+    calls = []
+
+    def fake_run(args, check=False, **kwargs):
+        calls.append(args[:3] if args[0] == "git" else args[1:4])
+        if args[:2] == ["git", "clone"]:
+            if (repo / ".git").exists():
+                raise subprocess.CalledProcessError(128, args)     # what git does
+            (repo / ".git").mkdir(parents=True)
+        return subprocess.CompletedProcess(args, 0)
+
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    source = cell.replace('"/content/qstar_mini"', repr(str(repo)))
+    for _ in range(2):
+        exec(compile(source, str(path), "exec"), {})
+    assert sum(c[:2] == ["git", "clone"] for c in calls) == 1
+    assert sum(c[:3] == ["-m", "pip", "install"] for c in calls) == 2
