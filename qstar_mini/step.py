@@ -61,14 +61,20 @@ def scoring_ids(meta: MetaTokens, cfg: QuietStarConfig) -> tuple[int, ...]:
     return meta.ids if cfg.scoring_vocab == "text" else ()
 
 
-def policy_slots(cfg: QuietStarConfig, seq: int, positions: torch.Tensor | None, device) -> torch.Tensor | None:
-    """For ``policy_positions="official"``: which thinking slots the REINFORCE mean divides by,
-    (1 or b, m) bool. The official code keeps the positions j < l - 1 - n_true (one short of
-    the last full window) and averages over all of them, padding included. None for "real"."""
+def policy_entries(cfg: QuietStarConfig, think: torch.Tensor, seq: int, positions: torch.Tensor | None):
+    """Which thoughts REINFORCE trains, and which entries its mean divides by.
+
+    think: (b, m) bool, the thinking positions with a true next token. returns (trained,
+    counted): for ``policy_positions="real"`` both are ``think`` (counted None: the same). For
+    ``"official"`` the official code's slice: only positions j < l - 1 - n_true (one short of
+    the last full window) are trained, and the mean divides by all of those slots, padding
+    included.
+    """
     if cfg.policy_positions != "official":
-        return None
-    j = torch.arange(seq, device=device)[None] if positions is None else positions
-    return j < seq - 1 - cfg.n_true
+        return think, None
+    j = torch.arange(seq, device=think.device)[None] if positions is None else positions
+    counted = (j < seq - 1 - cfg.n_true).expand_as(think)
+    return think & counted, counted
 
 
 def at_positions(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
@@ -182,12 +188,7 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
         valid = valid & (positions >= 0)[..., None]
     think = valid[..., 0] if think_mask is None else valid[..., 0] & think_mask.bool()  # (b, m)
     talk_valid = valid & think[..., None]                                   # (b, m, n_true)
-    slots = policy_slots(cfg, input_ids.shape[1], positions, input_ids.device)
-    if slots is not None:                                                   # official: fewer, all counted
-        slots = slots.expand_as(think)
-        policy_think = think & slots
-    else:
-        policy_think = think
+    policy_think, counted = policy_entries(cfg, think, input_ids.shape[1], positions)  # (b, m) each
 
     # 2e-g. w <- mixing_head(h_init, h_thought); log p^talk = mix of base and post-thought
     h_init_ahead = at_positions(gather_ahead(h_init, n_true), positions)[:, None].expand_as(h_thought)
@@ -203,7 +204,7 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
 
     # 2j. L^REINFORCE_j <- -r_j * 1[r_j > 0] * log p(T_j | X_{:j}, <|startofthought|>)
     reinforce, policy = reinforce_loss(r, thought_logprobs, policy_think, cfg.clamp_negative_rewards,
-                                       cfg.reinforce_reduction, counted=slots)
+                                       cfg.reinforce_reduction, counted=counted)
 
     # 2k. L_j <- L^NLL_j + L^REINFORCE_j (plus the official 0.5 * base NLL)
     loss = combined_loss(base, talk, policy, cfg.base_loss_weight, cfg.policy_loss_weight)

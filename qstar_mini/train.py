@@ -65,7 +65,7 @@ from .data import EQUALS, answer_index, read_jsonl
 from .errors import ConfigError, DataError
 from .losses import combined_loss, reinforce_loss
 from .paths import DATA_DIR, RUNS_DIR, TINY_BASE
-from .step import StepOutput, policy_slots, prepare_model, quiet_star_step
+from .step import StepOutput, policy_entries, prepare_model, quiet_star_step
 
 THINK_WHERE = ("all", "answer")
 LINES = ("answer_only", "all", "working")
@@ -283,12 +283,9 @@ def shuffled_policy_loss(out: StepOutput, cfg: QuietStarConfig, think_mask, gene
     perm = noise.to(out.rewards.device).argsort(dim=1)                      # (b, n, l)
     r = out.rewards.gather(1, perm)
     think = out.valid[..., 0] if think_mask is None else out.valid[..., 0] & think_mask.bool()
-    slots = policy_slots(cfg, out.h_init.shape[1], out.positions, r.device)
-    if slots is not None:
-        slots = slots.expand_as(think)
-        think = think & slots
+    think, counted = policy_entries(cfg, think, out.h_init.shape[1], out.positions)
     _, policy = reinforce_loss(r, out.thought_logprobs, think, cfg.clamp_negative_rewards,
-                               cfg.reinforce_reduction, counted=slots)
+                               cfg.reinforce_reduction, counted=counted)
     return policy
 
 
