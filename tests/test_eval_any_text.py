@@ -16,10 +16,11 @@ from qstar_mini.data import read_jsonl
 from qstar_mini.errors import DataError
 from qstar_mini.evaluate import (ARITHMETIC, GSM8K_FORMAT, TEXT, add_eval_arguments, detect_data_kind,
                                  evaluate_text, is_datasets_name, load_eval_records, run_eval)
-from qstar_mini.models import build_tokenizer, tiny_model
+from qstar_mini.models import build_tokenizer
 from qstar_mini.paths import DATA_DIR
 from qstar_mini.step import prepare_model, quiet_star_step
 from qstar_mini.train import _load_hf_dataset, encode_records, load_records
+from tiny_models import small_model
 
 torch.set_num_threads(1)
 
@@ -29,13 +30,6 @@ PROSE = ["The cat sat on the mat and looked at the door.",
          "A good map shows roads, rivers and the hills between them.",
          "He opened the window; cold air filled the small room.",
          "Two trains left at noon and met near the old bridge."]
-
-
-def small_model(seed=0):
-    tok = build_tokenizer()
-    model = tiny_model(tok, seed=seed, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=64).eval()
-    return model, tok
 
 
 @pytest.fixture(scope="module")

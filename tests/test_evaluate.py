@@ -12,19 +12,13 @@ from qstar_mini.config import tiny
 from qstar_mini.data import read_jsonl
 from qstar_mini.evaluate import (add_eval_arguments, answer_only, best_temperature, by_difficulty, evaluate,
                                  extract_answer, format_table, gsm8k_eval, quick_eval, run_eval)
-from qstar_mini.models import build_tokenizer, tiny_model
+from qstar_mini.models import build_tokenizer
 from qstar_mini.paths import DATA_DIR
 from qstar_mini.step import prepare_model
+from tiny_models import small_model
 
 torch.set_num_threads(1)
 SUMMARY = {"all_nll", "all_acc", "answer_nll", "answer_acc", "n_tokens", "n_answers"}
-
-
-def small_model(seed=0):
-    tok = build_tokenizer()
-    model = tiny_model(tok, seed=seed, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=64).eval()
-    return model, tok
 
 
 @pytest.fixture(scope="module")

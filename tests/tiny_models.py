@@ -5,6 +5,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from qstar_mini.meta_tokens import MetaTokens
+from qstar_mini.models import build_tokenizer, tiny_model
 
 VOCAB = 40          # the last two ids play the meta-tokens in these tests
 HIDDEN = 32
@@ -40,3 +41,11 @@ def batch(lengths=(7, 5), seq: int = 7, seed: int = 2):
     ids = torch.randint(0, VOCAB - 2, (len(lengths), seq), generator=g)
     mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
     return ids.masked_fill(mask == 0, 0), mask
+
+
+def small_model(seed=0):
+    """A tiny random model of the tiny base's family with the project's character tokenizer."""
+    tok = build_tokenizer()
+    model = tiny_model(tok, seed=seed, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=64).eval()
+    return model, tok
