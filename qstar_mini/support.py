@@ -101,7 +101,8 @@ def _probe(model: nn.Module, meta: MetaTokens, cfg: QuietStarConfig) -> None:
     naive_ids, naive_lp = naive_thoughts(model, meta, ids, mask, 3, 1, greedy=True)
     ways = [False] + ([True] if cfg.attention == "blocks" else [])
     for blocks in ways:
-        h, cache = plain_forward(model, meta, ids, mask)
+        if blocks:                                   # the first way used up the text's cache
+            _, cache = plain_forward(model, meta, ids, mask)
         try:
             thoughts = generate_thoughts(model, meta, ids, mask, cache, 3, 1, greedy=True, block_attention=blocks)
         except ModelError:
