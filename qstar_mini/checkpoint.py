@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from torch import nn
 
 from .config import QuietStarConfig
 from .errors import CheckpointError
+from .files import write_dir_atomic, write_json
 from .meta_tokens import MetaTokens
 from .mixing import MixingHead
 
@@ -49,39 +48,6 @@ SCHEDULER_FILE = "scheduler.json"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
 REQUIRED = ("config.json", META_FILE, HEAD_FILE, CONFIG_FILE)
-
-
-# ----------------------------------------------------------------------------- atomic folders
-
-def write_dir_atomic(out_dir: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_dir)``, then put tmp_dir at ``out_dir`` (replacing an old one).
-
-    The old folder is moved aside first and deleted only once the new one is in place, so at
-    every moment ``out_dir`` is either the complete old checkpoint or the complete new one.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)                                 # mkdtemp makes it private
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if old.exists():
-                os.replace(old, out_dir)                     # put the previous one back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
-def _write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def _read_json(path: Path):
@@ -161,17 +127,17 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, tokenizer, met
                             "scale": repr(meta.scale)})
         save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
                   str(tmp / HEAD_FILE))
-        _write_json(tmp / CONFIG_FILE, cfg.to_dict())
+        write_json(tmp / CONFIG_FILE, cfg.to_dict())
         if optimizer is not None:
             tensors, info = optimizer_state_to_files(optimizer.state_dict())
             save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
-            _write_json(tmp / OPTIMIZER_JSON, info)
+            write_json(tmp / OPTIMIZER_JSON, info)
         if scheduler is not None:
-            _write_json(tmp / SCHEDULER_FILE, scheduler_state_to_json(scheduler.state_dict()))
+            write_json(tmp / SCHEDULER_FILE, scheduler_state_to_json(scheduler.state_dict()))
         if rng is not None:
             save_file({k: v.cpu().contiguous() for k, v in rng.items()}, str(tmp / RNG_FILE))
         if trainer_state is not None:
-            _write_json(tmp / STATE_FILE, trainer_state)
+            write_json(tmp / STATE_FILE, trainer_state)
 
     return write_dir_atomic(out_dir, write)
 

@@ -49,7 +49,7 @@ import torch
 
 from .data import (CONFIG_FILE, WORK_CLOSE, WORK_OPEN, CorpusConfig, answer_index, generate_splits,
                    get_task, read_jsonl, split_prompt, task_for_question, working_is_correct)
-from .checkpoint import write_dir_atomic
+from .files import write_dir_atomic
 from .errors import ModelError
 from .paths import DATA_DIR, TINY_BASE
 

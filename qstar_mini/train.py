@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from .files import append_jsonl
 from .config import ATTENTION_MODES, MEMORY_MODES, MIXING_MODES, PRESETS, QuietStarConfig, preset
 from .data import EQUALS, answer_index, read_jsonl
 from .errors import ConfigError, DataError
@@ -409,11 +410,6 @@ def _set_rng_state(rng: dict[str, torch.Tensor], generator: torch.Generator) -> 
             torch.cuda.set_rng_state_all(states)
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Keep only the lines of steps <= last_step (a resumed run rewrites what came after)."""
     if not path.exists():
@@ -571,7 +567,7 @@ def train(cfg: QuietStarConfig, model_name_or_path=TINY_BASE, data=DATA_DIR, out
         result = eval_fn(raw.model, tokenizer, raw.meta, raw.head, cfg, eval_records)
         evals.append({"step": step, **result})
         if metrics_path is not None:
-            _append_jsonl(metrics_path, {"kind": "eval", "step": step, **result})
+            append_jsonl(metrics_path, {"kind": "eval", "step": step, **result})
 
     def save(step: int) -> None:
         if ckpt_dir is None:
@@ -621,7 +617,7 @@ def train(cfg: QuietStarConfig, model_name_or_path=TINY_BASE, data=DATA_DIR, out
                         seconds=round(time.perf_counter() - t0, 2))
             history.append(last)
             if main and metrics_path is not None:
-                _append_jsonl(metrics_path, {"kind": "train", **last})
+                append_jsonl(metrics_path, {"kind": "train", **last})
             bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "w", "thought_correct") if k in last})
             done = step + 1
             if eval_every and done % eval_every == 0 and done < end_step:
