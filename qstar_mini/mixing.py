@@ -43,6 +43,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import MIXING_MODES
+from .errors import ConfigError
 from .lm import text_log_probs
 
 
@@ -74,6 +76,11 @@ class MixingHead(nn.Module):
         return self.net(x)[..., 0]
 
 
+def _unknown_mode(mode: str) -> ConfigError:
+    """Every mode has its own branch: a new one must be written, never fall back to another."""
+    return ConfigError(f"unknown mixing mode {mode!r}; valid modes: {', '.join(MIXING_MODES)}")
+
+
 def mixing_weight(head: MixingHead, h_init: torch.Tensor, h_thought: torch.Tensor, mode: str,
                   sigmoid: bool = False) -> torch.Tensor:
     """Algorithm 1, line 2f: w_{j:j+n_true}.
@@ -83,10 +90,12 @@ def mixing_weight(head: MixingHead, h_init: torch.Tensor, h_thought: torch.Tenso
     or in [0, 1] with ``sigmoid=True`` (then ``mixer_bias_init=-3`` starts it at 0.05); for
     mode "logprob" the base's weight, always in [0, 1].
     """
-    if mode not in ("hidden", "logprob"):
-        raise ValueError(f"unknown mixing mode {mode!r}; choose 'hidden' or 'logprob'")
-    a = head(h_init, h_thought)
-    return a if (mode == "hidden" and not sigmoid) else torch.sigmoid(a)
+    if mode == "hidden":
+        a = head(h_init, h_thought)
+        return torch.sigmoid(a) if sigmoid else a
+    if mode == "logprob":
+        return torch.sigmoid(head(h_init, h_thought))
+    raise _unknown_mode(mode)
 
 
 def mix_log_probs(lm_head: nn.Module, h_init: torch.Tensor, h_thought: torch.Tensor, w: torch.Tensor,
@@ -98,11 +107,12 @@ def mix_log_probs(lm_head: nn.Module, h_init: torch.Tensor, h_thought: torch.Ten
     official code keeps every column (pass ``()``).
     returns: (..., vocab) log p^talk (-inf at ``meta_ids``).
     """
-    if mode not in ("hidden", "logprob"):
-        raise ValueError(f"unknown mixing mode {mode!r}; choose 'hidden' or 'logprob'")
-    w = w[..., None].to(h_init.dtype)
     if mode == "hidden":
+        w = w[..., None].to(h_init.dtype)
         return text_log_probs(lm_head((1 - w) * h_init + w * h_thought), meta_ids)
+    if mode != "logprob":
+        raise _unknown_mode(mode)
+    w = w[..., None].to(h_init.dtype)
     log_p_init = text_log_probs(lm_head(h_init), meta_ids)
     log_p_thought = text_log_probs(lm_head(h_thought), meta_ids)
     # Removed meta-token columns are -inf in both; w * -inf would make NaN gradients, so mix the
