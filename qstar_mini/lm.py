@@ -76,10 +76,6 @@ def lm_head(model: nn.Module) -> nn.Module:
     return ModelLogits(head, model.config)
 
 
-def input_embeddings(model: nn.Module) -> nn.Embedding:
-    return model.get_input_embeddings()
-
-
 def check_supported(model: nn.Module, positions_needed: int | None = None, keys_needed: int | None = None) -> None:
     """Raise :class:`ModelError` if the model's attention cannot take Quiet-STaR's 4D masks.
 
