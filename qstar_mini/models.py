@@ -51,7 +51,7 @@ from .data import (CONFIG_FILE, WORK_CLOSE, WORK_OPEN, CorpusConfig, answer_inde
                    get_task, read_jsonl, split_prompt, task_for_question, working_is_correct)
 from .files import write_dir_atomic
 from .errors import ModelError
-from .paths import DATA_DIR, TINY_BASE
+from .paths import DATA_DIR, TINY_BASE, looks_local
 
 # ----------------------------------------------------------------------------- tokenizer
 
@@ -408,14 +408,6 @@ def pretrain(out_dir, data_dir=DATA_DIR, corpus: CorpusConfig | None = None, ste
 
 # ----------------------------------------------------------------------------- loading
 
-def _looks_local(name: str) -> bool:
-    """A filesystem path rather than a Hub id ("name" or "owner/name")?"""
-    if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
-        return True
-    first = name.split("/")[0]
-    return Path(name).exists() or ("/" in name and Path(first).is_dir())
-
-
 def load_model(name_or_path=TINY_BASE, dtype: torch.dtype = torch.float32,
                attn_implementation: str | None = None, device=None):
     """Load a causal LM and its tokenizer (``trust_remote_code=False``, safetensors only).
@@ -436,7 +428,7 @@ def load_model(name_or_path=TINY_BASE, dtype: torch.dtype = torch.float32,
         if name_or_path in KNOWN:                 # "smollm2" -> its cache folder, or how to fetch it
             name_or_path = resolve(name_or_path)
     name = os.fspath(name_or_path)
-    local = isinstance(name_or_path, Path) or _looks_local(name)
+    local = isinstance(name_or_path, Path) or looks_local(name)
     if local:
         path = Path(name).expanduser()
         if not path.exists():

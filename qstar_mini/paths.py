@@ -11,3 +11,11 @@ DATA_DIR = REPO_ROOT / "data"
 TINY_BASE = DATA_DIR / "tiny-base"            # base whose visible working is always right
 TINY_BASE_NOISY = DATA_DIR / "tiny-base-noisy"  # base whose working is only partly right
 RUNS_DIR = REPO_ROOT / "runs"
+
+
+def looks_local(name: str) -> bool:
+    """A filesystem path rather than a Hub id ("name" or "owner/name")?"""
+    if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    first = name.split("/")[0]
+    return Path(name).exists() or ("/" in name and Path(first).is_dir())
