@@ -250,7 +250,7 @@ def run_arm(tier: Tier, arm: Arm, seed: int, out_dir: Path, *, base_model=None, 
 
 # ----------------------------------------------------------------------------- the base
 
-def evaluate_base(tier: Tier, seed: int = 0, test_records=None) -> dict:
+def evaluate_untrained_base(tier: Tier, seed: int = 0, test_records=None) -> dict:
     """The untrained base on the held-out lines (plain prediction), and its thoughts (meta-tokens
     initialised as in training) at several sampling temperatures."""
     from .models import load_model
@@ -322,7 +322,7 @@ def run_tier(tier: Tier, seeds, out_dir: Path, *, progress: bool = True, log=_lo
     records = answer_only(read_jsonl(DATA_DIR / "test.jsonl"))[: tier.eval_lines]
     base_model, _ = load_model(tier.base)
     log(f"[{tier.name}] base {tier.base.name}: evaluating")
-    base = evaluate_base(tier, seeds[0], records)
+    base = evaluate_untrained_base(tier, seeds[0], records)
     results: dict[str, list[dict]] = {arm.name: [] for arm in tier.arms}
     for seed in seeds:
         for arm in tier.arms:
