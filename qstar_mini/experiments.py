@@ -24,64 +24,23 @@ Arms are defined in :data:`TIER1` / :data:`TIER2` (one :class:`Arm` each); :func
 trains and evaluates them for every seed, :func:`aggregate` turns per-seed numbers into
 ``{"mean", "std", "per_seed"}``, :func:`write_report` writes ``report.json`` and the plots.
 
-* :func:`run_demo_pipeline`: ``make demo``, one seed, a few CPU minutes.
-* :func:`run_reproduction`: ``make reproduce``, three seeds and the controls (an hour or so).
+* :func:`run_demo_pipeline`: ``make demo``, one seed.
+* :func:`run_reproduction`: ``make reproduce``, three seeds and the controls.
+* :func:`run_ablations`: ``python -m qstar_mini.experiments ablations``, one seed of each of
+  :data:`ABLATIONS`; :func:`run_differences` (``... differences``) does the same for
+  :data:`DIFFERENCES` on tier 1.
 
 "Think only where it matters": both tiers think only before the answer digit
-(``think_where="answer"``), which makes a step ~9x cheaper than a thought after every token
-(the paper's default, ``think_where="all"``); :func:`run_reproduction` also runs tier 1 with
+(``think_where="answer"``), so one position of a line thinks instead of every one (the
+paper's default, ``think_where="all"``); :func:`run_reproduction` also runs tier 1 with
 every position thinking, so the faithful variant is measured too.
 
-What was measured (``run_reproduction()``, 2 shared CPU cores, 1 thread, 53 minutes; 500
-held-out answer-only test lines; mean +- std over seeds 0, 1, 2)
---------------------------------------------------------------------------------------------
-
-Tier 1 (``tiny-base``; 150 steps of 32 lines, 4 thoughts of t = 7, n_true = 2)::
-
-    model                          answer NLL      answer acc      all-token NLL
-    base                           3.047           0.000           1.821
-    control (no thought)           2.316 +- 0.004  0.109 +- 0.009  1.729 +- 0.000
-    Quiet-STaR (think at "=")      0.028 +- 0.021  0.996 +- 0.003  1.443 +- 0.002
-    Quiet-STaR (every position)    0.023 +- 0.013  0.998 +- 0.002  1.443 +- 0.001
-
-The gain is all on the hard token: binned by the base's loss, tokens under 0.1 nats gain 0,
-the [2, 3) bin (mostly the random question digits) 0.15, the >= 3 bin (answers) 3.05 nats.
-But the base's thought was already right (99.6%): tier 1 shows that thinking *helps*, not
-that it is *learned*. Thinking everywhere took 234 s per run against 83 s.
-
-Tier 2 (``tiny-base-noisy``; 300 steps of 32 lines, 8 thoughts; right working in the thought
-after ``=``: validation at T = 1 before -> after training, then test sampled (greedy))::
-
-    model              answer NLL      answer acc      right thoughts       test: T=1 (greedy)
-    base               3.883           0.000           -                    0.336 (0.774)
-    control            2.308 +- 0.002  0.097 +- 0.006  0.314 -> 0.001       -
-    Quiet-STaR         0.926 +- 0.048  0.664 +- 0.036  0.314 -> 0.605       0.626 +- 0.033 (0.710 +- 0.034)
-    policy off         2.306 +- 0.002  0.097 +- 0.004  0.314 -> 0.000       0.001 (0.001)
-    shuffled rewards   1.574 +- 0.138  0.356 +- 0.042  0.314 -> 0.098       0.094 +- 0.031 (0.100 +- 0.038)
-    policy off, mixed  2.002 +- 0.047  0.342 +- 0.025  0.314 -> 0.271       0.286 +- 0.032 (0.715 +- 0.048)
-    base by temperature: 0.25 -> 0.732, 0.5 -> 0.686, 0.75 -> 0.560, 1 -> 0.336, greedy -> 0.774
-
-So the reward does cause the rise of right sampled thoughts (0.31 -> 0.61, against 0.00, 0.10
-and 0.27 for the three controls), but the result does **not** beat the base's own best
-temperature (greedy 0.774, T = 0.25 0.732): Quiet-STaR's greedy thoughts (0.710) are no better
-than those of the policy-off run that cannot forget (0.715). At this budget REINFORCE sharpens
-the base's distribution; it does not teach better working. One 1000-step run (seed 0, 8
-thoughts) reached 0.66 sampled / 0.68 greedy, still below. What we believe it would take:
-many more steps with a reward that separates right from wrong *working* (here only the last
-running sum decides the answer) and less pressure to forget (the base LM loss on answer-only
-lines erodes the skill the thoughts rest on).
-
-Single-seed ablations (seed 0, tier 2 with 4 thoughts unless said; test T=1 (greedy) right
-thoughts, answer NLL): default 0.54 (0.64), 1.04; 8 thoughts 0.62 (0.70), 0.93;
-reinforce temperature 1 instead of 3: 0.07 (0.08), 1.38 (the policy collapses); thought
-temperature 0.5 (8 thoughts): 0.58 (0.74), 1.16; base loss weight 0 (8 thoughts): 0.62 (0.71),
-0.93; LM lr 3e-4: 0.00 (0.00), 2.31 (working destroyed, w falls to 0.15); meta-tokens from "-"
-instead of "(" / ")": 0.00, 2.31 (also in tier 1: 2.31, no gain); n_true 1: 0.06 (0.06), 1.05
-(the thoughts help the answer without being the working); thought length 5 (3 sampled tokens,
-too short for five running sums): 0.00, 2.31; policy off without forgetting (4 thoughts):
-0.25 (0.63). ``mixing="logprob"`` (the paper's formula) could not be measured: its first
-backward pass gives NaN gradients (0 * -inf at the meta-token columns in
-``qstar_mini.mixing.mix_log_probs``).
+**What was measured** is kept in one place, not here: README.md, section "Results: a
+miniature reproduction" (both tiers, every control, the single-seed ablations, with the
+commands), and in full (per seed: all-token NLL, test-line thought correctness, the base by
+temperature, seconds per run) in ``docs/results/reproduce_report.json``. How long each
+command takes: README.md, section "How long things take". The tier-1 differences from the
+official code: ``docs/differences.md``.
 """
 
 from __future__ import annotations
@@ -500,7 +459,8 @@ def run_demo_pipeline(out_dir=RUNS_DIR / "demo", seeds=(0,), *, progress: bool =
 
 
 def run_reproduction(seeds=(0, 1, 2), out_dir=RUNS_DIR / "reproduce", *, progress: bool = False) -> dict:
-    """``make reproduce``: both tiers over three seeds, with every control (about 50 CPU minutes)."""
+    """``make reproduce``: both tiers over three seeds, with every control (its time: README.md,
+    "How long things take")."""
     return _run([TIER1_REPRO, TIER2_REPRO], seeds, out_dir,
                 "make reproduce (qstar_mini.experiments.run_reproduction)", progress)
 
@@ -508,8 +468,8 @@ def run_reproduction(seeds=(0, 1, 2), out_dir=RUNS_DIR / "reproduce", *, progres
 def run_ablations(out_dir=RUNS_DIR / "ablations", seed: int = 0, arms=ABLATIONS, *, tier: Tier = TIER2,
                   progress: bool = False) -> dict:
     """One seed of each ablation (default :data:`ABLATIONS` on tier 2) next to the tier's
-    default; prints one JSON line per arm and writes ``<tier>_ablations.json`` (about 2 CPU
-    minutes per arm)."""
+    default; prints one JSON line per arm and writes ``<tier>_ablations.json`` (the measured
+    figures: README.md, "Results: a miniature reproduction")."""
     torch.set_num_threads(1)
     out_dir = Path(out_dir)
     tier = dataclasses.replace(tier, arms=(QUIET_STAR, *arms))
