@@ -1,7 +1,11 @@
 """The ``qstar-mini`` command line: subcommands listed, files written, and every bad input
 reported as ONE line on stderr with exit status 2, no traceback, nothing written.
 
-The command runs in a subprocess (``python -m qstar_mini``), exactly as a user runs it.
+Almost everything calls ``qstar_mini.cli.main([...])`` in this process (it returns the exit
+status; ``--help`` exits through argparse's SystemExit): the same code a user runs, without
+paying a Python + torch start-up per case. Two tests start real processes, for what only a
+real process shows: ``python -m qstar_mini`` and the installed ``qstar-mini`` script turn
+main()'s return value into the process's exit status and print where a user sees it.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,51 +26,66 @@ from qstar_mini.paths import REPO_ROOT
 SMALL = ["--n-train", "40", "--n-valid", "10", "--n-test", "10", "--n-gsm", "4"]
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``python -m qstar_mini ARGS`` in a subprocess; works without a pip install too."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, "-m", "qstar_mini", *args],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=300,
-    )
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> str:
+def run_cli(capsys, *args: str) -> Result:
+    """``qstar-mini ARGS`` in this process: exit status, stdout, stderr."""
+    capsys.readouterr()                                   # start from empty buffers
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exit:                            # --help, --version
+        code = exit.code
+    out, err = capsys.readouterr()
+    return Result(code, out, err)
+
+
+def assert_one_line_error(result: Result, *words: str) -> str:
     """Exit status 2, exactly one line on stderr, ``qstar-mini: error: ...``, no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    assert result.code == 2, (result.code, result.err)
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
     line = lines[0]
     assert line.startswith("qstar-mini: error: "), line
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.err
     for word in words:
         assert word in line, (word, line)
     return line
 
 
+def snapshot(folder: Path) -> dict:
+    """Every path under ``folder`` with its bytes (None for a folder): to check nothing was written."""
+    return {str(p.relative_to(folder)): (None if p.is_dir() else p.read_bytes()) for p in folder.rglob("*")}
+
+
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
-    result = run_cli("data", "--out", str(out), *SMALL)
-    assert result.returncode == 0, result.stderr
+    assert cli.main(["data", "--out", str(out), *SMALL]) == 0
     return out
 
 
 # ---- what works -----------------------------------------------------------------------------
 
-def test_help_lists_the_subcommands():
-    result = run_cli("--help")
-    assert result.returncode == 0, result.stderr
-    for command in ("data", "pretrain", "demo"):
-        assert command in result.stdout
+def test_help_lists_every_subcommand(capsys):
+    result = run_cli(capsys, "--help")
+    assert result.code == 0, result.err
+    names = cli.build_parser().command_names
+    assert {"data", "pretrain", "demo", "train", "eval", "bench", "models"} <= set(names)
+    for command in names:
+        assert command in result.out
 
 
-@pytest.mark.parametrize("command", ["data", "pretrain", "demo"])
-def test_each_subcommand_has_help(command):
-    result = run_cli(command, "--help")
-    assert result.returncode == 0, result.stderr
-    assert f"qstar-mini {command}" in result.stdout
+@pytest.mark.parametrize("command", ["data", "pretrain", "demo", "train", "eval", "bench", "assignments",
+                                     "models"])
+def test_each_subcommand_has_help(capsys, command):
+    result = run_cli(capsys, command, "--help")
+    assert result.code == 0, result.err
+    assert f"qstar-mini {command}" in result.out and "--help" in result.out
 
 
 def test_data_writes_the_corpus(small_corpus):
@@ -76,91 +96,60 @@ def test_data_writes_the_corpus(small_corpus):
     assert json.loads((small_corpus / "corpus_config.json").read_text())["n_train"] == 40
 
 
-def test_data_is_byte_identical_when_regenerated(small_corpus, tmp_path):
-    result = run_cli("data", "--out", str(tmp_path), *SMALL, cwd=tmp_path)  # another cwd too
-    assert result.returncode == 0, result.stderr
-    for path in small_corpus.iterdir():
-        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+def test_data_is_byte_identical_when_regenerated(small_corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)                                      # from another cwd too
+    result = run_cli(capsys, "data", "--out", str(tmp_path / "again"), *SMALL)
+    assert result.code == 0, result.err
+    assert snapshot(tmp_path / "again") == snapshot(small_corpus)
 
 
 # ---- bad input: one line, exit 2, nothing written -------------------------------------------------
 
-def test_negative_n_train_is_one_line_and_writes_nothing(tmp_path):
-    out = tmp_path / "corpus"
-    result = run_cli("data", "--n-train", "-5", "--out", str(out))
-    assert_one_line_error(result, "n_train")
-    assert not out.exists()
+BAD = [
+    # data: impossible corpus configs, bad flags, an --out that is a file
+    (["data", "--n-train", "-5", "--out", "{tmp}/out"], ["n_train must be >= 1"]),
+    (["data", "--frac-working", "1.5", "--out", "{tmp}/out"], ["frac_working"]),
+    (["data", "--working-error", "-0.1", "--out", "{tmp}/out"], ["working_error"]),
+    (["data", "--task", "nope", "--out", "{tmp}/out"], ["nope"]),
+    (["data", "--n-test", "0", "--out", "{tmp}/out"], ["n_test"]),
+    (["data", "--n-train", "many", "--out", "{tmp}/out"], ["--n-train"]),
+    (["data", "--bogus"], ["--bogus"]),
+    (["data", "--out", "{tmp}/a-file", *SMALL], ["not a folder"]),
+    # pretrain
+    (["pretrain", "--out", "{tmp}/out", "--steps", "0"], ["steps"]),
+    (["pretrain", "--out", "{tmp}/out", "--frac-working", "2"], ["frac_working"]),
+    (["pretrain", "--out", "{tmp}/out", "--arch", "gpt"], ["--arch"]),
+    # no command, an unknown one
+    ([], ["no command given", "data"]),
+    (["frobnicate"], ["invalid choice: 'frobnicate'"]),
+    # demo reads the test split before it loads any model
+    (["demo", "--data", "{tmp}/broken", "--n", "4"], ["test.jsonl", "JSON"]),
+    (["demo", "--data", "{tmp}/nowhere", "--n", "4"], ["test.jsonl"]),
+    (["demo", "--data", "{corpus}", "--model", "{tmp}/no-such-model", "--n", "4"], ["no-such-model"]),
+    # train and eval
+    (["train", "--model", "/nonexistent/model", "--steps", "1", "--out", "{tmp}/run"],
+     ["/nonexistent/model does not exist"]),
+    (["train", "--data", "{tmp}/broken.jsonl", "--steps", "1", "--out", "{tmp}/run"],
+     ["broken.jsonl line 2 is not valid JSON"]),
+    (["train", "--thought-length", "2", "--steps", "1", "--out", "{tmp}/run"], ["thought_length"]),
+    (["train", "--memory", "cheap", "--steps", "1", "--out", "{tmp}/run"], ["invalid choice: 'cheap'"]),
+    (["eval", "--model", "/nonexistent/model"], ["/nonexistent/model does not exist"]),
+]
 
 
-@pytest.mark.parametrize("flag, value, word", [
-    ("--frac-working", "1.5", "frac_working"),
-    ("--working-error", "-0.1", "working_error"),
-    ("--task", "nope", "nope"),
-    ("--n-test", "0", "n_test"),
-])
-def test_impossible_corpus_config_is_one_line(tmp_path, flag, value, word):
-    out = tmp_path / "corpus"
-    assert_one_line_error(run_cli("data", flag, value, "--out", str(out)), word)
-    assert not out.exists()
+@pytest.mark.parametrize("args, words", BAD, ids=[" ".join(a[:2]) or "(none)" for a, _ in BAD])
+def test_bad_input_is_one_line_status_2_and_writes_nothing(small_corpus, tmp_path, capsys, args, words):
+    (tmp_path / "a-file").write_text("keep me")
+    (tmp_path / "broken.jsonl").write_text('{"text": "12345=5"}\nthis is not json\n')
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "test.jsonl").write_text("31415=(34894)4\nthis is not JSON\n")
+    before = snapshot(tmp_path)
+    result = run_cli(capsys, *[a.format(tmp=tmp_path, corpus=small_corpus) for a in args])
+    assert_one_line_error(result, *words)
+    assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("args, word", [
-    (["--steps", "0"], "steps"),
-    (["--frac-working", "2"], "frac_working"),
-    (["--arch", "gpt"], "--arch"),
-])
-def test_impossible_pretrain_options_are_one_line(tmp_path, args, word):
-    out = tmp_path / "model"
-    assert_one_line_error(run_cli("pretrain", "--out", str(out), *args), word)
-    assert not out.exists()
-
-
-def test_unknown_subcommand_is_one_line():
-    assert_one_line_error(run_cli("frobnicate"), "frobnicate")
-
-
-def test_no_subcommand_is_one_line():
-    assert_one_line_error(run_cli(), "data")
-
-
-def test_bad_flag_value_is_one_line(tmp_path):
-    assert_one_line_error(run_cli("data", "--n-train", "many", "--out", str(tmp_path / "x")), "--n-train")
-    assert not (tmp_path / "x").exists()
-
-
-def test_unknown_flag_is_one_line():
-    assert_one_line_error(run_cli("data", "--bogus"), "--bogus")
-
-
-def test_out_that_is_a_file_is_one_line(tmp_path):
-    out = tmp_path / "a-file"
-    out.write_text("keep me")
-    assert_one_line_error(run_cli("data", "--out", str(out), *SMALL), "not a folder")
-    assert out.read_text() == "keep me"
-
-
-def test_data_file_that_is_not_jsonl_is_one_line(small_corpus, tmp_path):
-    # `demo` reads the test split before it loads any model.
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "test.jsonl").write_text("31415=(34894)4\nthis is not JSON\n")
-    line = assert_one_line_error(run_cli("demo", "--data", str(broken), "--n", "4"), "test.jsonl")
-    assert "JSON" in line
-    assert sorted(p.name for p in broken.iterdir()) == ["test.jsonl"]
-
-
-def test_missing_data_file_is_one_line(tmp_path):
-    assert_one_line_error(run_cli("demo", "--data", str(tmp_path / "nowhere"), "--n", "4"), "test.jsonl")
-
-
-def test_model_path_that_does_not_exist_is_one_line(small_corpus, tmp_path):
-    missing = tmp_path / "no-such-model"
-    assert_one_line_error(run_cli("demo", "--data", str(small_corpus), "--model", str(missing), "--n", "4"),
-                          "no-such-model")
-    assert not missing.exists()
-
-
-# ---- main() in-process: Ctrl-C, library errors, real bugs -----------------------------------------
+# ---- main(): Ctrl-C, library errors, real bugs -------------------------------------------------
 
 def _add_command(name, exc):
     def add(subparsers):
@@ -191,3 +180,28 @@ def test_unexpected_exceptions_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + [_add_command("bug", ZeroDivisionError("a bug"))])
     with pytest.raises(ZeroDivisionError):
         cli.main(["bug"])
+
+
+# ---- real processes: what the user's shell sees -------------------------------------------------
+
+def test_python_m_qstar_mini_exits_with_mains_status(tmp_path):
+    """``python -m qstar_mini`` (no pip install needed): a bad command is one line and status 2."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-m", "qstar_mini", "frobnicate"], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("qstar-mini: error: ") and "invalid choice: 'frobnicate'" in line
+    assert result.stdout == ""
+
+
+def test_installed_qstar_mini_command_runs(tmp_path):
+    """The console script pip installed (``make test`` installs the package first) runs main()."""
+    script = Path(sys.executable).with_name("qstar-mini")
+    if not script.exists():
+        pytest.skip(f"qstar-mini is not installed next to {sys.executable} (pip install -e .)")
+    result = subprocess.run([str(script), "data", "--out", str(tmp_path / "c"), *SMALL], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "train.jsonl" in result.stdout and len((tmp_path / "c" / "train.jsonl").read_text().splitlines()) == 40
