@@ -2,11 +2,11 @@
 
 Quiet-STaR starts from a pretrained LM (Mistral-7B in the paper). Ours is a ~0.8M-parameter
 Mistral (the paper's architecture, shrunk) pretrained from scratch on the corpus of
-:mod:`qstar_mini.data` in a few CPU minutes. After pretraining it has learned two things:
+:mod:`qstar_mini.data` on a CPU. After pretraining it has learned two things:
 
-* with visible working, ``31415=(34894)4``, the answer is a copy of the last running sum:
-  accuracy about 100%;
-* without it, ``31415=4``, it cannot add five digits in one forward pass: about 10% (chance).
+* with visible working, ``31415=(34894)4``, the answer is a copy of the last running sum,
+  and it gets it right;
+* without it, ``31415=4``, it cannot add five digits in one forward pass: it is at chance.
 
 That gap is the room a thought can fill. :func:`evaluate_base` measures it, and also how often
 the model's own *sampled* working ``31415=(....`` is right (the thoughts Quiet-STaR starts from).
@@ -15,19 +15,9 @@ Two bases are shipped in ``data/``: ``tiny-base`` (clean working, half the train
 working) and ``tiny-base-noisy`` (12% of working steps wrong, 80% of lines with working), whose
 own working is right only part of the time, which leaves REINFORCE something to improve.
 
-Measured (``pretrain_report.json``, 1000 test lines, 4000 steps of 64 lines, one CPU thread,
-about 7-10 minutes each on a shared laptop-class core):
-
-==========================================  =========  ===============
-                                            tiny-base  tiny-base-noisy
-==========================================  =========  ===============
-answer accuracy / NLL, with working         1.00/0.00  1.00/0.61
-answer accuracy / NLL, answer only          0.10/3.05  0.10/3.88
-own working right, sampled at T=1 / greedy  1.00/1.00  0.34/0.77
-==========================================  =========  ===============
-
-(The noisy base trusts correct working less, NLL 0.61: in its corpus the answer differs from
-the last running sum whenever a mistake was carried forward.)
+What they measure (accuracies, NLLs, own working right, pretraining time) is written by
+:func:`pretrain` to ``data/<base>/pretrain_report.json`` and tabulated in README.md, section
+"Data and the tiny base model"; it is not repeated here.
 
 Tokenizer: one token per character (``tokenizers`` WordLevel over single characters, every
 character split off by the pre-tokenizer, a ``Fuse`` decoder so decoding inserts no spaces).
