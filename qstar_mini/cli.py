@@ -259,7 +259,7 @@ def add_assignments_command(subparsers) -> None:
     def run_assignments(args: argparse.Namespace) -> int:
         import nbformat
 
-        from .assignments import NOTEBOOKS_DIR, solution_cells, write_assignments
+        from .teaching.assignments import NOTEBOOKS_DIR, solution_cells, write_assignments
 
         written = write_assignments(_existing_dir_or_new(args.out), Path(args.notebooks or NOTEBOOKS_DIR),
                                     include_all=args.include_all, clear_all_outputs=args.clear_outputs)

@@ -1,4 +1,4 @@
-"""Student notebooks (``qstar_mini.assignments``, ``qstar-mini assignments``).
+"""Student notebooks (``qstar_mini.teaching.assignments``, ``qstar-mini assignments``).
 
 What must hold: a student copy contains no solution code and no hidden test; run as generated,
 every check fails with its "not implemented yet" message; with the reference solutions pasted
@@ -25,9 +25,9 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from qstar_mini import cli
-from qstar_mini.assignments import (CODE_STUB, NOT_COLLECTED, NOTEBOOKS_DIR, TEST_PATHS,
-                                    make_student_notebook, solution_cells, write_assignments)
-from qstar_mini.checks import CheckFailed
+from qstar_mini.teaching.assignments import (CODE_STUB, NOT_COLLECTED, NOTEBOOKS_DIR, TEST_PATHS,
+                                             make_student_notebook, solution_cells, write_assignments)
+from qstar_mini.teaching.checks import CheckFailed
 from qstar_mini.errors import QStarError
 from qstar_mini.paths import REPO_ROOT
 
@@ -63,7 +63,7 @@ def synthetic_notebook():
         code("imports", "import torch", count=1),
         code("explain", "print(torch.arange(3).tolist())", "[0, 1, 2]\n", 2, **timing),
         code("exercise", EXERCISE, count=3, **timing),
-        code("check", "from qstar_mini import checks\n\nchecks.check_position_ids(my_step_position_ids)",
+        code("check", "from qstar_mini.teaching import checks\n\nchecks.check_position_ids(my_step_position_ids)",
              "check_position_ids: passed (7 random padded batches, steps 0-7)\n", 4),
         code("visible-and-hidden",
              "assert my_step_position_ids(torch.ones(1, 3, dtype=torch.long), 1).tolist() == [[1, 2, 3]]\n"

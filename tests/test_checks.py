@@ -7,8 +7,8 @@ Each wrong implementation below is a mistake students make; the check must name 
 import pytest
 import torch
 
-from qstar_mini import checks
-from qstar_mini.checks import CheckFailed
+from qstar_mini.teaching import checks
+from qstar_mini.teaching.checks import CheckFailed
 from qstar_mini.losses import future_targets, reinforce_loss, rewards
 from qstar_mini.masks import causal_visibility, step_position_ids, thought_visibility
 from qstar_mini.meta_tokens import init_embedding

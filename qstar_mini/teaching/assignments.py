@@ -2,7 +2,7 @@
 
 The notebooks in ``notebooks/`` are the instructor's versions: each exercise is a code cell whose
 solution sits between nbgrader's markers, and the cell after it runs a check from
-:mod:`qstar_mini.checks`::
+:mod:`qstar_mini.teaching.checks`::
 
     def my_step_position_ids(attention_mask, step):          # exercise (solution) cell
         ### BEGIN SOLUTION
@@ -58,8 +58,8 @@ from pathlib import Path
 
 import nbformat
 
-from .errors import ConfigError, DataError
-from .paths import REPO_ROOT
+from ..errors import ConfigError, DataError
+from ..paths import REPO_ROOT
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
@@ -76,7 +76,7 @@ HIDDEN_TEST_TAGS = frozenset({"hidden-tests", "hidden_tests", "hidden-test", "hi
 TEST_PATHS = ("tests", "notebooks")
 NOT_COLLECTED = ("assignments", "student", "students")
 
-_CHECK_CALL = re.compile(r"\bcheck_\w+\s*\(")   # a call of a qstar_mini.checks check
+_CHECK_CALL = re.compile(r"\bcheck_\w+\s*\(")   # a call of a qstar_mini.teaching.checks check
 _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 
 

@@ -47,9 +47,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .losses import future_targets, reinforce_loss, rewards
-from .masks import step_position_ids, thought_visibility
-from .mixing import mix_log_probs
+from ..losses import future_targets, reinforce_loss, rewards
+from ..masks import step_position_ids, thought_visibility
+from ..mixing import mix_log_probs
 
 __all__ = ["CheckFailed", "check_thought_mask", "check_position_ids", "check_meta_init",
            "check_mix_hidden", "check_future_targets", "check_rewards", "check_reinforce_loss"]
@@ -281,7 +281,7 @@ def check_position_ids(fn: Callable, seed: int = 0) -> None:
 # ============================================================================ notebook 03: meta-tokens
 
 def _small_model_and_tokenizer(seed: int):
-    from .models import build_tokenizer, tiny_model
+    from ..models import build_tokenizer, tiny_model
 
     tok = build_tokenizer()
     model = tiny_model(tok, seed=seed, hidden_size=16, num_hidden_layers=1, intermediate_size=32,
@@ -295,7 +295,7 @@ def check_meta_init(fn: Callable, seed: int = 0, model=None, tokenizer=None, how
     ``how="mean"`` (the exercise, the tiny preset's ``meta_init``) the mean of the input
     embeddings of the tokens of ``text``; ``how="first"`` (the official code) the embedding of
     its first token. A tuple ``(vector, ids)`` like the reference's is accepted too."""
-    from .meta_tokens import init_embedding
+    from ..meta_tokens import init_embedding
 
     name = "check_meta_init"
     if how not in ("mean", "first"):
