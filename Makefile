@@ -73,8 +73,8 @@ data: $(STAMP_RUN)
 # Two bases: clean working (the corpus in data/), and a noisy one whose own working is only
 # partly right (a corpus made in memory: more lines with working, some steps deliberately wrong).
 pretrain: $(STAMP_RUN)
-	$(PY) -m qstar_mini pretrain --data $(DATA_DIR) --out $(TINY_BASE)
-	$(PY) -m qstar_mini pretrain --out $(TINY_BASE_NOISY) $(NOISY_FLAGS)
+	$(PY) -m qstar_mini pretrain --data $(DATA_DIR) --out $(TINY_BASE) --overwrite
+	$(PY) -m qstar_mini pretrain --out $(TINY_BASE_NOISY) --overwrite $(NOISY_FLAGS)
 
 # A real pretrained model (SmolLM2-135M-Instruct), downloaded and converted once into the cache
 # (QSTAR_MINI_CACHE, else ~/.cache/qstar_mini); the real extra brings gguf, needed to convert it.

@@ -529,9 +529,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args) -> int:
+    from .runs import check_file_writable
+
+    if args.json:
+        check_file_writable(args.json, "--json")          # before minutes of timing, not after
     sizes = None
-    if args.sizes:
+    if args.sizes is not None:
         sizes = tuple(x.strip() for x in args.sizes.split(",") if x.strip())
+        if not sizes:
+            raise ConfigError(f"--sizes {args.sizes!r} names no size; choose from {sorted(SIZES)}")
         unknown = [x for x in sizes if x not in SIZES]
         if unknown:
             raise ConfigError(f"unknown --sizes {unknown}; choose from {sorted(SIZES)}")
