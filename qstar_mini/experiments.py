@@ -338,7 +338,7 @@ def write_plots(summary: dict, out_dir: Path, prefix: str) -> list[str]:
     """Loss curves, which-tokens-benefit, w over positions, thought correctness, model bars."""
     import matplotlib.pyplot as plt
 
-    from . import viz
+    from .teaching import plots as viz
 
     runs = summary["_runs"]
     paths = []

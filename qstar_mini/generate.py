@@ -242,6 +242,27 @@ def _colour(value: float, color_by: str, scale: float) -> str:
     return f"rgba(46, 160, 67, {a:.2f})" if value >= 0 else f"rgba(215, 58, 73, {a:.2f})"
 
 
+def visible_text(text: str) -> str:
+    """``text`` escaped for HTML with its whitespace made visible: a newline as a return symbol,
+    spaces as ``&nbsp;``, an empty token as one space."""
+    return html.escape(text).replace("\n", "\u23ce").replace(" ", "&nbsp;") or "&nbsp;"
+
+
+#: How :func:`render_html` draws one token (``style`` gives its background).
+TOKEN_SPAN = '<span style="{style};font-family:monospace;padding:1px 0" title="{title}">{text}</span>'
+
+
+def coloured_spans(tokens: list[str], styles: list[str], titles: list[str], template: str = TOKEN_SPAN) -> str:
+    """Coloured text: token i written with ``template`` as :func:`visible_text`, with CSS
+    ``styles[i]`` (its background) and ``titles[i]`` (escaped) on hover.
+
+    Both coloured-text views draw with it: :func:`render_html` and
+    :func:`qstar_mini.teaching.plots.coloured_text`.
+    """
+    return "".join(template.format(style=style, title=html.escape(title, quote=True), text=visible_text(token))
+                   for token, style, title in zip(tokens, styles, titles))
+
+
 def render_html(steps: list[dict], color_by: str = "w", prompt: str = "", show_thoughts: bool = True) -> str:
     """Text coloured by ``w`` (how much the thought was trusted) or ``reward`` (how much it
     helped), each token's thought on hover (``title``) and, if ``show_thoughts``, listed below.
@@ -252,17 +273,15 @@ def render_html(steps: list[dict], color_by: str = "w", prompt: str = "", show_t
     if color_by not in ("w", "reward"):
         raise ValueError(f"color_by must be 'w' or 'reward' (got {color_by!r})")
     scale = max([abs(s.get("reward", 0.0)) for s in steps] + [1e-9])
-    spans = []
-    for i, s in enumerate(steps):
-        value = float(s.get(color_by, 0.0))
-        title = f"#{i} thought: {s.get('thought', '')} | w = {s.get('w', 0.0):.3f} | reward = {s.get('reward', 0.0):+.3f}"
-        token = s["token"].replace("\n", "\u23ce")
-        spans.append(f'<span style="background:{_colour(value, color_by, scale)};font-family:monospace;'
-                     f'padding:1px 0" title="{html.escape(title, quote=True)}">{html.escape(token)}</span>')
+    spans = coloured_spans(
+        [s["token"] for s in steps],
+        [f"background:{_colour(float(s.get(color_by, 0.0)), color_by, scale)}" for s in steps],
+        [f"#{i} thought: {s.get('thought', '')} | w = {s.get('w', 0.0):.3f} | reward = {s.get('reward', 0.0):+.3f}"
+         for i, s in enumerate(steps)])
     legend = ("green = w high (thought trusted)" if color_by == "w"
               else "green = thought helped, red = thought hurt")
     parts = [f'<div class="qstar-thoughts"><div style="font-family:monospace;font-size:1.2em">'
-             f'<span style="color:#666">{html.escape(prompt)}</span>{"".join(spans)}</div>',
+             f'<span style="color:#666">{html.escape(prompt)}</span>{spans}</div>',
              f'<div style="color:#666;font-size:0.8em">coloured by {color_by}: {legend}; hover a token for its thought</div>']
     if show_thoughts:
         rows = "".join(

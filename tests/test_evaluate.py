@@ -147,7 +147,7 @@ def test_plots_return_figures_and_write_pngs(tmp_path):
     import matplotlib
     from matplotlib.figure import Figure
 
-    from qstar_mini import viz
+    from qstar_mini.teaching import plots as viz
     from qstar_mini.masks import thought_visibility
 
     metrics = [{"kind": "train", "step": s, "loss": 3.0 / s, "base_nll": 2.0, "talk_nll": 1.0 / s} for s in range(1, 20)]
@@ -163,13 +163,13 @@ def test_plots_return_figures_and_write_pngs(tmp_path):
                                      "quiet_star": {"answer_nll": {"mean": 0.2, "std": 0.1},
                                                     "answer_acc": {"mean": 0.9, "std": 0.02}}},
                                     path=tmp_path / "bars.png"),
-        "mask": viz.plot_mask(thought_visibility(torch.ones(1, 4), 2)[0, 0], block=4, path=tmp_path / "mask.png"),
+        "mask": viz.plot_mask(None, thought_visibility(torch.ones(1, 4), 2)[0, 0], 4, path=tmp_path / "mask.png"),
     }
     for name, fig in figs.items():
         assert isinstance(fig, Figure), name
     assert len(list(tmp_path.rglob("*.png"))) == 6
     assert matplotlib.get_backend().lower() == "agg"             # headless here
     with pytest.raises(ValueError):
-        viz.plot_mask(torch.ones(2, 2, 2))
+        viz.plot_mask(None, torch.ones(2, 2, 2), 2)
     import matplotlib.pyplot as plt
     plt.close("all")

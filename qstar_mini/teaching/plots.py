@@ -1,31 +1,43 @@
-"""Plots, for where a reader would rather look than read.
+"""Every plot of the notebooks and the reports, and the coloured text of notebooks 05 and 10.
 
-Every function returns the matplotlib ``Figure`` and, given ``path``, also saves it as a PNG
-(parent folders created). In a notebook the figure shows itself (end the line with ``;``);
-in a script or a test without a display the Agg backend is selected first, so nothing ever
-tries to open a window.
+Two kinds of function. The *figure* functions make a whole figure from run records: each returns
+the matplotlib ``Figure`` and, given ``path``, also saves it as a PNG (parent folders created).
+The *axes* functions draw one panel on a matplotlib ``Axes`` you pass, so a notebook lays out
+its own figure. In a notebook the figure shows itself (end the line with ``;``); in a script or
+a test without a display the Agg backend is selected first, so nothing ever tries to open a
+window. Nothing here computes anything the algorithm needs: the package's own functions do
+that, these only show it.
 
-=============================  ===============================================================
-function                       shows
-=============================  ===============================================================
-:func:`plot_losses`            training curves from ``metrics.jsonl`` (one or several runs)
-:func:`plot_eval_curves`       a held-out figure (answer NLL, right thoughts, ...) over training
-:func:`plot_thought_accuracy`  the fraction of right thoughts over training (tier 2)
+=================================  ===========================================================
+function                           shows
+=================================  ===========================================================
+:func:`plot_losses`                training curves from ``metrics.jsonl`` (one or several runs)
+:func:`plot_eval_curves`           a held-out figure (answer NLL, right thoughts, ...) over training
+:func:`plot_thought_accuracy`      the fraction of right thoughts over training (tier 2)
 :func:`plot_which_tokens_benefit`  improvement binned by the base model's loss (the paper's figure)
-:func:`plot_w_over_positions`  the mixing weight w at each position of a line
-:func:`plot_model_bars`        answer NLL / accuracy per model, mean +- std over seeds
-:func:`plot_mask`              an attention mask as a heatmap (True = may attend)
-=============================  ===============================================================
-"""
+:func:`plot_w_over_positions`      the mixing weight w at each position of a line
+:func:`plot_model_bars`            answer NLL / accuracy per model, mean +- std over seeds
+:func:`plot_mask`                  a Figure 3 attention mask as a heatmap, text and thought keys
+                                   apart (on your ``Axes`` or a figure of its own)
+:func:`plot_timings`               (axes) naive loop vs parallel thoughts, seconds per length
+:func:`coloured_text`              (HTML) tokens on backgrounds coloured by a value per token
+=================================  ===========================================================
 
+:func:`read_metrics` reads a ``metrics.jsonl`` file for them.
+"""
 from __future__ import annotations
 
+import html
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import torch
+
+from ..generate import coloured_spans
 
 
 def _headless() -> bool:
@@ -44,6 +56,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 COLOURS = {"base": "#888888", "baseline": "#1f77b4", "control": "#1f77b4", "quiet_star": "#2ca02c",
            "no_policy": "#ff7f0e", "shuffled_reward": "#d62728", "no_policy_mixed": "#9467bd",
            "quiet_star_all_positions": "#17becf"}
+MASK_COLOURS = ("#f4f4f4", "#2b6cb0")   # hidden, visible
+TEXT_COLOUR, THOUGHT_COLOUR = "#2b6cb0", "#dd6b20"
 
 
 def _save(fig, path) -> None:
@@ -231,30 +245,103 @@ def plot_model_bars(summary: dict, metrics=("answer_nll", "answer_acc"), path=No
     return fig
 
 
-def plot_mask(visible, path=None, title: str = "attention mask (dark = may attend)", block: int | None = None,
-              query_labels=None, key_labels=None):
-    """A boolean mask (query, key) as a heatmap; ``block`` draws a line every ``block`` keys
-    (e.g. seq, to separate the text from each thought step, as in Figure 3).
+def key_labels(seq: int, step: int, text: Sequence[str] | None = None) -> list[str]:
+    """Names of the keys of thought step ``step``: x_0 .. x_{seq-1}, then T(j,k) for each block.
 
-    visible: 2D bool array or tensor, True = may attend.
+    T(j,k) is thought token k of position j (k = 1 is <|startofthought|>)."""
+    text = list(text) if text is not None else [f"x{i}" for i in range(seq)]
+    return text + [f"T{j},{k}" for k in range(1, step + 1) for j in range(seq)]
+
+
+def plot_mask(ax, visible, seq: int, title: str | None = None, query: int | None = None,
+              text: Sequence[str] | None = None, labels: bool = True, path=None):
+    """Heatmap of one boolean mask (query, key): blue = may attend to text, orange = to a thought.
+
+    ax: the ``Axes`` to draw on, or ``None`` for a figure of its own sized to the mask.
+    visible: (query, key) bool tensor or array, key = seq * (1 + steps); the thought blocks are
+    separated by vertical lines. ``query`` outlines one row; ``text`` names the text keys.
+    returns: the Figure drawn on (also saved as a PNG at ``path`` if given).
     """
     import numpy as np
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Rectangle
 
-    grid = np.asarray(visible.detach().cpu() if hasattr(visible, "detach") else visible, dtype=float)
-    if grid.ndim != 2:
-        raise ValueError(f"plot_mask needs a 2D (query, key) mask; got shape {grid.shape}")
-    q, k = grid.shape
-    fig, ax = plt.subplots(figsize=(min(12, 1.5 + 0.35 * k), min(8, 1.2 + 0.35 * q)))
-    ax.imshow(grid, cmap="Greys", vmin=0, vmax=1, aspect="equal", interpolation="nearest")
-    if block:
-        for x in range(block, k, block):
-            ax.axvline(x - 0.5, color="#d62728", lw=1)
-    ax.set_xlabel("key")
-    ax.set_ylabel("query")
-    if query_labels is not None:
-        ax.set_yticks(range(q), query_labels, fontsize=7)
-    if key_labels is not None:
-        ax.set_xticks(range(k), key_labels, fontsize=7, rotation=90)
-    ax.set_title(title)
-    _save(fig, path)
-    return fig
+    v = torch.as_tensor(visible).detach().to("cpu", torch.int64).numpy()
+    if v.ndim != 2:
+        raise ValueError(f"plot_mask needs a 2D (query, key) mask; got shape {tuple(v.shape)}")
+    n_q, n_k = v.shape
+    if ax is None:
+        _, ax = plt.subplots(figsize=(min(12, 1.5 + 0.35 * n_k), min(8, 1.2 + 0.35 * n_q)))
+    steps = n_k // seq - 1
+    colour = np.where(np.arange(n_k) < seq, 1, 2)[None, :] * v            # 0 hidden, 1 text, 2 thought
+    ax.imshow(colour, cmap=ListedColormap([MASK_COLOURS[0], TEXT_COLOUR, THOUGHT_COLOUR]), vmin=0, vmax=2,
+              interpolation="nearest", aspect="equal")
+    for s in range(1, steps + 1):
+        ax.axvline(s * seq - 0.5, color="black", lw=1)
+    ax.set_xticks(range(n_k))
+    ax.set_yticks(range(n_q))
+    if labels:
+        ax.set_xticklabels(key_labels(seq, steps, text), rotation=90, fontsize=7)
+        rows = list(text) if text is not None else [f"x{j}" for j in range(n_q)]
+        ax.set_yticklabels([f"T{j},{steps}" for j in range(n_q)] if steps else rows, fontsize=7)
+    else:
+        ax.set_xticklabels([])
+        ax.set_yticklabels([])
+    ax.set_xticks(np.arange(-0.5, n_k, 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, n_q, 1), minor=True)
+    ax.grid(which="minor", color="white", lw=0.5)
+    ax.tick_params(which="minor", length=0)
+    if query is not None:
+        ax.add_patch(Rectangle((-0.5, query - 0.5), n_k, 1, fill=False, ec="crimson", lw=2))
+    ax.set_xlabel("keys: text" if not steps else "keys: text | one block per thought step")
+    ax.set_ylabel("queries")
+    if title:
+        ax.set_title(title, fontsize=10)
+    _save(ax.figure, path)
+    return ax.figure
+
+
+def plot_timings(ax, lengths: Sequence[int], naive: Sequence[float], parallel: Sequence[float]) -> None:
+    """Seconds per call against sequence length, both methods, with the ratio written on each point."""
+    ax.plot(lengths, naive, "o-", label="naive: one position at a time")
+    ax.plot(lengths, parallel, "o-", label="parallel: Figure 3 masks + KV cache")
+    for x, a, b in zip(lengths, naive, parallel):
+        ax.annotate(f"{a / b:.0f}x", (x, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length l")
+    ax.set_ylabel("seconds per batch of thoughts")
+    ax.legend(fontsize=8)
+
+
+# ---- coloured text (HTML) ------------------------------------------------------------------------
+
+#: How :func:`coloured_text` draws one token: a rounded chip, its value on hover.
+CHIP = ('<span title="{title}" style="{style};padding:2px 3px;margin:1px;font-family:monospace;'
+        'border-radius:3px">{text}</span>')
+
+
+def _hex(rgba) -> str:
+    r, g, b = (int(round(255 * c)) for c in rgba[:3])
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def coloured_text(tokens: Sequence[str], values: Sequence[float | None], vmax: float | None = None,
+                  cmap: str = "RdYlGn", fmt: str = "{:+.2f}", caption: str = "") -> str:
+    """HTML: each token on a background coloured by its value (red < 0 < green); ``None`` = grey.
+
+    Hovering a token shows its value. Values (and ``vmax``) are rounded with ``fmt`` before anything
+    is drawn, so the HTML is the same wherever the values agree to that precision. The tokens are
+    drawn by :func:`qstar_mini.generate.coloured_spans`, as :func:`~qstar_mini.generate.render_html`
+    draws generated text.
+    """
+    from matplotlib import colormaps
+
+    shown = [None if v is None else float(fmt.format(v)) for v in values]
+    scale = abs(float(fmt.format(vmax))) if vmax else max([abs(v) for v in shown if v is not None], default=0.0)
+    scale = scale or 1.0                                     # all zero: any scale gives the middle colour
+    cm = colormaps[cmap]
+    styles = ["background:#e2e2e2;color:#777" if v is None else
+              f"background:{_hex(cm(0.5 + 0.5 * max(-1.0, min(1.0, v / scale))))}" for v in shown]
+    titles = ["no value" if v is None else fmt.format(v) for v in shown]
+    cap = f'<div style="font-size:80%;color:#555">{html.escape(caption)}</div>' if caption else ""
+    return f'<div style="line-height:2">{coloured_spans(tokens, styles, titles, CHIP)}</div>{cap}'
