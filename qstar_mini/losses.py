@@ -116,18 +116,18 @@ def rewards(log_p_talk: torch.Tensor, valid: torch.Tensor, baseline: str = "mean
     return score
 
 
-def reinforce_loss(r: torch.Tensor, thought_logprobs: torch.Tensor, think: torch.Tensor,
+def reinforce_loss(r: torch.Tensor, thought_logprobs: torch.Tensor, trained: torch.Tensor,
                    clamp_negative: bool = True, reduction: str = "sum",
                    counted: torch.Tensor | None = None):
     """Algorithm 1, line 2j: L^REINFORCE_j = -r_j * 1[r_j > 0] * log p(T_j | x_{<=j}, <|startofthought|>).
 
     r:                (batch, n_thoughts, seq) rewards (detached here again, to be safe).
     thought_logprobs: (batch, n_thoughts, seq, t - 2) per sampled token, with graph.
-    think:            (batch, seq) bool, positions whose thought counts (real, with a target).
+    trained:          (batch, seq) bool, positions whose thought is trained (real, with a target).
     reduction:        log p(T_j) as the "sum" of its tokens' log-probs (the thought's
                       log-probability) or their "mean" (the official code: the same direction,
                       t - 2 times smaller, so its policy weight means something else).
-    counted:          (batch, seq) bool, the entries the mean divides by; default ``think``.
+    counted:          (batch, seq) bool, the entries the mean divides by; default ``trained``.
                       The official code counts padding too (see ``policy_positions``).
     returns: per-thought loss (batch, n_thoughts, seq) and the scalar mean.
     """
@@ -137,7 +137,7 @@ def reinforce_loss(r: torch.Tensor, thought_logprobs: torch.Tensor, think: torch
     if clamp_negative:
         r = r.clamp(min=0.0)
     log_p_thought = thought_logprobs.sum(-1) if reduction == "sum" else thought_logprobs.mean(-1)
-    mask = think[:, None].expand_as(log_p_thought)
+    mask = trained[:, None].expand_as(log_p_thought)
     loss = (-r * log_p_thought).masked_fill(~mask, 0.0)
     counted = mask if counted is None else counted[:, None].expand_as(log_p_thought)
     return loss, loss.sum() / counted.to(loss.dtype).sum().clamp(min=1)

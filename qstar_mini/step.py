@@ -61,20 +61,20 @@ def scoring_ids(meta: MetaTokens, cfg: QuietStarConfig) -> tuple[int, ...]:
     return meta.ids if cfg.scoring_vocab == "text" else ()
 
 
-def policy_entries(cfg: QuietStarConfig, think: torch.Tensor, seq: int, positions: torch.Tensor | None):
+def policy_entries(cfg: QuietStarConfig, trained: torch.Tensor, seq: int, positions: torch.Tensor | None):
     """Which thoughts REINFORCE trains, and which entries its mean divides by.
 
-    think: (b, m) bool, the thinking positions with a true next token. returns (trained,
-    counted): for ``policy_positions="real"`` both are ``think`` (counted None: the same). For
-    ``"official"`` the official code's slice: only positions j < l - 1 - n_true (one short of
-    the last full window) are trained, and the mean divides by all of those slots, padding
-    included.
+    trained: (b, m) bool, the trained positions (thinking positions with a true next token).
+    returns (trained, counted): for ``policy_positions="real"`` both are ``trained`` (counted
+    None: the same). For ``"official"`` the official code's slice: only positions
+    j < l - 1 - n_true (one short of the last full window) are trained, and the mean divides
+    by all of those slots, padding included.
     """
     if cfg.policy_positions != "official":
-        return think, None
-    j = torch.arange(seq, device=think.device)[None] if positions is None else positions
-    counted = (j < seq - 1 - cfg.n_true).expand_as(think)
-    return think & counted, counted
+        return trained, None
+    j = torch.arange(seq, device=trained.device)[None] if positions is None else positions
+    counted = (j < seq - 1 - cfg.n_true).expand_as(trained)
+    return trained & counted, counted
 
 
 def at_positions(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
@@ -100,6 +100,10 @@ class StepOutput:
     rewards:          (b, n, l)                  line 2i: r_j (no gradient)
     reinforce:        (b, n, l)                  line 2j: per-thought REINFORCE loss
     valid:            (b, l, n_true)             which (j, i) have a true token x_{j+1+i}
+    policy_trained:   (b, l) bool                line 2j: the thoughts REINFORCE trains
+    policy_counted:   (b, l) bool                the entries its mean divides by (see
+                                                 :func:`policy_entries`); with rewards and
+                                                 thought_logprobs, all a reward control needs
     base_nll, talk_nll, policy_loss: scalars;  loss: line 2k, the scalar to backpropagate.
     positions:        (b, m) or None             thinking positions when only some think; then
                                                  every "l" above except in h_init and
@@ -122,6 +126,8 @@ class StepOutput:
     reinforce: torch.Tensor | None = None
     talk_nll: torch.Tensor | None = None
     policy_loss: torch.Tensor | None = None
+    policy_trained: torch.Tensor | None = None
+    policy_counted: torch.Tensor | None = None
     positions: torch.Tensor | None = None
 
     def shapes(self) -> dict[str, tuple]:
@@ -133,7 +139,7 @@ class StepOutput:
 def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor, cfg: QuietStarConfig, *, greedy: bool = False,
                     noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                    think_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                    trained_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                     step: int | None = None) -> StepOutput:
     """One step of Algorithm 1 on a batch X = input_ids (batch, seq), right-padded.
 
@@ -141,8 +147,9 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
     positions:  (batch, m) long, think only after these (``-1``: no thought on that row slot).
                 Only m thoughts per row are generated: the fast way to "think where it
                 matters", e.g. at the answer. The seq axis of the thought tensors has length m.
-    think_mask: (batch, seq) bool, generate at every position but train only these (slower;
-                the same loss as ``positions`` for the same thoughts).
+    trained_mask: (batch, seq) bool, generate at every position but train only these: the
+                slow reference that ``positions`` is tested against (tests/test_step.py: the
+                same thoughts give the same loss); training itself passes ``positions``.
     noise / generator / greedy: how thoughts are sampled (see qstar_mini.thoughts).
     """
     n_true = cfg.n_true
@@ -163,14 +170,14 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
         return StepOutput(h_init=h_init, log_p_init=log_p_init, valid=valid, base_nll=base, loss=base)
 
     # 2b-c. T_j <- [<|startofthought|>, t - 2 sampled tokens, <|endofthought|>], for all j at once
-    think_at = None if positions is None else positions.clamp(min=0)
+    index_positions = None if positions is None else positions.clamp(min=0)   # -1 slots masked below
     stepwise = cfg.memory == "stepwise"
     with contextlib.nullcontext() if stepwise else torch.no_grad():        # see qstar_mini.rescore
         thoughts = generate_thoughts(
             model, meta, input_ids, attention_mask, cache, cfg.thought_length, cfg.n_thoughts,
             extra_steps=n_true - 1 if stepwise else 0, thought_temperature=cfg.thought_temperature,
             reinforce_temperature=cfg.reinforce_temperature, greedy=greedy, noise=noise,
-            generator=generator, positions=think_at, block_attention=cfg.attention == "blocks")
+            generator=generator, positions=index_positions, block_attention=cfg.attention == "blocks")
 
     # 2d. h^thought_{j:j+n_true} <- hidden states of [X_{:j}; T_j; X_{j+1:j+n_true}] (teacher forcing)
     if stepwise:
@@ -178,7 +185,7 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
         thought_logprobs = thoughts.logprobs                               # (b, n, m, t - 2)
     else:   # the same two tensors from one masked pass over the text and every step's tokens
         scored = rescore_thoughts(model, meta, input_ids, attention_mask, thoughts.ids, n_true,
-                                  reinforce_temperature=cfg.reinforce_temperature, positions=think_at,
+                                  reinforce_temperature=cfg.reinforce_temperature, positions=index_positions,
                                   checkpoint_layers=cfg.memory == "rescore_checkpointed")
         h_thought, thought_logprobs = scored.h_thought, scored.logprobs
 
@@ -186,9 +193,10 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
     targets, valid = at_positions(targets, positions), at_positions(valid, positions)  # (b, m, n_true)
     if positions is not None:
         valid = valid & (positions >= 0)[..., None]
-    think = valid[..., 0] if think_mask is None else valid[..., 0] & think_mask.bool()  # (b, m)
-    talk_valid = valid & think[..., None]                                   # (b, m, n_true)
-    policy_think, counted = policy_entries(cfg, think, input_ids.shape[1], positions)  # (b, m) each
+    trained = valid[..., 0] if trained_mask is None else valid[..., 0] & trained_mask.bool()  # (b, m)
+    talk_valid = valid & trained[..., None]                                 # (b, m, n_true)
+    policy_trained, counted = policy_entries(cfg, trained, input_ids.shape[1], positions)  # (b, m) each
+    counted = policy_trained if counted is None else counted
 
     # 2e-g. w <- mixing_head(h_init, h_thought); log p^talk = mix of base and post-thought
     h_init_ahead = at_positions(gather_ahead(h_init, n_true), positions)[:, None].expand_as(h_thought)
@@ -203,7 +211,7 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
     r = rewards(log_p_talk, talk_valid, cfg.reward_baseline)                # (b, n, l)
 
     # 2j. L^REINFORCE_j <- -r_j * 1[r_j > 0] * log p(T_j | X_{:j}, <|startofthought|>)
-    reinforce, policy = reinforce_loss(r, thought_logprobs, policy_think, cfg.clamp_negative_rewards,
+    reinforce, policy = reinforce_loss(r, thought_logprobs, policy_trained, cfg.clamp_negative_rewards,
                                        cfg.reinforce_reduction, counted=counted)
 
     # 2k. L_j <- L^NLL_j + L^REINFORCE_j (plus the official 0.5 * base NLL)
@@ -213,4 +221,5 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
     return StepOutput(h_init=h_init, log_p_init=log_p_init, valid=valid, base_nll=base, loss=loss,
                       thoughts=thoughts.ids, thought_logprobs=thought_logprobs, h_thought=h_thought,
                       w=w, log_p_talk=log_p_talk, nll=nll, rewards=r, reinforce=reinforce,
-                      talk_nll=talk, policy_loss=policy, positions=positions)
+                      talk_nll=talk, policy_loss=policy, policy_trained=policy_trained,
+                      policy_counted=counted, positions=positions)

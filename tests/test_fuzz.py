@@ -45,7 +45,7 @@ def test_step_shapes_finiteness_and_padding(case):
         "h_init": (b, l, HIDDEN), "log_p_init": (b, l, k), "valid": (b, l, k), "base_nll": (), "loss": (),
         "thoughts": (b, n, l, t), "thought_logprobs": (b, n, l, t - 2), "h_thought": (b, n, l, k, HIDDEN),
         "w": (b, n, l, k), "log_p_talk": (b, n, l, k), "nll": (b, n, l, k), "rewards": (b, n, l),
-        "reinforce": (b, n, l), "talk_nll": (), "policy_loss": ()}
+        "reinforce": (b, n, l), "talk_nll": (), "policy_loss": (), "policy_trained": (b, l), "policy_counted": (b, l)}
     for name in ("loss", "base_nll", "talk_nll", "policy_loss", "rewards", "w", "nll"):
         assert bool(torch.isfinite(getattr(out, name)).all()), name
     if cfg.mixing == "logprob" or cfg.mixer_sigmoid:

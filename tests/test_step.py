@@ -224,7 +224,7 @@ def test_thinking_at_some_positions_equals_all_positions_restricted():
     # the loss equals the all-positions step that trains only those positions
     think_mask = torch.zeros_like(mask, dtype=torch.bool)
     think_mask[rows.expand_as(p)[used], p[used]] = True
-    masked = quiet_star_step(model, meta, head, ids, mask, cfg, greedy=True, think_mask=think_mask)
+    masked = quiet_star_step(model, meta, head, ids, mask, cfg, greedy=True, trained_mask=think_mask)
     for name in ("loss", "talk_nll", "policy_loss"):
         torch.testing.assert_close(getattr(some, name), getattr(masked, name), rtol=0, atol=1e-9, msg=name)
 
