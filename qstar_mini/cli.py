@@ -194,7 +194,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 # ---- train and eval -------------------------------------------------------------------------
 
 def add_train_command(subparsers) -> None:
-    from .train import add_train_arguments, run_train
+    from .train_cli import add_train_arguments, run_train
 
     p = subparsers.add_parser(
         "train",
@@ -208,7 +208,7 @@ def add_train_command(subparsers) -> None:
 
 
 def add_eval_command(subparsers) -> None:
-    from .evaluate import add_eval_arguments, run_eval
+    from .eval_cli import add_eval_arguments, run_eval
 
     p = subparsers.add_parser(
         "eval",

@@ -49,8 +49,6 @@ For EleutherAI's lm-evaluation-harness see :mod:`qstar_mini.harness`.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import re
@@ -59,10 +57,10 @@ from pathlib import Path
 import torch
 
 from .data import gsm_final_answer, read_jsonl, split_prompt
-from .errors import ConfigError, DataError
+from .errors import DataError
 from .generate import decode_thought, generate_with_thoughts, generated_text, predict_with_thoughts, thought_is_correct
 from .lm import text_log_probs
-from .paths import DATA_DIR, TINY_BASE
+from .records import encode_records, load_hf_dataset, pad_right
 
 BIN_EDGES = (0.0, 0.1, 0.5, 1.0, 2.0, 3.0, math.inf)
 TEMPERATURES = (0.25, 0.5, 0.75, 1.0)
@@ -77,17 +75,6 @@ def answer_only(records: list[dict]) -> list[dict]:
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _encode(tokenizer, records, seq_len: int = 512):
-    from .train import encode_records
-
-    return encode_records(tokenizer, records, seq_len)
-
-
-def _mean(values) -> float | None:
-    values = [float(v) for v in values]
-    return None if not values else sum(values) / len(values)
 
 
 def _chunks(n: int, size: int):
@@ -107,28 +94,39 @@ def plain_token_stats(model, tokenizer, records, meta_ids=(), batch_size: int = 
     "is_answer": (N,) bool, "position": (N,) j, "line": (N,) line index}, flattened in the
     same order as :func:`thought_token_stats`.
     """
-    enc = _encode(tokenizer, records, seq_len)
+    enc = encode_records(tokenizer, records, seq_len)
     out = {k: [] for k in ("nll", "correct", "is_answer", "position", "line")}
     device = _device(model)
     for sl in _chunks(len(enc), batch_size):
         ids, mask = enc.input_ids[sl].to(device), enc.attention_mask[sl].to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits.float()    # (b, l, vocab)
         logp = text_log_probs(logits, tuple(i for i in meta_ids if i < logits.shape[-1]))
-        _collect(out, logp, ids, mask, enc.answer_pos[sl].to(device), sl.start)
+        _collect(out, logp[:, :-1], ids, mask, enc.answer_pos[sl].to(device), sl.start)
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def _collect(out, logp, ids, mask, answer_pos, offset):
-    """Append the figures of one batch: logp (b, l, vocab) predicts x_{j+1} at j."""
+def _collect(out, pred, ids, mask, answer_pos, offset):
+    """Append the figures of one batch of lines ids, mask (b, l).
+
+    pred: (b, l-1, vocab) log-probs whose position j predicts x_{j+1}; or (b, n, l-1, vocab),
+    one prediction per thought, and then nll and correct are means over the n thoughts
+    (correct a fraction, not a bool).
+    """
     b, l = ids.shape
     target = ids[:, 1:]                                                       # (b, l-1)
-    lp = logp[:, :-1].gather(-1, target[..., None])[..., 0]                   # (b, l-1)
-    correct = logp[:, :-1].argmax(-1) == target
+    if pred.dim() == 3:
+        nll = -pred.gather(-1, target[..., None])[..., 0]                     # (b, l-1)
+        correct = pred.argmax(-1) == target
+    else:
+        n = pred.shape[1]
+        lp = pred.gather(-1, target[:, None, :, None].expand(b, n, l - 1, 1))[..., 0]   # (b, n, l-1)
+        nll = -lp.mean(1)
+        correct = (pred.argmax(-1) == target[:, None]).float().mean(1)        # (b, l-1)
     valid = mask[:, 1:].bool()
     j = torch.arange(l - 1, device=ids.device)[None].expand(b, l - 1)
     is_answer = (j + 1) == answer_pos[:, None]
     line = torch.arange(b, device=ids.device)[:, None].expand(b, l - 1) + offset
-    out["nll"].append((-lp)[valid].cpu())
+    out["nll"].append(nll[valid].cpu())
     out["correct"].append(correct[valid].cpu())
     out["is_answer"].append(is_answer[valid].cpu())
     out["position"].append(j[valid].cpu())
@@ -150,7 +148,7 @@ def thought_token_stats(model, tokenizer, meta, head, cfg, records, *, n_thought
     over thoughts; NaN where no thought was made) and, per line, "answer_thoughts": the decoded
     thoughts before the answer and "answer_thought_ok": whether each is the right working.
     """
-    enc = _encode(tokenizer, records, seq_len)
+    enc = encode_records(tokenizer, records, seq_len)
     device = _device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     n = 1 if greedy else n_thoughts
@@ -178,19 +176,9 @@ def thought_token_stats(model, tokenizer, meta, head, cfg, records, *, n_thought
             talk, w = pred.log_p_talk[:, :, :-1], pred.w[:, :, :-1]           # (b, n, l-1, ...)
             thought_col = before
         # mixed prediction, averaged over thoughts: nll = mean_n -log p^talk, acc = mean_n [argmax right]
-        target = ids[:, 1:]                                                   # (b, l-1)
-        lp = talk.gather(-1, target[:, None, :, None].expand(b, n, l - 1, 1))[..., 0]   # (b, n, l-1)
-        correct = (talk.argmax(-1) == target[:, None]).float().mean(1)        # (b, l-1)
-        valid = mask[:, 1:].bool()
-        j = torch.arange(l - 1, device=device)[None].expand(b, l - 1)
-        line = torch.arange(b, device=device)[:, None].expand(b, l - 1) + sl.start
-        out["nll"].append((-lp.mean(1))[valid].cpu())
-        out["correct"].append(correct[valid].cpu())
-        out["is_answer"].append(((j + 1) == answer_pos[:, None])[valid].cpu())
-        out["position"].append(j[valid].cpu())
-        out["line"].append(line[valid].cpu())
-        ws.append(w.mean(1)[valid].cpu())
-        _collect(plain, pred.log_p_init, ids, mask, answer_pos, sl.start)
+        _collect(out, talk, ids, mask, answer_pos, sl.start)
+        ws.append(w.mean(1)[mask[:, 1:].bool()].cpu())
+        _collect(plain, pred.log_p_init[:, :-1], ids, mask, answer_pos, sl.start)
         for i in range(b):
             if int(before[i]) < 0:
                 thoughts_text.append([]), thoughts_ok.append([])
@@ -273,12 +261,7 @@ def thought_correctness(model, tokenizer, meta, cfg, records, *, temperature: fl
     ok = []
     for sl in _chunks(len(prompts), batch_size):
         rows = prompts[sl]
-        seq = max(len(x) for x in rows)
-        ids = torch.full((len(rows), seq), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), seq), dtype=torch.long)
-        for i, x in enumerate(rows):                          # right-padded (batch, seq)
-            ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = (x.to(device) for x in pad_right(rows, tokenizer.pad_token_id))   # (b, seq) right-padded
         last = torch.tensor([[len(x) - 1] for x in rows], device=device)     # (b, 1): the "="
         h, cache = plain_forward(model, meta, ids, mask)
         th = generate_thoughts(model, meta, ids, mask, cache, cfg.thought_length, n,
@@ -337,10 +320,10 @@ def gsm8k_eval(model, tokenizer, records, *, meta=None, head=None, cfg=None, max
     each token when meta, head and cfg are given), first number vs the number after ``####``."""
     records = records[:limit] if limit else records
     right, examples = [], []
-    think = meta is not None and head is not None and cfg is not None
+    thinking = meta is not None and head is not None and cfg is not None
     for r in records:
         prompt = gsm8k_prompt(r["question"])
-        if think:
+        if thinking:
             text = generated_text(generate_with_thoughts(model, tokenizer, meta, head, cfg, prompt,
                                                          max_new_tokens, greedy=True))
         else:
@@ -349,7 +332,7 @@ def gsm8k_eval(model, tokenizer, records, *, meta=None, head=None, cfg=None, max
         right.append(guess == truth)
         if len(examples) < n_examples:
             examples.append({"question": r["question"], "generation": text, "predicted": guess, "answer": truth})
-    return {"n": len(right), "accuracy": round(sum(right) / max(1, len(right)), 4), "thinking": think,
+    return {"n": len(right), "accuracy": round(sum(right) / max(1, len(right)), 4), "thinking": thinking,
             "examples": examples}
 
 
@@ -542,7 +525,7 @@ ARITHMETIC_METRICS = "arithmetic-task metrics (answer accuracy at the '=', thoug
 def is_datasets_name(data) -> bool:
     """True when ``data`` names a ``datasets`` corpus (``name``, ``owner/name``,
     ``owner/name:config``) rather than a local JSONL file or folder: the rule of
-    :func:`qstar_mini.train.load_records` (an existing path, a ``.jsonl``/``.json`` suffix, a
+    :func:`qstar_mini.records.load_records` (an existing path, a ``.jsonl``/``.json`` suffix, a
     leading ``/ . ~`` or more than one ``/`` is local)."""
     if isinstance(data, os.PathLike):
         return False
@@ -552,7 +535,7 @@ def is_datasets_name(data) -> bool:
                 or text.count("/") > 1)
 
 
-def _is_gsm_record(record: dict) -> bool:
+def is_gsm_record(record: dict) -> bool:
     """A GSM8K-format problem: string question and answer, the answer ending ``#### N``."""
     if not (isinstance(record.get("question"), str) and isinstance(record.get("answer"), str)):
         return False
@@ -591,7 +574,7 @@ def detect_data_kind(records: list[dict]) -> tuple[str, str]:
     arithmetic = sum(_is_arithmetic_record(r) for r in records)
     if n and arithmetic == n:
         return ARITHMETIC, f"the project's arithmetic corpus: {ARITHMETIC_RULE}"
-    if n and all(_is_gsm_record(r) for r in records):
+    if n and all(is_gsm_record(r) for r in records):
         return GSM8K_FORMAT, "GSM8K-format problems: every record has question and an answer ending '#### N'"
     if arithmetic:
         return TEXT, f"general text: only {arithmetic} of {n} records are lines of the arithmetic corpus"
@@ -612,9 +595,7 @@ def load_eval_records(data, *, split: str = "test", text_field: str = "text",
     DataError; records with an empty text are dropped. Other fields are kept.
     """
     if is_datasets_name(data):
-        from .train import _load_hf_dataset
-
-        rows = _load_hf_dataset(str(data), split, text_field, max_lines, all_fields=True)
+        rows = load_hf_dataset(str(data), split, text_field, max_lines, all_fields=True)
         source = f"datasets {str(data)!r}, split {split!r}, first {max_lines} records (streamed)"
         where = f"dataset {str(data)!r} record"
     else:
@@ -629,7 +610,7 @@ def load_eval_records(data, *, split: str = "test", text_field: str = "text",
         text = r.get(text_field)
         if isinstance(text, str):
             record = r if text_field == "text" else dict(r, text=text)
-        elif _is_gsm_record(r):
+        elif is_gsm_record(r):
             record = dict(r, text=gsm8k_prompt(r["question"]) + r["answer"])
         else:
             raise DataError(f"{where} {i} has no string {text_field!r} field and is no GSM8K-format "
@@ -743,7 +724,7 @@ def evaluate_text(model, tokenizer, meta, head, cfg, records, *, base_model=None
             others.pop("quiet_star_no_thought")          # it is the reference itself
         result["by_difficulty"] = by_difficulty(reference, others)
         result["by_difficulty_reference"] = "base" if base is not None else "quiet_star_no_thought"
-        enc = _encode(tokenizer, records, seq_len)
+        enc = encode_records(tokenizer, records, seq_len)
         targets = enc.input_ids[:, 1:][enc.attention_mask[:, 1:].bool()]       # (N,) in the stats' order
         result["token_gains"] = _token_gains(tokenizer, targets, reference - st["nll"])
         result["gsm8k"] = result["gsm8k_base"] = None
@@ -756,7 +737,7 @@ def evaluate_text(model, tokenizer, meta, head, cfg, records, *, base_model=None
         model.train(was)
 
 
-# ----------------------------------------------------------------------------- printing and the command line
+# ----------------------------------------------------------------------------- printing
 
 def format_table(result: dict) -> str:
     """A plain-text table of the evaluation's main figures."""
@@ -831,167 +812,3 @@ def format_text_table(result: dict) -> str:
         lines.append(f"CommonsenseQA-format zero-shot: {result['commonsense_qa']['accuracy']:.3f} "
                      f"on {result['commonsense_qa']['n']}")
     return "\n".join(lines)
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags of ``qstar-mini eval``."""
-    p = parser
-    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
-                   help="the Quiet-STaR checkpoint folder to evaluate (runs/<name>/checkpoint)")
-    p.add_argument("--control", default=None, help="checkpoint folder of the no-thought control")
-    p.add_argument("--base", default=None,
-                   help="the base model folder or name (default: the one the checkpoint was trained from); '' to skip")
-    p.add_argument("--data", default=str(DATA_DIR / "test.jsonl"),
-                   help="held-out text: a JSONL file, a folder with <split>.jsonl, or a datasets name[:config] "
-                        "(streamed: only --lines records are read); default data/test.jsonl")
-    p.add_argument("--split", default="test", help="split of a folder or datasets name (default test)")
-    p.add_argument("--text-field", default="text", help="the field holding the text (default text)")
-    p.add_argument("--all-lines", action="store_true",
-                   help="arithmetic corpus only: also lines with working (default: answer-only)")
-    p.add_argument("--lines", type=int, default=500, help="held-out lines to use (default 500)")
-    p.add_argument("--n-thoughts", type=int, default=4, help="sampled thoughts per position (default 4)")
-    p.add_argument("--think-where", choices=("all", "answer"), default=None,
-                   help="arithmetic corpus only: think before every token or only before the answer "
-                        "(default: as trained); other text always thinks before every token")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="cut lines at this many tokens (default 512, at most the model's context - thought_length)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="lines per forward pass on text other than the arithmetic corpus (default 8)")
-    p.add_argument("--gsm8k", default=None,
-                   help="GSM8K-format JSONL, 'hub' for real GSM8K via datasets, or '' to skip (default: "
-                        "data/gsm8k_format.jsonl for the arithmetic corpus, the data itself when it has "
-                        "GSM8K-format question/answer fields, else none)")
-    p.add_argument("--gsm-limit", type=int, default=50, help="GSM8K problems to ask (default 50)")
-    p.add_argument("--commonsense-qa", default="",
-                   help="CommonsenseQA-format JSONL, 'hub' for the real one via datasets, or '' to skip (default)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights' dtype (default float32)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the result to this JSON file")
-    return p
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _check_eval_args(args: argparse.Namespace) -> None:
-    """One-line ConfigErrors for impossible values, before anything is loaded."""
-    for flag, name, low in (("--lines", "lines", 1), ("--n-thoughts", "n_thoughts", 1), ("--gsm-limit", "gsm_limit", 1),
-                            ("--batch-size", "batch_size", 1), ("--seq-len", "seq_len", 2)):
-        value = getattr(args, name, None)
-        if value is not None and value < low:
-            raise ConfigError(f"{flag} must be at least {low} (got {value})")
-    if not str(getattr(args, "text_field", "text")).strip():
-        raise ConfigError("--text-field must name a field (got an empty name)")
-
-
-def _text_seq_len(checkpoint, asked: int | None) -> int:
-    """--seq-len for text: default 512; at most the model's context minus the thought's positions.
-    Read from the checkpoint's configs (no weights loaded), so a bad value fails at once."""
-    from transformers import AutoConfig
-
-    from .checkpoint import check_checkpoint, load_config
-
-    path = check_checkpoint(checkpoint)
-    thought_length = load_config(path).thought_length
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception:  # noqa: BLE001 - load_checkpoint reports a broken config in one line
-        config = None
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(config, "max_position_embeddings", None)
-    room = limit - thought_length if isinstance(limit, int) and limit > thought_length else None
-    if asked is None:
-        return 512 if room is None else max(2, min(512, room))
-    if room is not None and asked > room:
-        raise ConfigError(f"--seq-len {asked} + thought_length {thought_length} exceeds the model's context of "
-                          f"{limit}; use --seq-len {room} or less")
-    return asked
-
-
-def _trainer_state(path) -> dict:
-    state = Path(path) / "trainer_state.json"
-    return json.loads(state.read_text()) if state.exists() else {}
-
-
-def _trained_think_where(path) -> str:
-    """The think_where a checkpoint was trained with (trainer_state.json), "all" if unknown."""
-    return _trainer_state(path).get("think_where", "all")
-
-
-def _gsm_records(spec, kind: str, records: list[dict], limit: int):
-    """The GSM8K-format problems to ask (see ``--gsm8k``), or None."""
-    if spec == "":
-        return None
-    if spec == "hub":
-        return load_gsm8k(limit=limit)
-    if spec:
-        return read_jsonl(spec)
-    if kind == ARITHMETIC:
-        return read_jsonl(DATA_DIR / "gsm8k_format.jsonl")
-    return [r for r in records if _is_gsm_record(r)] or None
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    """``qstar-mini eval``: evaluate a checkpoint on any text, print the table, optionally write JSON.
-
-    The arithmetic corpus (:func:`detect_data_kind`) gets :func:`evaluate` (answer accuracy,
-    thoughts right, ...); any other text :func:`evaluate_text`, with a note saying which
-    metrics are omitted and why.
-    """
-    from .checkpoint import load_checkpoint
-    from .models import load_model
-
-    _check_eval_args(args)
-    records, source = load_eval_records(args.data, split=args.split, text_field=args.text_field,
-                                        max_lines=args.lines if is_datasets_name(args.data) else None)
-    kind, why = detect_data_kind(records)
-    seq_len = None if kind == ARITHMETIC else _text_seq_len(args.checkpoint, args.seq_len)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype]
-    ck = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
-    base_name = args.base if args.base is not None else _trainer_state(ck.path).get("model", str(TINY_BASE))
-    base = load_model(base_name, dtype=dtype, device=device)[0] if base_name else None
-    control = load_checkpoint(args.control, device=device, dtype=dtype).model if args.control else None
-    gsm = _gsm_records(args.gsm8k, kind, records, args.gsm_limit)
-    data = {"source": source, "kind": kind, "detected": why, "text_field": args.text_field}
-    if kind == ARITHMETIC:
-        records = (records if args.all_lines else answer_only(records))[: args.lines]
-        think_where = args.think_where or _trained_think_where(ck.path)
-        result = evaluate(ck.model, ck.tokenizer, ck.meta, ck.head, ck.cfg, records, base_model=base,
-                          control=control, n_thoughts=args.n_thoughts, seed=args.seed, think_where=think_where,
-                          gsm_records=gsm, gsm_limit=args.gsm_limit)
-        result["notes"] = []
-        header = f"data: {source}: {why}; every metric applies"
-    else:
-        records = records[: args.lines]
-        result = evaluate_text(ck.model, ck.tokenizer, ck.meta, ck.head, ck.cfg, records, base_model=base,
-                               control=control, n_thoughts=args.n_thoughts, seed=args.seed, seq_len=seq_len,
-                               batch_size=args.batch_size, gsm_records=gsm, gsm_limit=args.gsm_limit)
-        notes = [f"{ARITHMETIC_METRICS}: omitted, the data is not the project's arithmetic corpus "
-                 f"(detected when {ARITHMETIC_RULE})"]
-        if gsm is None:
-            notes.append("GSM8K-format accuracy: omitted, the data has no GSM8K-format question/answer fields "
-                         "(--gsm8k FILE asks other problems)")
-        if (args.think_where or _trained_think_where(ck.path)) == "answer":
-            notes.append("the checkpoint was trained to think only before the answer digit; on this text it "
-                         "thinks before every token")
-        result["notes"] = notes
-        header = f"data: {source}: {why}; per-token NLL with and without thinking, gain and which tokens benefit apply"
-    result["data"] = data
-    if args.commonsense_qa:
-        csqa = (load_commonsense_qa(limit=args.gsm_limit) if args.commonsense_qa == "hub"
-                else read_jsonl(args.commonsense_qa, required=("question", "answerKey")))
-        if not all(isinstance(r.get("choices"), dict) and {"label", "text"} <= r["choices"].keys() for r in csqa):
-            raise DataError(f"{args.commonsense_qa}: every record needs choices {{\"label\": [...], \"text\": [...]}}")
-        result["commonsense_qa"] = commonsense_qa_eval(ck.model, ck.tokenizer, csqa, meta=ck.meta, head=ck.head,
-                                                       cfg=ck.cfg, limit=args.gsm_limit)
-    print(header)
-    print(format_table(result) if kind == ARITHMETIC else format_text_table(result))
-    text = json.dumps(result, indent=2, sort_keys=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    else:
-        print(text)
-    return 0

@@ -131,7 +131,7 @@ class QuietStarLM(LM):
                  dtype="float32", max_batch_size=None, **unknown):
         super().__init__()
         from .checkpoint import Checkpoint, load_checkpoint
-        from .evaluate import DTYPES
+        from .eval_cli import DTYPES
 
         if unknown:
             raise ConfigError(f"unknown model argument(s) {sorted(unknown)} for qstar-mini; see qstar_mini.harness")

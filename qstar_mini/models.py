@@ -42,6 +42,7 @@ from .data import (CONFIG_FILE, WORK_CLOSE, WORK_OPEN, CorpusConfig, answer_inde
 from .files import write_dir_atomic
 from .errors import ModelError
 from .paths import DATA_DIR, TINY_BASE, looks_local
+from .records import encode_lines  # the one encoder; also qstar_mini.models.encode_lines for the notebooks
 
 # ----------------------------------------------------------------------------- tokenizer
 
@@ -114,21 +115,6 @@ def tiny_model(tokenizer=None, arch: str = "mistral", seed: int = 0, **overrides
 
 
 # ----------------------------------------------------------------------------- batches
-
-def encode_lines(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each line as ``<s> line </s>``, right-padded.
-
-    returns: input_ids (n, seq) long, attention_mask (n, seq) long (1 = real token).
-    """
-    ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
-    seq = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), seq), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(ids), seq), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.tensor(x)
-        attention_mask[i, : len(x)] = 1
-    return input_ids, attention_mask
-
 
 def lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Labels for the LM loss: the ids, with -100 on padding so the loss ignores it.

@@ -1,10 +1,13 @@
 """The training loop: Algorithm 1's step, repeated, on Hugging Face Accelerate.
 
-One optimiser step, as a reader meets it below::
+One optimiser step, as a reader meets it in :func:`train`'s loop (:func:`train_step`)::
 
     ids, mask   <- the next batch_size lines, each "<s> line </s>", right-padded   (batch, seq)
     out         <- quiet_star_step(model, meta, head, ids, mask, cfg)              qstar_mini.step
     out.loss.backward(); clip gradients to cfg.grad_clip; AdamW step; warmup schedule step
+
+Data (reading, encoding, batching) is :mod:`qstar_mini.records`; the ``qstar-mini train``
+command (flags, YAML) is :mod:`qstar_mini.train_cli`.
 
 Everything else is bookkeeping a real run needs: periodic evaluation on held-out lines,
 metrics in ``metrics.jsonl``, atomic checkpoints (:mod:`qstar_mini.checkpoint`), ``resume``.
@@ -16,7 +19,8 @@ the extra fine-tuning.
 **Two more controls for "thinking is learned"** (issue 4, tier 2): ``policy_loss_weight=0``
 turns REINFORCE off (the thoughts are only *used*, never *taught*), and
 ``shuffle_rewards=True`` keeps REINFORCE but gives each thought the reward of another
-thought of the same position, chosen at random (:func:`shuffled_policy_loss`): same reward
+thought of the same position, chosen at random (:func:`shuffled_policy_loss`, computed from the step's own rewards,
+thought log-probabilities and REINFORCE entries): same reward
 statistics, no information about which thought earned it.
 
 **Where thoughts are trained.** ``think_where="all"`` (the paper: a thought after every
@@ -46,201 +50,35 @@ would have read.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
 import threading
 import time
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, load_training_state, save_checkpoint
-from .files import append_jsonl
-from .config import ATTENTION_MODES, MEMORY_MODES, MIXING_MODES, PRESETS, QuietStarConfig, preset
-from .data import EQUALS, answer_index, read_jsonl
+from .config import QuietStarConfig
 from .errors import ConfigError, DataError
-from .losses import combined_loss, reinforce_loss
-from .paths import DATA_DIR, RUNS_DIR, TINY_BASE
-from .step import StepOutput, policy_entries, prepare_model, quiet_star_step
+from .evaluate import quick_eval
+from .files import append_jsonl
+from .generate import decode_thought, thought_is_correct
+from .losses import combined_loss, masked_mean, reinforce_loss
+from .models import load_model
+from .paths import DATA_DIR, TINY_BASE
+from .records import (Encoded, batch_indices, encode_records, held_out_records, load_records,  # noqa: F401
+                      micro_batch, select_lines)
+from .step import StepOutput, prepare_model, quiet_star_step
+
 
 THINK_WHERE = ("all", "answer")
-LINES = ("answer_only", "all", "working")
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
-
-
-# ============================================================================ data
-
-def load_records(data, split: str = "train", text_field: str = "text",
-                 max_lines: int | None = None) -> list[dict]:
-    """Training lines as dicts with at least ``"text"``.
-
-    data: a JSONL file; a folder holding ``<split>.jsonl`` (e.g. the repo's ``data/``); a list
-    of records already in memory; or a Hugging Face ``datasets`` name, optionally ``"name:config"`` (needs the network unless
-    cached), whose ``text_field`` column is used. Broken files raise a one-line DataError.
-    """
-    if isinstance(data, list):                      # records already in memory
-        records = [r for r in data if isinstance(r, dict) and isinstance(r.get(text_field), str)]
-        if len(records) != len(data):
-            raise DataError(f"every record must be a dict with a string {text_field!r} field")
-        records = records if text_field == "text" else [dict(r, text=r[text_field]) for r in records]
-        return records[:max_lines] if max_lines else records
-    path = Path(os.fspath(data)).expanduser()
-    if path.is_dir():
-        path = path / f"{split}.jsonl"
-    text = os.fspath(data)
-    looks_local = path.exists() or path.suffix in (".jsonl", ".json") or text.startswith(("/", ".", "~")) \
-        or isinstance(data, os.PathLike) or text.count("/") > 1
-    if looks_local:                                  # else "name" or "owner/name": a datasets name
-        records = read_jsonl(path, required=(text_field,))
-        if text_field != "text":
-            records = [dict(r, text=r[text_field]) for r in records]
-    else:
-        records = _load_hf_dataset(str(data), split, text_field, max_lines)
-    return records[:max_lines] if max_lines else records
-
-
-def _load_hf_dataset(name: str, split: str, text_field: str, max_lines: int | None, *,
-                     all_fields: bool = False) -> list[dict]:
-    """The first ``max_lines`` records of a ``datasets`` corpus, streamed: nothing past them is read.
-
-    name: ``"name"``, ``"owner/name"`` or either with ``":config"``. The corpus is opened with
-    ``datasets.load_dataset(..., streaming=True)`` and only its first ``max_lines`` records are
-    taken, so a corpus of many shards (OpenWebMath) is never downloaded whole; a budget is
-    therefore required (one-line DataError without one). Returns ``[{"text": ...}]`` with empty
-    texts dropped; with ``all_fields`` every record's own fields instead (``"text"`` added from
-    ``text_field`` where it is a string; the caller decides about records without one).
-    """
-    import itertools
-
-    import datasets
-
-    config = None
-    if ":" in name:
-        name, config = name.split(":", 1)
-    if max_lines is None or max_lines < 1:
-        raise DataError(f"--data {name!r} is a datasets name: give a line budget with --max-lines N "
-                        f"(its first N records are streamed; the corpus is never downloaded whole)")
-    try:
-        stream = datasets.load_dataset(name, config, split=split, streaming=True)
-        rows = [dict(row) for row in itertools.islice(iter(stream), max_lines)]
-    except Exception as e:  # noqa: BLE001 - any failure is one line
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise DataError(f"--data {name!r} is neither a JSONL file nor a loadable datasets name "
-                        f"({type(e).__name__}: {first})") from None
-    if not rows:
-        raise DataError(f"dataset {name!r} split {split!r} has no records")
-    if all_fields:
-        return [dict(r, text=r[text_field]) if isinstance(r.get(text_field), str) else r for r in rows]
-    if text_field not in rows[0]:
-        raise DataError(f"dataset {name!r} has no column {text_field!r} (columns: {sorted(rows[0])}); "
-                        f"choose one with --text-field")
-    return [{"text": r[text_field]} for r in rows if isinstance(r.get(text_field), str) and r[text_field].strip()]
-
-
-def select_lines(records: list[dict], lines: str = "answer_only") -> list[dict]:
-    """``answer_only``: only ``31415=4`` lines; ``working``: only ``31415=(34894)4`` lines;
-    ``all``: every line as in the file (records without ``has_working`` always count)."""
-    if lines not in LINES:
-        raise ConfigError(f"lines must be one of {LINES} (got {lines!r})")
-    if lines == "all":
-        chosen = records
-    else:
-        want = lines == "working"
-        chosen = [r for r in records if r.get("has_working", want) == want]
-    if not chosen:
-        raise DataError(f"no training lines left after lines={lines!r}; use lines='all'")
-    return chosen
-
-
-@dataclass
-class Encoded:
-    """Lines as tensors, each ``<s> line </s>``, right-padded and cut at seq_len.
-
-    input_ids, attention_mask: (n, seq) long.
-    answer_pos: (n,) long, token index of the answer digit (-1 when the line has none).
-    think_pos:  (n,) long, where ``think_where="answer"`` thinks: the token just before the
-                answer digit on a line *without* visible working (the ``=`` of ``31415=4``);
-                -1 on lines that show their working or have no answer.
-    questions:  the records' "question" field (None when absent), to check thoughts.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    answer_pos: torch.Tensor
-    think_pos: torch.Tensor
-    questions: list
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-def encode_records(tokenizer, records: list[dict], seq_len: int) -> Encoded:
-    """Tokenize ``<s> + text + </s>`` (whichever of the two the tokenizer has), right-pad.
-
-    Lines longer than ``seq_len`` tokens are truncated, with a warning that counts them."""
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    rows, answer_pos, think_pos, cut = [], [], [], 0
-    for r in records:
-        enc = tokenizer(r["text"], add_special_tokens=False, return_offsets_mapping=True)
-        ids = ([bos] if bos is not None else []) + list(enc["input_ids"]) + ([eos] if eos is not None else [])
-        shift = 1 if bos is not None else 0
-        pos, think = -1, -1
-        try:
-            char = answer_index(r["text"])
-            starts = [s for s, _ in enc["offset_mapping"]]
-            pos = starts.index(char) + shift if char in starts else -1
-            if pos > 0 and r["text"][char - 1] == EQUALS:       # answer right after "=": no working
-                think = pos - 1
-        except DataError:
-            pass
-        cut += len(ids) > seq_len
-        rows.append(ids[:seq_len])
-        ok = 0 < pos < min(len(ids), seq_len)
-        answer_pos.append(pos if ok else -1)
-        think_pos.append(think if ok else -1)
-    if cut:
-        warnings.warn(f"{cut} of {len(records)} lines are longer than seq_len={seq_len} tokens and were "
-                      f"truncated; raise --seq-len to keep them whole", stacklevel=2)
-    seq = max(len(x) for x in rows)
-    input_ids = torch.full((len(rows), seq), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), seq), dtype=torch.long)
-    for i, x in enumerate(rows):
-        input_ids[i, : len(x)] = torch.tensor(x)
-        attention_mask[i, : len(x)] = 1
-    return Encoded(input_ids, attention_mask, torch.tensor(answer_pos), torch.tensor(think_pos),
-                   [r.get("question") for r in records])
-
-
-def think_mask_for(think_pos: torch.Tensor, seq: int, where: str) -> torch.Tensor | None:
-    """Which positions' thoughts are trained, as a mask for ``quiet_star_step``: None (= every
-    position) for ``"all"``; for ``"answer"`` the position ``think_pos`` (-1: none).
-
-    think_pos: (batch,) long, e.g. :attr:`Encoded.think_pos`.  returns: (batch, seq) bool or None.
-    """
-    if where == "all":
-        return None
-    if where != "answer":
-        raise ConfigError(f"think_where must be one of {THINK_WHERE} (got {where!r})")
-    return (torch.arange(seq, device=think_pos.device)[None] == think_pos[:, None]) & (think_pos[:, None] >= 0)
-
-
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Line indices of step ``step``: positions step*B .. step*B + B - 1 of the endless stream
-    ``randperm(n, seed + 0), randperm(n, seed + 1), ...`` (one permutation per epoch)."""
-    positions = range(step * batch_size, (step + 1) * batch_size)
-    out, perms = [], {}
-    for p in positions:
-        epoch, i = divmod(p, n)
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        out.append(int(perms[epoch][i]))
-    return torch.tensor(out)
 
 
 # ============================================================================ the model being trained
@@ -257,36 +95,35 @@ class QuietStarModule(nn.Module):
         super().__init__()
         self.model, self.meta, self.head = model, meta, head
 
-    def forward(self, input_ids, attention_mask, cfg: QuietStarConfig, think_mask=None,
-                generator=None, step=None, shuffle_rewards: bool = False, positions=None) -> dict:
-        """positions: (b,) the one thinking position of each line (-1: none), or None for all."""
+    def forward(self, input_ids, attention_mask, cfg: QuietStarConfig, generator=None, step=None,
+                shuffle_rewards: bool = False, positions=None) -> dict:
+        """input_ids, attention_mask: (b, seq). positions: (b,) the one thinking position of each
+        line (-1: none; ``think_where="answer"``), or None for every position. shuffle_rewards:
+        the shuffled-reward control (:func:`shuffled_policy_loss`)."""
         out = quiet_star_step(self.model, self.meta, self.head, input_ids, attention_mask, cfg,
-                              generator=generator, think_mask=think_mask, step=step,
+                              generator=generator, step=step,
                               positions=None if positions is None else positions[:, None])
-        if positions is not None:
-            think_mask = None                        # the seq axis now holds only that position
         if shuffle_rewards and cfg.think:
-            out.policy_loss = shuffled_policy_loss(out, cfg, think_mask, generator)
+            out.policy_loss = shuffled_policy_loss(out, cfg, generator)
             out.loss = combined_loss(out.base_nll, out.talk_nll, out.policy_loss,
                                      cfg.base_loss_weight, cfg.policy_loss_weight)
         return {name: getattr(out, name) for name in out.__dataclass_fields__}
 
 
-def shuffled_policy_loss(out: StepOutput, cfg: QuietStarConfig, think_mask, generator) -> torch.Tensor:
+def shuffled_policy_loss(out: StepOutput, cfg: QuietStarConfig, generator) -> torch.Tensor:
     """The REINFORCE loss with each position's rewards permuted among its n_thoughts thoughts.
 
     A control: the rewards keep their values (and their mean), but no longer say which thought
     earned them. If thoughts improve under the real rewards and not under these, the reward is
-    what teaches them.
+    what teaches them. Computed from the step's own outputs: ``out.rewards`` (b, n, m),
+    ``out.thought_logprobs`` (b, n, m, t - 2) and the entries ``out.policy_trained`` /
+    ``out.policy_counted`` (b, m); returns the scalar loss.
     """
-    b, n, l = out.rewards.shape
-    noise = torch.rand((b, n, l), generator=generator, device=generator.device if generator else None)
-    perm = noise.to(out.rewards.device).argsort(dim=1)                      # (b, n, l)
-    r = out.rewards.gather(1, perm)
-    think = out.valid[..., 0] if think_mask is None else out.valid[..., 0] & think_mask.bool()
-    think, counted = policy_entries(cfg, think, out.h_init.shape[1], out.positions)
-    _, policy = reinforce_loss(r, out.thought_logprobs, think, cfg.clamp_negative_rewards,
-                               cfg.reinforce_reduction, counted=counted)
+    b, n, m = out.rewards.shape
+    noise = torch.rand((b, n, m), generator=generator, device=generator.device if generator else None)
+    perm = noise.to(out.rewards.device).argsort(dim=1)                      # (b, n, m)
+    _, policy = reinforce_loss(out.rewards.gather(1, perm), out.thought_logprobs, out.policy_trained,
+                               cfg.clamp_negative_rewards, cfg.reinforce_reduction, counted=out.policy_counted)
     return policy
 
 
@@ -346,12 +183,6 @@ def make_schedule(optimizer, cfg: QuietStarConfig) -> torch.optim.lr_scheduler.L
 
 # ============================================================================ metrics of one step
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean of x over the True entries of mask, as a float."""
-    mask = mask.to(x.dtype)
-    return float((x * mask).sum() / mask.sum().clamp(min=1))
-
-
 @torch.no_grad()
 def step_metrics(out: dict, think_pos: torch.Tensor, fast_path: bool, questions, tokenizer) -> dict:
     """Scalars of one step for the log: losses, mean w and positive-reward fraction at the
@@ -360,16 +191,14 @@ def step_metrics(out: dict, think_pos: torch.Tensor, fast_path: bool, questions,
 
     fast_path: ``out`` came from a step with ``positions`` (its seq axis holds only think_pos).
     """
-    from .generate import decode_thought, thought_is_correct
-
     m = {"loss": float(out["loss"]), "base_nll": float(out["base_nll"])}
     if out.get("w") is None:
         return m
     m["talk_nll"] = float(out["talk_nll"])
     m["policy_loss"] = float(out["policy_loss"])
-    think = out["valid"][..., 0][:, None].expand_as(out["rewards"])         # (b, n, l) thinking entries
-    m["w"] = _masked_mean(out["w"][..., 0].float(), think)
-    m["reward_pos_frac"] = _masked_mean((out["rewards"] > 0).float(), think)
+    entries = out["valid"][..., 0][:, None].expand_as(out["rewards"])       # (b, n, l) thinking entries
+    m["w"] = float(masked_mean(out["w"][..., 0].float(), entries))
+    m["reward_pos_frac"] = float(masked_mean((out["rewards"] > 0).float(), entries))
     rows = [(i, 0 if fast_path else int(j)) for i, j in enumerate(think_pos.tolist()) if j >= 0 and questions[i]]
     if rows:
         thoughts = out["thoughts"]                                           # (b, n, l, t)
@@ -379,17 +208,7 @@ def step_metrics(out: dict, think_pos: torch.Tensor, fast_path: bool, questions,
     return m
 
 
-def micro_batch(enc: Encoded, lines: torch.Tensor, device):
-    """The lines ``lines`` of ``enc`` on ``device``, cut to the longest of them.
-
-    returns: input_ids (b, seq), attention_mask (b, seq), think_pos (b,).
-    """
-    seq = int(enc.attention_mask[lines].sum(1).max())
-    return (enc.input_ids[lines, :seq].to(device), enc.attention_mask[lines, :seq].to(device),
-            enc.think_pos[lines].to(device))
-
-
-# ============================================================================ the loop
+# ============================================================================ devices, randomness, signals
 
 def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
     state = {"torch": torch.get_rng_state(), "thoughts": generator.get_state()}
@@ -408,15 +227,6 @@ def _set_rng_state(rng: dict[str, torch.Tensor], generator: torch.Generator) -> 
         states = [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
         if len(states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states)
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep only the lines of steps <= last_step (a resumed run rewrites what came after)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 def make_accelerator(device: str | None = None, grad_accum: int = 1, find_unused: bool = False):
@@ -472,6 +282,229 @@ class StopRequest:
         return self.signal is not None
 
 
+# ============================================================================ the run folder
+
+@dataclass
+class RunDir:
+    """Where a run writes; every path is None for a run without files (``out_dir=None``).
+
+    out_dir: the run folder.  checkpoint: ``out_dir/checkpoint``.  metrics: ``out_dir/metrics.jsonl``.
+    resuming: ``resume`` was asked and the checkpoint holds a training state to continue from.
+    """
+
+    out_dir: Path | None
+    checkpoint: Path | None
+    metrics: Path | None
+    resuming: bool
+
+
+def _prepare_run_dir(out_dir, resume: bool) -> RunDir:
+    """The one place :func:`train` opens its run folder, before the data and the model are
+    loaded. (Only the main process writes in it, from :func:`_start_metrics` and :func:`save`.)"""
+    if out_dir is None:
+        return RunDir(None, None, None, False)
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    return RunDir(out_dir, ckpt_dir, out_dir / METRICS_FILE,
+                  bool(resume and (ckpt_dir / "trainer_state.json").exists()))
+
+
+def _start_metrics(run_dir: RunDir, start_step: int) -> None:
+    """Create the run folder; a new run starts ``metrics.jsonl`` afresh, a resumed one keeps the
+    lines up to its checkpoint's step."""
+    if run_dir.metrics is None:
+        return
+    run_dir.out_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.resuming:
+        _truncate_metrics(run_dir.metrics, start_step)
+    elif run_dir.metrics.exists():
+        run_dir.metrics.unlink()
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only the lines of steps <= last_step (a resumed run rewrites what came after)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# ============================================================================ setting up
+
+@dataclass
+class Run:
+    """Everything the loop works with, made by :func:`set_up`.
+
+    module: the :class:`QuietStarModule` as Accelerate prepared it (DDP-wrapped with several
+    processes); raw: the module itself.  enc: the training lines as tensors.  micro: lines per
+    micro-batch on this process.  settings: what ``trainer_state.json`` records of the run.
+    evals: the evaluations so far (a resumed run's included).
+    """
+
+    cfg: QuietStarConfig
+    accelerator: object
+    module: nn.Module
+    raw: QuietStarModule
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+    tokenizer: object
+    enc: Encoded
+    micro: int
+    run_dir: RunDir
+    start_step: int
+    think_where: str
+    shuffle_rewards: bool
+    settings: dict
+    eval_fn: object
+    eval_records: list | None
+    evals: list = field(default_factory=list)
+    history: list = field(default_factory=list)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def _micro_batch_size(cfg: QuietStarConfig, world: int, grad_accum: int) -> int:
+    """Lines per micro-batch: cfg.batch_size split over ``world`` processes and ``grad_accum``."""
+    micro = cfg.batch_size // (world * grad_accum)
+    if micro * world * grad_accum != cfg.batch_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of processes ({world}) x "
+                          f"grad_accum ({grad_accum})")
+    return micro
+
+
+def _load_modules(cfg: QuietStarConfig, model_name_or_path, run_dir: RunDir):
+    """(model, tokenizer, meta, head): from the checkpoint when resuming (its config must be
+    ``cfg``), else the base model with new meta-tokens and mixing head."""
+    if run_dir.resuming:
+        ck = load_checkpoint(run_dir.checkpoint)
+        if ck.cfg.to_dict() != cfg.to_dict():
+            changed = sorted(k for k, v in cfg.to_dict().items() if ck.cfg.to_dict().get(k) != v)
+            raise ConfigError(f"cannot resume {run_dir.checkpoint}: its config differs in {changed}")
+        return ck.model, ck.tokenizer, ck.meta, ck.head
+    model, tokenizer = load_model(model_name_or_path)
+    meta, head = prepare_model(model, tokenizer, cfg)
+    return model, tokenizer, meta, head
+
+
+def set_up(cfg: QuietStarConfig, model_name_or_path, records: list[dict], run_dir: RunDir, *,
+           think_where: str, lines: str, shuffle_rewards: bool, grad_accum: int, device: str | None,
+           eval_fn, eval_records) -> Run:
+    """Accelerator, model, encoded lines, optimiser, schedule and thought generator, restored
+    from the checkpoint when resuming (the data position is the step number)."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(device, grad_accum, find_unused=not cfg.think)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = _micro_batch_size(cfg, world, grad_accum)
+    set_seed(cfg.seed)
+    model, tokenizer, meta, head = _load_modules(cfg, model_name_or_path, run_dir)
+    model.train()
+    enc = encode_records(tokenizer, records, cfg.seq_len)
+    if think_where == "answer" and cfg.think and not bool((enc.think_pos >= 0).any()):
+        raise DataError("think_where='answer' needs answer-only lines (question=answer); none found")
+
+    raw = QuietStarModule(model, meta, head)
+    optimizer = build_optimizer(raw, cfg)
+    scheduler = make_schedule(optimizer, cfg)
+    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed * 1000 + rank)
+    start_step, evals = 0, []
+    if run_dir.resuming:
+        state, rng = load_training_state(run_dir.checkpoint, optimizer, scheduler)
+        start_step, evals = int(state["step"]), list(state.get("evals", []))
+        _set_rng_state(rng, generator)
+    module, optimizer = accelerator.prepare(raw, optimizer)   # the scheduler is stepped by hand
+    raw = accelerator.unwrap_model(module)
+    if accelerator.is_main_process:
+        _start_metrics(run_dir, start_step)
+    settings = {"think_where": think_where, "lines": lines, "shuffle_rewards": shuffle_rewards,
+                "model": os.fspath(model_name_or_path), "world_size": world, "grad_accum": grad_accum,
+                "batch_size": cfg.batch_size}
+    return Run(cfg, accelerator, module, raw, optimizer, scheduler, generator, tokenizer, enc, micro, run_dir,
+               start_step, think_where, shuffle_rewards, settings,
+               eval_fn or partial(quick_eval, think_where=think_where), eval_records, evals)
+
+
+# ============================================================================ one step, evaluation, checkpoint
+
+def train_step(run: Run, step: int) -> dict:
+    """Algorithm 1's step and line 3 (theta <- theta - lr sum_j grad L_j) on step ``step``'s lines.
+
+    This process takes its share of the global batch (:func:`batch_indices`) in grad_accum
+    micro-batches of (micro, seq) tokens: forward (:func:`quiet_star_step`), backward, then
+    :func:`optimizer_step`. returns: the step's metrics (:func:`step_metrics`), averaged over
+    the micro-batches; loss and base_nll also over the processes.
+    """
+    acc, cfg = run.accelerator, run.cfg
+    idx = batch_indices(len(run.enc), cfg.batch_size, step, cfg.seed)      # the global batch
+    idx = idx[acc.process_index::acc.num_processes]                         # this process's share
+    parts = []
+    for chunk in idx.split(run.micro):                                      # grad_accum micro-batches
+        with acc.accumulate(run.module):
+            ids, mask, think_pos = micro_batch(run.enc, chunk, acc.device)
+            positions = think_pos if run.think_where == "answer" else None     # the fast path
+            out = run.module(ids, mask, cfg, generator=run.generator, step=step,
+                             shuffle_rewards=run.shuffle_rewards, positions=positions)
+            acc.backward(out["loss"])
+            optimizer_step(run)
+            parts.append(step_metrics(out, think_pos.cpu(), positions is not None,
+                                      [run.enc.questions[i] for i in chunk.tolist()], run.tokenizer))
+    last = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+    if acc.num_processes > 1:                               # the losses averaged over processes
+        shared = torch.tensor([last["loss"], last["base_nll"]], device=acc.device)
+        last["loss"], last["base_nll"] = acc.reduce(shared, "mean").tolist()
+    return last
+
+
+def optimizer_step(run: Run) -> None:
+    """Clip the gradients to cfg.grad_clip, take the AdamW step and the schedule's step, zero
+    the gradients. Accelerate skips the step until the last micro-batch of a global batch."""
+    acc = run.accelerator
+    if acc.sync_gradients:
+        acc.clip_grad_norm_(run.module.parameters(), run.cfg.grad_clip)
+    run.optimizer.step()
+    if acc.sync_gradients:
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def log_step(run: Run, last: dict, step: int, t0: float, bar) -> None:
+    """Add step, lr and seconds to the step's metrics; keep them, write them, show them."""
+    last.update(step=step + 1, lr=run.scheduler.get_last_lr()[0], seconds=round(time.perf_counter() - t0, 2))
+    run.history.append(last)
+    if run.main and run.run_dir.metrics is not None:
+        append_jsonl(run.run_dir.metrics, {"kind": "train", **last})
+    bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "w", "thought_correct") if k in last})
+
+
+def evaluate_now(run: Run, step: int) -> None:
+    """The periodic evaluation on the held-out lines (main process only), kept and written."""
+    if run.eval_records is None or not run.main:
+        return
+    raw = run.raw
+    result = run.eval_fn(raw.model, run.tokenizer, raw.meta, raw.head, run.cfg, run.eval_records)
+    run.evals.append({"step": step, **result})
+    if run.run_dir.metrics is not None:
+        append_jsonl(run.run_dir.metrics, {"kind": "eval", "step": step, **result})
+
+
+def save(run: Run, step: int) -> None:
+    """An atomic checkpoint of everything ``resume`` needs (all processes wait; main writes)."""
+    if run.run_dir.checkpoint is None:
+        return
+    run.accelerator.wait_for_everyone()
+    if run.main:
+        raw = run.raw
+        save_checkpoint(run.run_dir.checkpoint, raw.model, run.tokenizer, raw.meta, raw.head, run.cfg,
+                        optimizer=run.optimizer, scheduler=run.scheduler, rng=_rng_state(run.generator),
+                        trainer_state={"step": step, "evals": run.evals, **run.settings})
+
+
+# ============================================================================ the loop
+
 def train(cfg: QuietStarConfig, model_name_or_path=TINY_BASE, data=DATA_DIR, out_dir=None, *,
           think_where: str = "all", lines: str = "answer_only", shuffle_rewards: bool = False,
           eval_data=None, eval_every: int = 50, eval_lines: int = 200, save_every: int | None = None,
@@ -500,280 +533,53 @@ def train(cfg: QuietStarConfig, model_name_or_path=TINY_BASE, data=DATA_DIR, out
     returns: {"steps", "seconds", "final": last step metrics, "evals": [...], "history": [...],
               "out_dir", "checkpoint"} and, in memory, "modules": (model, tokenizer, meta, head).
     """
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    from .models import load_model
-
     if think_where not in THINK_WHERE:
         raise ConfigError(f"think_where must be one of {THINK_WHERE} (got {think_where!r})")
     if grad_accum < 1:
         raise ConfigError(f"grad_accum must be >= 1 (got {grad_accum})")
-    out_dir = Path(out_dir) if out_dir is not None else None
-    ckpt_dir = out_dir / CHECKPOINT_DIR if out_dir is not None else None
-    resuming = bool(resume and ckpt_dir is not None and (ckpt_dir / "trainer_state.json").exists())
-
+    run_dir = _prepare_run_dir(out_dir, resume)
     # Data first: a broken file fails before a model is loaded.
     records = select_lines(load_records(data, "train", text_field, max_lines), lines)
-    eval_records = _eval_records(data, eval_data, eval_lines)
+    eval_records = held_out_records(data, eval_data, eval_lines)
+    run = set_up(cfg, model_name_or_path, records, run_dir, think_where=think_where, lines=lines,
+                 shuffle_rewards=shuffle_rewards, grad_accum=grad_accum, device=device, eval_fn=eval_fn,
+                 eval_records=eval_records)
 
-    accelerator = make_accelerator(device, grad_accum, find_unused=not cfg.think)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    micro = cfg.batch_size // (world * grad_accum)
-    if micro * world * grad_accum != cfg.batch_size:
-        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of processes ({world}) x "
-                          f"grad_accum ({grad_accum})")
-
-    set_seed(cfg.seed)
-    if resuming:
-        ck = load_checkpoint(ckpt_dir)
-        if ck.cfg.to_dict() != cfg.to_dict():
-            changed = sorted(k for k, v in cfg.to_dict().items() if ck.cfg.to_dict().get(k) != v)
-            raise ConfigError(f"cannot resume {ckpt_dir}: its config differs in {changed}")
-        model, tokenizer, meta, head = ck.model, ck.tokenizer, ck.meta, ck.head
-    else:
-        model, tokenizer = load_model(model_name_or_path)
-        meta, head = prepare_model(model, tokenizer, cfg)
-    model.train()
-    enc = encode_records(tokenizer, records, cfg.seq_len)
-    if think_where == "answer" and cfg.think and not bool((enc.think_pos >= 0).any()):
-        raise DataError("think_where='answer' needs answer-only lines (question=answer); none found")
-
-    module = QuietStarModule(model, meta, head)
-    optimizer = build_optimizer(module, cfg)
-    scheduler = make_schedule(optimizer, cfg)
-    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed * 1000 + rank)
-    start_step, evals = 0, []
-    if resuming:
-        state, rng = load_training_state(ckpt_dir, optimizer, scheduler)
-        start_step, evals = int(state["step"]), list(state.get("evals", []))
-        _set_rng_state(rng, generator)
-    module, optimizer = accelerator.prepare(module, optimizer)   # the scheduler is stepped by hand
-    raw = accelerator.unwrap_model(module)
-    main = accelerator.is_main_process
-
-    metrics_path = out_dir / METRICS_FILE if out_dir is not None else None
-    if main and metrics_path is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if resuming:
-            _truncate_metrics(metrics_path, start_step)
-        elif metrics_path.exists():
-            metrics_path.unlink()
-    eval_fn = eval_fn or _default_eval_fn(think_where)
-
-    def evaluate_now(step: int) -> None:
-        if eval_records is None or not main:
-            return
-        result = eval_fn(raw.model, tokenizer, raw.meta, raw.head, cfg, eval_records)
-        evals.append({"step": step, **result})
-        if metrics_path is not None:
-            append_jsonl(metrics_path, {"kind": "eval", "step": step, **result})
-
-    def save(step: int) -> None:
-        if ckpt_dir is None:
-            return
-        accelerator.wait_for_everyone()
-        if main:
-            save_checkpoint(ckpt_dir, raw.model, tokenizer, raw.meta, raw.head, cfg,
-                            optimizer=optimizer, scheduler=scheduler, rng=_rng_state(generator),
-                            trainer_state={"step": step, "evals": evals, "think_where": think_where,
-                                           "lines": lines, "shuffle_rewards": shuffle_rewards,
-                                           "model": os.fspath(model_name_or_path), "world_size": world,
-                                           "grad_accum": grad_accum, "batch_size": cfg.batch_size})
-
-    if start_step == 0:
-        evaluate_now(0)
-    history, last = [], {}
+    if run.start_step == 0:
+        evaluate_now(run, 0)
     end_step = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     t0 = time.perf_counter()
-    bar = tqdm(range(start_step, end_step), disable=not (progress and main), desc="quiet-star" if cfg.think
-               else "control", initial=start_step, total=cfg.steps, leave=False)
-    done = start_step
+    bar = _progress_bar(run, end_step, progress)
+    done, last = run.start_step, {}
     with StopRequest() as stop:            # Ctrl-C / SIGTERM: finish the step, save, stop
         for step in bar:
-            idx = batch_indices(len(enc), cfg.batch_size, step, cfg.seed)      # the global batch
-            idx = idx[rank::world]                                              # this process's share
-            parts = []
-            for chunk in idx.split(micro):                                      # grad_accum micro-batches
-                with accelerator.accumulate(module):
-                    ids, mask, think_pos = micro_batch(enc, chunk, accelerator.device)
-                    positions = think_pos if think_where == "answer" else None     # the fast path
-                    out = module(ids, mask, cfg, generator=generator, step=step,
-                                 shuffle_rewards=shuffle_rewards, positions=positions)
-                    accelerator.backward(out["loss"])
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(module.parameters(), cfg.grad_clip)
-                    optimizer.step()                       # (skipped by Accelerate until the last micro-batch)
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    parts.append(step_metrics(out, think_pos.cpu(), positions is not None,
-                                              [enc.questions[i] for i in chunk.tolist()], tokenizer))
-            last = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
-            if world > 1:                                   # the losses averaged over processes
-                shared = torch.tensor([last["loss"], last["base_nll"]], device=accelerator.device)
-                last["loss"], last["base_nll"] = accelerator.reduce(shared, "mean").tolist()
-            last.update(step=step + 1, lr=scheduler.get_last_lr()[0],
-                        seconds=round(time.perf_counter() - t0, 2))
-            history.append(last)
-            if main and metrics_path is not None:
-                append_jsonl(metrics_path, {"kind": "train", **last})
-            bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "w", "thought_correct") if k in last})
+            last = train_step(run, step)                # batch, forward, backward, optimiser step
+            log_step(run, last, step, t0, bar)
             done = step + 1
             if eval_every and done % eval_every == 0 and done < end_step:
-                evaluate_now(done)
+                evaluate_now(run, done)
             if save_every and done % save_every == 0 and done < end_step:
-                save(done)
-            if stop.agreed(accelerator):            # every process stops after the same step
+                save(run, done)
+            if stop.agreed(run.accelerator):            # every process stops after the same step
                 break
     bar.close()
-    finished = done if stop.signal is not None else max(end_step, start_step)
-    if finished == cfg.steps and (not evals or evals[-1]["step"] != finished):
-        evaluate_now(finished)
-    save(finished)
-    model.eval()
+
+    finished = done if stop.signal is not None else max(end_step, run.start_step)
+    if finished == cfg.steps and (not run.evals or run.evals[-1]["step"] != finished):
+        evaluate_now(run, finished)
+    save(run, finished)
+    run.raw.model.eval()
     return {"steps": finished, "seconds": round(time.perf_counter() - t0, 2), "final": last,
             "interrupted": None if stop.signal is None else signal.Signals(stop.signal).name,
-            "evals": evals, "history": history, "out_dir": None if out_dir is None else str(out_dir),
-            "checkpoint": None if ckpt_dir is None else str(ckpt_dir),
-            "modules": (raw.model, tokenizer, raw.meta, raw.head)}
+            "evals": run.evals, "history": run.history,
+            "out_dir": None if run_dir.out_dir is None else str(run_dir.out_dir),
+            "checkpoint": None if run_dir.checkpoint is None else str(run_dir.checkpoint),
+            "modules": (run.raw.model, run.tokenizer, run.raw.meta, run.raw.head)}
 
 
-def _default_eval_fn(think_where: str):
-    from functools import partial
+def _progress_bar(run: Run, end_step: int, progress: bool):
+    from tqdm.auto import tqdm
 
-    from .evaluate import quick_eval
-    return partial(quick_eval, think_where=think_where)
-
-
-def _eval_records(data, eval_data, eval_lines: int):
-    """Held-out answer-only lines for the periodic evaluation (None: no evaluation)."""
-    if isinstance(eval_data, list):
-        records = eval_data
-    else:
-        path = None
-        if eval_data is not None:
-            path = Path(eval_data)
-        elif isinstance(data, (str, os.PathLike)) and Path(data).exists():
-            guess = Path(data) if Path(data).is_dir() else Path(data).parent
-            if (guess / "validation.jsonl").exists():
-                path = guess / "validation.jsonl"
-        if path is None:
-            return None
-        records = read_jsonl(path)
-    records = [r for r in records if not r.get("has_working", False) and r.get("question")]
-    return records[:eval_lines] or None
-
-
-# ============================================================================ command line
-
-RUN_KEYS = ("model", "data", "out", "name", "think_where", "lines", "shuffle_rewards", "eval_every",
-            "eval_lines", "save_every", "grad_accum", "device", "preset", "text_field", "max_lines")
-CONFIG_FLAGS = ("steps", "batch_size", "lr", "mixer_lr", "seed", "n_thoughts", "thought_length",
-                "n_true", "seq_len", "policy_loss_weight", "base_loss_weight", "warmup_steps", "mixing",
-                "thought_temperature", "embedding_scale", "weight_decay", "memory", "attention")
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags of ``qstar-mini train``. Unset flags are None: the YAML file, then the preset,
-    then QuietStarConfig's defaults decide."""
-    p = parser
-    p.add_argument("--config", metavar="FILE.yaml",
-                   help="YAML file: QuietStarConfig fields and/or run options (model, data, out, "
-                        "think_where, lines, ...); flags override it")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="starting settings: tiny (CPU minutes) or official (the paper's code; GPU). Default tiny")
-    p.add_argument("--model", default=None, help="local folder or Hugging Face name (default: data/tiny-base)")
-    p.add_argument("--data", default=None,
-                   help="JSONL file, folder with train.jsonl, or datasets name[:config] (default: data/)")
-    p.add_argument("--text-field", default=None, help="column holding the text (default: text)")
-    p.add_argument("--max-lines", type=int, default=None, help="use only the first N lines")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<name>)")
-    p.add_argument("--name", default=None, help="run name under runs/ (default: train)")
-    p.add_argument("--no-think", dest="think", action="store_false", default=None,
-                   help="the control: same loop, plain LM loss, no thoughts")
-    p.add_argument("--think-where", choices=THINK_WHERE, default=None,
-                   help="all positions (the paper, default) or only the answer position")
-    p.add_argument("--lines", choices=LINES, default=None, help="which lines to train on (default answer_only)")
-    p.add_argument("--shuffle-rewards", action="store_true", default=None,
-                   help="control: permute rewards among the thoughts of each position")
-    p.add_argument("--no-policy", action="store_true", default=None,
-                   help="control: REINFORCE off (policy_loss_weight = 0)")
-    for name in CONFIG_FLAGS:
-        kind = str if name in ("mixing", "memory", "attention") else (int if name in ("steps", "batch_size", "seed", "n_thoughts",
-                                                              "thought_length", "n_true", "seq_len",
-                                                              "warmup_steps") else float)
-        choices = {"mixing": MIXING_MODES, "memory": MEMORY_MODES, "attention": ATTENTION_MODES}.get(name)
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, choices=choices,
-                       help=f"QuietStarConfig.{name}")
-    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default 50; 0 = only start/end)")
-    p.add_argument("--eval-lines", type=int, default=None, help="held-out lines per evaluation (default 200)")
-    p.add_argument("--save-every", type=int, default=None, help="also checkpoint every N steps")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimiser step (default 1)")
-    p.add_argument("--device", default=None, help="cpu to force the CPU (default: CUDA if available)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint if it exists")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
-    return p
-
-
-def _read_yaml(path: str) -> dict:
-    import yaml
-
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"--config {path} must hold a mapping of settings")
-    return values
-
-
-def resolve_train_args(args: argparse.Namespace) -> tuple[QuietStarConfig, dict]:
-    """(config, run options) from YAML + preset + flags, flags winning."""
-    from dataclasses import fields as dc_fields
-
-    values = _read_yaml(args.config) if getattr(args, "config", None) else {}
-    config_names = {f.name for f in dc_fields(QuietStarConfig)}
-    unknown = set(values) - config_names - set(RUN_KEYS)
-    if unknown:
-        raise ConfigError(f"--config: unknown setting(s) {sorted(unknown)}; use QuietStarConfig fields "
-                          f"or {list(RUN_KEYS)}")
-    run = {k: values[k] for k in RUN_KEYS if k in values}
-    changes = {k: v for k, v in values.items() if k in config_names}
-    for name in RUN_KEYS:
-        if getattr(args, name, None) is not None:
-            run[name] = getattr(args, name)
-    for name in CONFIG_FLAGS + ("think",):
-        if getattr(args, name, None) is not None:
-            changes[name] = getattr(args, name)
-    if getattr(args, "no_policy", None):
-        changes["policy_loss_weight"] = 0.0
-    cfg = preset(run.pop("preset", None) or "tiny", **changes)
-    return cfg, run
-
-
-def run_train(args: argparse.Namespace) -> int:
-    """``qstar-mini train``: train, print a one-line summary per evaluation, return 0."""
-    cfg, run = resolve_train_args(args)
-    out = run.get("out") or (RUNS_DIR / (run.get("name") or "train"))
-    result = train(
-        cfg, run.get("model") or TINY_BASE, run.get("data") or DATA_DIR, out,
-        think_where=run.get("think_where", "all"), lines=run.get("lines", "answer_only"),
-        shuffle_rewards=bool(run.get("shuffle_rewards", False)),
-        eval_every=run.get("eval_every", 50), eval_lines=run.get("eval_lines", 200),
-        save_every=run.get("save_every"), resume=bool(getattr(args, "resume", False)),
-        grad_accum=run.get("grad_accum", 1), device=run.get("device"),
-        progress=getattr(args, "progress", True), text_field=run.get("text_field", "text"),
-        max_lines=run.get("max_lines"))
-    for e in result["evals"]:
-        shown = {k: v for k, v in e.items() if isinstance(v, (int, float))}
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
-    if result["interrupted"]:
-        import sys
-        print(f"qstar-mini: interrupted ({result['interrupted']}) after step {result['steps']}; checkpoint "
-              f"saved in {result['checkpoint']}; continue with the same command and --resume", file=sys.stderr)
-        return 130 if result["interrupted"] == "SIGINT" else 143
-    print(f"trained {result['steps']} steps in {result['seconds']:.1f} s; checkpoint: {result['checkpoint']}")
-    return 0
+    return tqdm(range(run.start_step, end_step), disable=not (progress and run.main),
+                desc="quiet-star" if run.cfg.think else "control", initial=run.start_step,
+                total=run.cfg.steps, leave=False)

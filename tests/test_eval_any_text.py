@@ -14,12 +14,13 @@ from qstar_mini.checkpoint import save_checkpoint
 from qstar_mini.config import tiny
 from qstar_mini.data import read_jsonl
 from qstar_mini.errors import DataError
-from qstar_mini.evaluate import (ARITHMETIC, GSM8K_FORMAT, TEXT, add_eval_arguments, detect_data_kind,
-                                 evaluate_text, is_datasets_name, load_eval_records, run_eval)
+from qstar_mini.eval_cli import add_eval_arguments, run_eval
+from qstar_mini.evaluate import (ARITHMETIC, GSM8K_FORMAT, TEXT, detect_data_kind, evaluate_text, is_datasets_name,
+                                 load_eval_records)
 from qstar_mini.models import build_tokenizer
 from qstar_mini.paths import DATA_DIR
 from qstar_mini.step import prepare_model, quiet_star_step
-from qstar_mini.train import _load_hf_dataset, encode_records, load_records
+from qstar_mini.records import encode_records, load_hf_dataset, load_records
 from tiny_models import small_model
 
 torch.set_num_threads(1)
@@ -134,8 +135,8 @@ def test_a_datasets_name_is_streamed_and_only_n_records_are_read(fake_hub):
         load_records("someone/corpus")
     assert len(calls) == 1
     with pytest.raises(DataError, match="no column 'body'"):
-        _load_hf_dataset("someone/corpus", "train", "body", 3)
-    rows = _load_hf_dataset("someone/corpus", "test", "text", 3, all_fields=True)
+        load_hf_dataset("someone/corpus", "train", "body", 3)
+    rows = load_hf_dataset("someone/corpus", "test", "text", 3, all_fields=True)
     assert [r["n"] for r in rows] == [0, 1, 2] and calls[-1]["split"] == "test" and streams[-1].read == 3
 
 

@@ -10,8 +10,9 @@ import torch
 from qstar_mini.checkpoint import save_checkpoint
 from qstar_mini.config import tiny
 from qstar_mini.data import read_jsonl
-from qstar_mini.evaluate import (add_eval_arguments, answer_only, best_temperature, by_difficulty, evaluate,
-                                 extract_answer, format_table, gsm8k_eval, quick_eval, run_eval)
+from qstar_mini.eval_cli import add_eval_arguments, run_eval
+from qstar_mini.evaluate import (answer_only, best_temperature, by_difficulty, evaluate, extract_answer, format_table,
+                                 gsm8k_eval, quick_eval)
 from qstar_mini.models import build_tokenizer
 from qstar_mini.paths import DATA_DIR
 from qstar_mini.step import prepare_model

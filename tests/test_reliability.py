@@ -54,7 +54,7 @@ def test_a_config_longer_than_the_model_context_is_refused():
 
 def test_lines_longer_than_seq_len_are_counted_in_a_warning():
     from qstar_mini.models import build_tokenizer
-    from qstar_mini.train import encode_records
+    from qstar_mini.records import encode_records
     with pytest.warns(UserWarning, match="1 of 2 lines are longer than seq_len=8"):
         enc = encode_records(build_tokenizer(), [{"text": "12345=(13610)5"}, {"text": "1=1"}], 8)
     assert enc.input_ids.shape[1] == 8

@@ -26,8 +26,11 @@ from qstar_mini.errors import CheckpointError, ConfigError, DataError, ModelErro
 from qstar_mini.models import build_tokenizer, tiny_model
 from qstar_mini.paths import DATA_DIR
 from qstar_mini.step import prepare_model
-from qstar_mini.train import (QuietStarModule, add_train_arguments, batch_indices, build_optimizer,
-                              encode_records, resolve_train_args, think_mask_for, train)
+from qstar_mini.losses import reinforce_loss
+from qstar_mini.records import batch_indices, encode_records
+from qstar_mini.step import policy_entries
+from qstar_mini.train import QuietStarModule, build_optimizer, train
+from qstar_mini.train_cli import add_train_arguments, resolve_train_args
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
@@ -122,15 +125,42 @@ def test_module_thinks_at_one_position_per_line(model_dir):
     assert torch.equal(out["valid"][:, 0, 0], enc.think_pos >= 0)          # working lines do not think
 
 
-def test_think_mask_marks_the_position_before_the_answer(model_dir):
+def test_think_pos_is_the_position_before_the_answer(model_dir):
     tok = build_tokenizer()
     enc = encode_records(tok, [{"text": "31415=4"}, {"text": "31415=(34894)4"}, {"text": "no answer"}], 32)
     assert enc.answer_pos.tolist() == [7, 14, -1]                 # <s> shifts by one
     assert enc.think_pos.tolist() == [6, -1, -1]                  # only answer-only lines think
-    mask = think_mask_for(enc.think_pos, enc.input_ids.shape[1], "answer")
-    assert mask[0].nonzero().flatten().tolist() == [6]            # the "=" of 31415=4
-    assert not mask[1].any() and not mask[2].any()
-    assert think_mask_for(enc.think_pos, 5, "all") is None
+    assert int(enc.input_ids[0, 6]) == tok.convert_tokens_to_ids("=")   # the "=" of 31415=4
+
+
+@pytest.mark.parametrize("policy_positions", ["real", "official"])
+@pytest.mark.parametrize("answer_only", [False, True])
+def test_shuffled_rewards_use_the_steps_own_entries(model_dir, policy_positions, answer_only):
+    """The shuffled-reward control reads rewards, thought log-probs and REINFORCE's entries from
+    the step's output; its loss is REINFORCE on the rewards permuted within each position,
+    with the entries recomputed here the way the step defines them (and the loss recombined)."""
+    cfg = small_cfg(n_thoughts=3, policy_positions=policy_positions)
+    model, tok, meta, head = load(model_dir, cfg)
+    ids, mask, enc = fixed_batch(tok, n=6)
+    positions = enc.think_pos if answer_only else None
+    module = QuietStarModule(model, meta, head)
+    plain = module(ids, mask, cfg, generator=torch.Generator().manual_seed(5), positions=positions)
+    g = torch.Generator().manual_seed(5)
+    shuffled = module(ids, mask, cfg, generator=g, shuffle_rewards=True, positions=positions)
+    b, n, m = plain["rewards"].shape
+    torch.testing.assert_close(shuffled["rewards"], plain["rewards"])        # the same step, the same thoughts
+    g = torch.Generator().manual_seed(5)
+    module(ids, mask, cfg, generator=g, positions=positions)                   # the step's own draws ...
+    perm = torch.rand((b, n, m), generator=g).argsort(dim=1)                  # ... then the control's
+    trained, counted = policy_entries(cfg, shuffled["valid"][..., 0], ids.shape[1],
+                                      None if positions is None else positions[:, None])
+    _, expected = reinforce_loss(plain["rewards"].gather(1, perm), shuffled["thought_logprobs"], trained,
+                                 cfg.clamp_negative_rewards, cfg.reinforce_reduction, counted=counted)
+    torch.testing.assert_close(shuffled["policy_loss"], expected)
+    assert not torch.equal(shuffled["policy_loss"], plain["policy_loss"])
+    torch.testing.assert_close(shuffled["loss"], cfg.base_loss_weight * shuffled["base_nll"]
+                               + (1 - cfg.base_loss_weight) * shuffled["talk_nll"]
+                               + cfg.policy_loss_weight * expected)
 
 
 def test_batch_indices_are_a_deterministic_endless_stream():
@@ -288,7 +318,7 @@ def test_accelerate_launch_two_cpu_processes(model_dir, data_file, tmp_path):
 def test_run_train_from_flags_on_a_llama(data_file, tmp_path, capsys):
     """``qstar-mini train`` as the CLI calls it, on another architecture (a local folder stands
     in for a Hugging Face name: both go through the same ``from_pretrained``)."""
-    from qstar_mini.train import run_train
+    from qstar_mini.train_cli import run_train
 
     tok = build_tokenizer()
     tiny_model(tok, arch="llama", hidden_size=32, num_hidden_layers=1, num_attention_heads=4,

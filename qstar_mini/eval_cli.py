@@ -1,0 +1,182 @@
+"""``qstar-mini eval``: its flags, and the evaluation they choose (:mod:`qstar_mini.evaluate`).
+
+:func:`run_eval` loads the checkpoint (and the base and control models), reads the held-out
+text, detects what it is (:func:`qstar_mini.evaluate.detect_data_kind`) and runs
+:func:`~qstar_mini.evaluate.evaluate` on the arithmetic corpus or
+:func:`~qstar_mini.evaluate.evaluate_text` on any other text; it prints a table and the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .checkpoint import check_checkpoint, load_checkpoint, load_config
+from .data import read_jsonl
+from .errors import ConfigError, DataError
+from .evaluate import (ARITHMETIC, ARITHMETIC_METRICS, ARITHMETIC_RULE, answer_only, commonsense_qa_eval,
+                       detect_data_kind, evaluate, evaluate_text, format_table, format_text_table,
+                       is_datasets_name, is_gsm_record, load_commonsense_qa, load_eval_records, load_gsm8k)
+from .models import load_model
+from .paths import DATA_DIR, TINY_BASE
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of ``qstar-mini eval``."""
+    p = parser
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+                   help="the Quiet-STaR checkpoint folder to evaluate (runs/<name>/checkpoint)")
+    p.add_argument("--control", default=None, help="checkpoint folder of the no-thought control")
+    p.add_argument("--base", default=None,
+                   help="the base model folder or name (default: the one the checkpoint was trained from); '' to skip")
+    p.add_argument("--data", default=str(DATA_DIR / "test.jsonl"),
+                   help="held-out text: a JSONL file, a folder with <split>.jsonl, or a datasets name[:config] "
+                        "(streamed: only --lines records are read); default data/test.jsonl")
+    p.add_argument("--split", default="test", help="split of a folder or datasets name (default test)")
+    p.add_argument("--text-field", default="text", help="the field holding the text (default text)")
+    p.add_argument("--all-lines", action="store_true",
+                   help="arithmetic corpus only: also lines with working (default: answer-only)")
+    p.add_argument("--lines", type=int, default=500, help="held-out lines to use (default 500)")
+    p.add_argument("--n-thoughts", type=int, default=4, help="sampled thoughts per position (default 4)")
+    p.add_argument("--think-where", choices=("all", "answer"), default=None,
+                   help="arithmetic corpus only: think before every token or only before the answer "
+                        "(default: as trained); other text always thinks before every token")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="cut lines at this many tokens (default 512, at most the model's context - thought_length)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="lines per forward pass on text other than the arithmetic corpus (default 8)")
+    p.add_argument("--gsm8k", default=None,
+                   help="GSM8K-format JSONL, 'hub' for real GSM8K via datasets, or '' to skip (default: "
+                        "data/gsm8k_format.jsonl for the arithmetic corpus, the data itself when it has "
+                        "GSM8K-format question/answer fields, else none)")
+    p.add_argument("--gsm-limit", type=int, default=50, help="GSM8K problems to ask (default 50)")
+    p.add_argument("--commonsense-qa", default="",
+                   help="CommonsenseQA-format JSONL, 'hub' for the real one via datasets, or '' to skip (default)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights' dtype (default float32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    return p
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """One-line ConfigErrors for impossible values, before anything is loaded."""
+    for flag, name, low in (("--lines", "lines", 1), ("--n-thoughts", "n_thoughts", 1), ("--gsm-limit", "gsm_limit", 1),
+                            ("--batch-size", "batch_size", 1), ("--seq-len", "seq_len", 2)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} must be at least {low} (got {value})")
+    if not str(getattr(args, "text_field", "text")).strip():
+        raise ConfigError("--text-field must name a field (got an empty name)")
+
+
+def _text_seq_len(checkpoint, asked: int | None) -> int:
+    """--seq-len for text: default 512; at most the model's context minus the thought's positions.
+    Read from the checkpoint's configs (no weights loaded), so a bad value fails at once."""
+    from transformers import AutoConfig
+
+    path = check_checkpoint(checkpoint)
+    thought_length = load_config(path).thought_length
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - load_checkpoint reports a broken config in one line
+        config = None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(config, "max_position_embeddings", None)
+    room = limit - thought_length if isinstance(limit, int) and limit > thought_length else None
+    if asked is None:
+        return 512 if room is None else max(2, min(512, room))
+    if room is not None and asked > room:
+        raise ConfigError(f"--seq-len {asked} + thought_length {thought_length} exceeds the model's context of "
+                          f"{limit}; use --seq-len {room} or less")
+    return asked
+
+
+def _trainer_state(path) -> dict:
+    state = Path(path) / "trainer_state.json"
+    return json.loads(state.read_text()) if state.exists() else {}
+
+
+def _trained_think_where(path) -> str:
+    """The think_where a checkpoint was trained with (trainer_state.json), "all" if unknown."""
+    return _trainer_state(path).get("think_where", "all")
+
+
+def _gsm_records(spec, kind: str, records: list[dict], limit: int):
+    """The GSM8K-format problems to ask (see ``--gsm8k``), or None."""
+    if spec == "":
+        return None
+    if spec == "hub":
+        return load_gsm8k(limit=limit)
+    if spec:
+        return read_jsonl(spec)
+    if kind == ARITHMETIC:
+        return read_jsonl(DATA_DIR / "gsm8k_format.jsonl")
+    return [r for r in records if is_gsm_record(r)] or None
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``qstar-mini eval``: evaluate a checkpoint on any text, print the table, optionally write JSON.
+
+    The arithmetic corpus (:func:`detect_data_kind`) gets :func:`evaluate` (answer accuracy,
+    thoughts right, ...); any other text :func:`evaluate_text`, with a note saying which
+    metrics are omitted and why.
+    """
+    _check_eval_args(args)
+    records, source = load_eval_records(args.data, split=args.split, text_field=args.text_field,
+                                        max_lines=args.lines if is_datasets_name(args.data) else None)
+    kind, why = detect_data_kind(records)
+    seq_len = None if kind == ARITHMETIC else _text_seq_len(args.checkpoint, args.seq_len)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype]
+    ck = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
+    base_name = args.base if args.base is not None else _trainer_state(ck.path).get("model", str(TINY_BASE))
+    base = load_model(base_name, dtype=dtype, device=device)[0] if base_name else None
+    control = load_checkpoint(args.control, device=device, dtype=dtype).model if args.control else None
+    gsm = _gsm_records(args.gsm8k, kind, records, args.gsm_limit)
+    data = {"source": source, "kind": kind, "detected": why, "text_field": args.text_field}
+    if kind == ARITHMETIC:
+        records = (records if args.all_lines else answer_only(records))[: args.lines]
+        think_where = args.think_where or _trained_think_where(ck.path)
+        result = evaluate(ck.model, ck.tokenizer, ck.meta, ck.head, ck.cfg, records, base_model=base,
+                          control=control, n_thoughts=args.n_thoughts, seed=args.seed, think_where=think_where,
+                          gsm_records=gsm, gsm_limit=args.gsm_limit)
+        result["notes"] = []
+        header = f"data: {source}: {why}; every metric applies"
+    else:
+        records = records[: args.lines]
+        result = evaluate_text(ck.model, ck.tokenizer, ck.meta, ck.head, ck.cfg, records, base_model=base,
+                               control=control, n_thoughts=args.n_thoughts, seed=args.seed, seq_len=seq_len,
+                               batch_size=args.batch_size, gsm_records=gsm, gsm_limit=args.gsm_limit)
+        notes = [f"{ARITHMETIC_METRICS}: omitted, the data is not the project's arithmetic corpus "
+                 f"(detected when {ARITHMETIC_RULE})"]
+        if gsm is None:
+            notes.append("GSM8K-format accuracy: omitted, the data has no GSM8K-format question/answer fields "
+                         "(--gsm8k FILE asks other problems)")
+        if (args.think_where or _trained_think_where(ck.path)) == "answer":
+            notes.append("the checkpoint was trained to think only before the answer digit; on this text it "
+                         "thinks before every token")
+        result["notes"] = notes
+        header = f"data: {source}: {why}; per-token NLL with and without thinking, gain and which tokens benefit apply"
+    result["data"] = data
+    if args.commonsense_qa:
+        csqa = (load_commonsense_qa(limit=args.gsm_limit) if args.commonsense_qa == "hub"
+                else read_jsonl(args.commonsense_qa, required=("question", "answerKey")))
+        if not all(isinstance(r.get("choices"), dict) and {"label", "text"} <= r["choices"].keys() for r in csqa):
+            raise DataError(f"{args.commonsense_qa}: every record needs choices {{\"label\": [...], \"text\": [...]}}")
+        result["commonsense_qa"] = commonsense_qa_eval(ck.model, ck.tokenizer, csqa, meta=ck.meta, head=ck.head,
+                                                       cfg=ck.cfg, limit=args.gsm_limit)
+    print(header)
+    print(format_table(result) if kind == ARITHMETIC else format_text_table(result))
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
