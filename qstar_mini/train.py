@@ -71,7 +71,7 @@ from .generate import decode_thought, thought_is_correct
 from .losses import combined_loss, masked_mean, reinforce_loss
 from .models import load_model
 from .paths import DATA_DIR, TINY_BASE
-from .records import (Encoded, batch_indices, encode_records, held_out_records, load_records,  # noqa: F401
+from .records import (Encoded, batch_indices, encode_records, held_out_records, load_records,
                       micro_batch, select_lines)
 from .step import StepOutput, prepare_model, quiet_star_step
 
