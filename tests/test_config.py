@@ -68,8 +68,14 @@ def test_impossible_configs_name_the_field(changes, field):
 
 
 def test_one_thought_is_fine_without_the_mean_baseline():
-    QuietStarConfig(n_thoughts=1, reward_baseline="none")
-    QuietStarConfig(n_thoughts=1, think=False)
+    """One thought is refused only with the mean baseline (its reward minus the mean is always 0);
+    without a baseline, or without thinking (the control), the config is built and keeps it."""
+    with pytest.raises(ConfigError, match="n_thoughts must be >= 2 with reward_baseline='mean'"):
+        QuietStarConfig(n_thoughts=1)
+    for changes in (dict(reward_baseline="none"), dict(think=False)):
+        cfg = QuietStarConfig(n_thoughts=1, **changes)
+        assert cfg.n_thoughts == cfg.n_passes == 1
+        assert QuietStarConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_round_trip_and_unknown_fields():

@@ -76,8 +76,16 @@ def test_think_on_text_has_one_step_per_token(parts):
     model, tok, meta, head, cfg = parts
     steps = think_on_text(model, tok, meta, head, cfg, "31415=4")
     assert [s["token"] for s in steps] == list("31415=4")
-    for s in steps:
-        assert s["reward"] == pytest.approx(s["logp_talk"] - s["logp_init"])
+    # log p^init is the plain model's, meta-tokens excluded: computed here by one ordinary forward
+    ids = [tok.bos_token_id] + tok("31415=4", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    logits[:, list(meta.ids)] = float("-inf")
+    plain = logits.log_softmax(-1)
+    for j, s in enumerate(steps):
+        lp_plain = float(plain[j, ids[j + 1]])
+        assert s["token_id"] == ids[j + 1] and s["logp_init"] == pytest.approx(lp_plain, abs=1e-4)
+        assert s["reward"] == pytest.approx(s["logp_talk"] - lp_plain, abs=1e-4) and s["logp_talk"] < 0
         assert len(tok(s["thought"], add_special_tokens=False)["input_ids"]) == cfg.thought_length - 2
 
 

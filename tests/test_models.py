@@ -173,18 +173,18 @@ def test_load_model_sets_missing_pad_token(tmp_path):
 # ----------------------------------------------------------------------------- the shipped bases
 
 @pytest.fixture(scope="module")
-def test_records():
+def shipped_test_records():
     return read_jsonl(DATA_DIR / "test.jsonl")[:300]
 
 
 @pytest.mark.parametrize("path", [TINY_BASE, TINY_BASE_NOISY], ids=["tiny-base", "tiny-base-noisy"])
-def test_shipped_base_matches_its_report(path, test_records):
+def test_shipped_base_matches_its_report(path, shipped_test_records):
     torch.set_num_threads(1)
     model, tok = load_model(path)
     assert (path / "model.safetensors").stat().st_size < 5e6
     report = json.loads((path / "pretrain_report.json").read_text())
     reported = report["eval"]
-    got = evaluate_base(model, tok, test_records, seed=0)
+    got = evaluate_base(model, tok, shipped_test_records, seed=0)
     assert got["n_with_working"] + got["n_answer_only"] == 300 and got["n_answer_only"] > 100
     # a few hundred lines: the recomputation agrees with the report within sampling noise
     for key in ("answer_acc_with_working", "answer_acc_answer_only", "working_correct_greedy"):

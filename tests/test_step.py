@@ -199,11 +199,6 @@ def test_official_preset_matches_the_released_code():
     assert (cfg.warmup_steps, cfg.grad_clip, cfg.mixing, cfg.mixer_sigmoid) == (20, 1.0, "hidden", False)
 
 
-if __name__ == "__main__":
-    GOLDEN.write_text(json.dumps(golden_values(), indent=1, sort_keys=True) + "\n")
-    print(GOLDEN.read_text())
-
-
 def test_thinking_at_some_positions_equals_all_positions_restricted():
     """positions=(b, m) makes only m thoughts per row; they and their losses equal the
     all-positions step read at those positions (greedy thoughts, so both make the same ones)."""
@@ -238,3 +233,8 @@ def test_paper_logprob_mixing_trains_with_finite_gradients():
     for p in list(model.parameters()) + list(head.parameters()) + list(meta.parameters()):
         assert p.grad is None or bool(torch.isfinite(p.grad).all())
     assert head.net[-1].bias.grad.abs() > 0
+
+
+if __name__ == "__main__":       # regenerate golden_step.json after an intended change: python tests/test_step.py
+    GOLDEN.write_text(json.dumps(golden_values(), indent=1, sort_keys=True) + "\n")
+    print(GOLDEN.read_text())
