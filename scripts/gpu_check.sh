@@ -4,6 +4,8 @@
 #
 #   bash scripts/gpu_check.sh            # writes gpu_out/ (or $OUT/ when OUT is set)
 #   DEVICE=cpu QUICK=1 bash scripts/gpu_check.sh   # a dry run of the same script on a CPU
+#   bash scripts/gpu_check.sh --dry-run  # print the python commands instead of running them
+#                                        # (step 1's program is only compiled)
 #
 # Needs torch and transformers (the GPU image's torch 2.11 / transformers 5.17 do); runs
 # from the checkout with PYTHONPATH=., nothing is installed. Prints a short table at the end.
@@ -14,9 +16,19 @@ DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+DRY_RUN=0; [ "${1:-}" = --dry-run ] && DRY_RUN=1
+
+run_py() {  # $PY "$@", or with --dry-run: print the command (and compile a program given on stdin)
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "dry run: $PY $*"
+    if [ "${1:-}" = - ]; then $PY -c 'import sys; compile(sys.stdin.read(), "gpu_check step 1", "exec")'; fi
+  else
+    $PY "$@"
+  fi
+}
 
 echo "== 1. correctness on $DEVICE (parallel == naive, block attention == mask, memory modes agree, bf16 steps finite)"
-$PY - "$DEVICE" <<'PYEOF' | tee "$OUT/correctness.txt"
+run_py - "$DEVICE" <<'PYEOF' | tee "$OUT/correctness.txt"
 import sys, torch, transformers
 sys.path.insert(0, "tests")
 from tiny_models import ARCHS, VOCAB, batch, tiny_meta, tiny_random_model
@@ -74,5 +86,5 @@ PYEOF
 
 echo "== 2. benchmark on $DEVICE"
 if [ "${QUICK:-0}" = 1 ]; then MODE=--quick; else MODE=; fi
-$PY -m qstar_mini.bench $MODE --device "$DEVICE" --json "$OUT/bench_$DEVICE.json" | tee "$OUT/bench_$DEVICE.txt"
+run_py -m qstar_mini.bench $MODE --device "$DEVICE" --json "$OUT/bench_$DEVICE.json" | tee "$OUT/bench_$DEVICE.txt"
 echo "== done: $OUT/correctness.txt, $OUT/bench_$DEVICE.json"

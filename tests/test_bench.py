@@ -1,4 +1,5 @@
-"""The benchmark's rows have the documented JSON shape and its pass count is the step's."""
+"""The benchmark's rows: their pass and FLOP counts are what a step really runs, they print and
+serialise; its command line and the GPU check script."""
 
 import json
 import os
@@ -6,39 +7,59 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from qstar_mini.bench import format_table, step_passes, step_rows, thought_rows
+from qstar_mini import cli
+from qstar_mini.bench import _step, bench_model, format_table, random_batch, step_passes, step_rows, thought_rows
 from qstar_mini.config import QuietStarConfig
+from qstar_mini.rescore import decoder_layers
 
 KEYS = {"name", "params", "median_s", "baseline_median_s", "ratio", "passes", "overhead"}
 
 
-def test_pass_count_is_plain_pass_plus_thought_and_talk_tokens():
-    cfg = QuietStarConfig(thought_length=12, n_true=4, n_thoughts=2)
-    assert step_passes(cfg) == 1 + 2 * (12 + 4 - 1)
+def token_passes(model, meta, head, cfg, batch=2, seq=8) -> float:
+    """Tokens through the first decoder layer during one step, per text token: counted, not computed."""
+    ids, mask = random_batch(batch, seq, 85)
+    counted = []
+
+    def count(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        counted.append(hidden.shape[0] * hidden.shape[1])
+
+    hook = decoder_layers(model)[0].register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        _step(model, meta, head, ids, mask, cfg.replace(seq_len=seq))
+    finally:
+        hook.remove()
+    return sum(counted) / (batch * seq)
 
 
-def test_rows_have_the_documented_shape():
+@pytest.mark.parametrize("t, n_true, n_thoughts", [(4, 2, 2), (12, 4, 2), (5, 1, 3)])
+def test_pass_count_is_what_a_step_runs_through_the_model(t, n_true, n_thoughts):
+    model, meta, head = bench_model()
+    cfg = QuietStarConfig(thought_length=t, n_true=n_true, n_thoughts=n_thoughts)
+    assert step_passes(cfg) == token_passes(model, meta, head, cfg)
+    assert token_passes(model, meta, head, cfg.replace(think=False)) == 1
+
+
+def test_thought_and_step_rows_are_json_and_tabled():
     rows = thought_rows([6], [4], repeats=1, device="cpu", with_naive=True)
     rows += step_rows([("t", QuietStarConfig(thought_length=4, n_true=2, n_thoughts=2, seq_len=8))], [8],
                       batch=2, repeats=1, device="cpu")
+    assert len(rows) == 3                                  # parallel vs loop, vs naive, the step
     for row in rows:
         assert KEYS <= set(row), row
-        assert row["median_s"] > 0 and row["baseline_median_s"] > 0
-        if row["name"].startswith("thoughts"):     # ratio = speed-up of the parallel version
-            assert abs(row["ratio"] - row["baseline_median_s"] / row["median_s"]) < 1e-9
-        else:                                       # ratio = cost of the step over the plain one
-            assert abs(row["ratio"] - row["median_s"] / row["baseline_median_s"]) < 1e-9
-    step = rows[-1]
-    assert step["passes"] == 1 + 2 * (4 + 2 - 1)
-    assert abs(step["overhead"] - step["ratio"] / step["passes"]) < 1e-12
-    json.dumps({"machine": "x", "rows": rows})
-    assert "overhead" in format_table({"machine": "x", "rows": rows})
+        assert row["median_s"] > 0 and row["baseline_median_s"] > 0 and row["ratio"] > 0
+    assert rows[-1]["passes"] == step_passes(QuietStarConfig(thought_length=4, n_true=2, n_thoughts=2))
+    table = format_table(json.loads(json.dumps({"machine": "x", "rows": rows})))
+    assert len(table.splitlines()) == 2 + len(rows) and "overhead" in table
 
 
-def test_cli_bench_help_lists_quick_and_json():
-    out = subprocess.run([sys.executable, "-m", "qstar_mini", "bench", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--quick" in out.stdout and "--json" in out.stdout
+def test_cli_bench_help_lists_quick_and_json(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert exit.value.code == 0 and "--quick" in out and "--json" in out
 
 
 def test_inference_row_counts_t_plus_one_passes_per_token():
@@ -46,7 +67,7 @@ def test_inference_row_counts_t_plus_one_passes_per_token():
     (row,) = inference_rows(2, [4], repeats=1, device="cpu")
     assert KEYS <= set(row) and row["passes"] == 5
     assert abs(row["ratio"] - row["median_s"] / row["baseline_median_s"]) < 1e-9
-    assert row["tokens_per_s"] > 0 and row["baseline_tokens_per_s"] > row["tokens_per_s"]
+    assert row["tokens_per_s"] > 0 and row["baseline_tokens_per_s"] > 0   # which is faster: timing, not asserted
 
 
 def test_end_to_end_rows_time_whole_commands():
@@ -57,48 +78,65 @@ def test_end_to_end_rows_time_whole_commands():
 
 def test_memory_rows_cover_every_mode_against_one_plain_peak():
     from qstar_mini.bench import memory_rows
-    rows = memory_rows([(8, 4, 2, 2)], batch=2, device="cpu")
+    rows = memory_rows([(4, 3, 1, 2)], batch=1, device="cpu")         # (seq, t, n_true, n_thoughts): small
     assert [r["params"]["memory"] for r in rows] == ["stepwise", "rescore", "rescore_checkpointed"]
     for row in rows:
         assert KEYS <= set(row) and row["median_s"] is None
-        assert row["baseline_peak_mib"] == rows[0]["baseline_peak_mib"] > 0
+        assert row["peak_mib"] > row["baseline_peak_mib"] == rows[0]["baseline_peak_mib"] > 0   # thinking costs
         assert abs(row["ratio"] - row["peak_mib"] / row["baseline_peak_mib"]) < 1e-9
     assert "MiB or TFLOP/s" in format_table({"machine": "x", "rows": rows})
 
 
-def test_throughput_rows_count_6n_flops_per_token_pass_against_the_matmul_rate():
-    from qstar_mini.bench import bench_model, matmul_params, throughput_rows
-    model, _, _ = bench_model()
-    n = sum(p.numel() for p in model.parameters())              # tied head: the table counts once
-    assert matmul_params(model) == n
+def test_throughput_rows_count_the_flops_torch_counts():
+    """model_flops, 6 N per token-pass: a plain step's agrees with torch's own FLOP counter (within
+    3%: attention is not counted); the official-shaped step's is that times the token-passes counted
+    through the model. (The counter over the thinking step itself agrees within 1% too, but takes
+    12 s: its dispatch is slow on the step's thousands of small ops.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qstar_mini.bench import throughput_rows
     step, plain = throughput_rows(["tiny"], seq=8, batch=2, repeats=1, device="cpu")
-    assert step["passes"] == 1 + 2 * (12 + 4 - 1) and plain["passes"] == 1
+    model, meta, head = bench_model()                              # the "tiny" size
+    cfg = QuietStarConfig(thought_length=12, n_true=4, n_thoughts=2, seq_len=8)   # official-shaped
+    ids, mask = random_batch(2, 8, 85)
+    with FlopCounterMode(display=False) as counter:
+        _step(model, meta, head, ids, mask, cfg.replace(think=False))
+    assert plain["model_flops"] == pytest.approx(counter.get_total_flops(), rel=0.03)
+    assert step["model_flops"] == plain["model_flops"] * token_passes(model, meta, head, cfg)
     for row in (step, plain):
-        assert KEYS <= set(row)
-        assert row["model_flops"] == 6 * n * 2 * 8 * row["passes"]
-        assert abs(row["tflops"] - row["model_flops"] / row["median_s"] / 1e12) < 1e-12
-        assert abs(row["ratio"] - row["tflops"] / row["matmul_tflops"]) < 1e-12
+        assert KEYS <= set(row) and row["tflops"] > 0 and row["matmul_tflops"] > 0 and row["ratio"] > 0
 
 
-def test_bench_refuses_unknown_sizes_and_a_missing_gpu_in_one_line():
-    out = subprocess.run([sys.executable, "-m", "qstar_mini", "bench", "--quick", "--sizes", "tiny,huge"],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+def test_bench_refuses_unknown_sizes_and_a_missing_gpu_in_one_line(capsys, monkeypatch):
+    assert cli.main(["bench", "--quick", "--sizes", "tiny,huge"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
         "qstar-mini: error: unknown --sizes ['huge']; choose from ['100m', 'tiny']"]
-    import torch
-    if not torch.cuda.is_available():
-        out = subprocess.run([sys.executable, "-m", "qstar_mini", "bench", "--quick", "--device", "cuda"],
-                             capture_output=True, text=True)
-        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
-        assert "torch.cuda.is_available() is False" in out.stderr
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)      # also on a machine with a GPU
+    assert cli.main(["bench", "--quick", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "qstar-mini: error: --device cuda but torch.cuda.is_available() is False on this machine"]
 
 
-def test_gpu_check_script_parses_and_defaults_to_cuda():
+@pytest.mark.parametrize("env, device, quick", [({}, "cuda", []), ({"DEVICE": "cpu", "QUICK": "1"}, "cpu", ["--quick"])])
+def test_gpu_check_dry_run_runs_step_1_on_the_device_then_the_bench(tmp_path, env, device, quick):
+    """``--dry-run`` prints the two python commands (step 1's program compiled, not run): cuda by
+    default, and the bench command line is one the bench's own parser accepts."""
+    import argparse
+
+    from qstar_mini.bench import add_bench_arguments
     from qstar_mini.paths import REPO_ROOT
     script = REPO_ROOT / "scripts" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    text = script.read_text()
-    assert "DEVICE=${DEVICE:-cuda}" in text and "qstar_mini.bench" in text
+    base = {k: v for k, v in os.environ.items() if k not in ("DEVICE", "QUICK")}
+    out = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, timeout=120,
+                         env={**base, **env, "OUT": str(tmp_path), "PYTHON": sys.executable})
+    assert out.returncode == 0, out.stderr
+    runs = [line.split()[3:] for line in out.stdout.splitlines() if line.startswith("dry run: ")]
+    bench_args = [*quick, "--device", device, "--json", f"{tmp_path}/bench_{device}.json"]
+    assert runs == [["-", device], ["-m", "qstar_mini.bench", *bench_args]]
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    assert parser.parse_args(bench_args).device == device
 
 
 @pytest.mark.skipif(os.environ.get("QSTAR_SLOW") != "1", reason="about 2 minutes; set QSTAR_SLOW=1")
