@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,18 +40,6 @@ def commands(path: Path) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def makefile_recipe(target: str) -> list[str]:
-    """The recipe lines of ``target:`` in the Makefile (tab-indented lines after it)."""
-    lines = (REPO_ROOT / "Makefile").read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if re.match(rf"^{re.escape(target)}:", line))
-    recipe = []
-    for line in lines[start + 1:]:
-        if not line.startswith("\t"):
-            break
-        recipe.append(line.strip())
-    return recipe
-
-
 # ---- pyproject ------------------------------------------------------------------------------------
 
 def test_torch_is_a_range_never_a_pin(pyproject):
@@ -75,34 +65,66 @@ def test_runtime_dependencies_and_extras(pyproject):
     assert {"pytest", "nbval", "hypothesis"} <= extras["dev"]
 
 
-def test_console_script_points_at_cli_main(pyproject):
-    assert pyproject["project"]["scripts"]["qstar-mini"] == "qstar_mini.cli:main"
-    assert pyproject["project"]["requires-python"] == ">=3.10"
+def test_installed_console_script_is_cli_main():
+    """What pip installed (``make test`` installs first): the ``qstar-mini`` script runs cli.main
+    (test_cli.py runs it), for Python >= 3.10."""
+    from importlib import metadata
+
+    from qstar_mini import cli
+    try:
+        dist = metadata.distribution("qstar-mini")
+    except metadata.PackageNotFoundError:
+        pytest.skip("qstar-mini is not pip-installed here (pip install -e .)")
+    (script,) = [e for e in dist.entry_points if e.group == "console_scripts"]
+    assert script.name == "qstar-mini" and script.load() is cli.main
+    assert dist.metadata["Requires-Python"] == ">=3.10"
 
 
-def test_pytest_runs_the_notebooks_with_nbval(pyproject):
-    options = pyproject["tool"]["pytest"]["ini_options"]
-    assert set(options["testpaths"]) == {"tests", "notebooks"}
-    addopts = shlex.split(options["addopts"])
-    assert "--nbval" in addopts and "--nbval-current-env" in addopts
-    assert (REPO_ROOT / addopts[addopts.index("--nbval-sanitize-with") + 1]).is_file()
+def test_pytest_runs_the_notebooks_with_nbval(pytestconfig):
+    """The options this very pytest run was started with (pyproject's ini_options): tests and
+    notebooks, the notebooks through nbval in this environment with the sanitiser file."""
+    assert set(pytestconfig.getini("testpaths")) == {"tests", "notebooks"}
+    assert pytestconfig.getoption("nbval") and pytestconfig.getoption("nbval_current_env")
+    assert Path(pytestconfig.getoption("nbval_sanitize_with")).is_file()
 
 
 # ---- the two commands, CI and README ----------------------------------------------------------------
 
-def test_ci_runs_make_test_and_nothing_else():
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_ci_runs_make_test_and_nothing_else(tmp_path):
+    """.ci/run with a stand-in ``make`` first on PATH: it is called once, as ``make test``, from
+    the repository root, and its failure is CI's failure."""
     script = REPO_ROOT / ".ci" / "run"
     assert os.access(script, os.X_OK), ".ci/run must be executable"
-    lines = commands(script)
-    assert lines[0] == "set -euo pipefail"
-    assert lines[-1] == "make test"
-    assert [line for line in lines if line.startswith("make")] == ["make test"]
+    log = tmp_path / "calls"
+    fake = tmp_path / "bin" / "make"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$PWD $*" >> {shlex.quote(str(log))}\nexit ${{FAKE_MAKE_STATUS:-0}}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    assert subprocess.run([str(script)], env=env, cwd=tmp_path, timeout=60).returncode == 0
+    assert log.read_text().splitlines() == [f"{REPO_ROOT} test"]
+    failed = subprocess.run([str(script)], env={**env, "FAKE_MAKE_STATUS": "3"}, timeout=60)
+    assert failed.returncode == 3
 
 
-def test_make_test_runs_pytest_and_make_demo_runs_the_demo():
-    # the real model first, fetched as a user fetches it (verified only, once it is there)
-    assert makefile_recipe("test") == ["$(PY) -m qstar_mini models fetch smollm2", "$(PY) -m pytest"]
-    assert makefile_recipe("demo") == ["$(PY) -m qstar_mini demo"]
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_test_runs_pytest_and_make_demo_runs_the_demo(tmp_path):
+    """``make -n`` (print, do not run) with the environment already set up: `make test` fetches the
+    real model as a user does (verified only, once it is there), then runs pytest; `make demo`
+    runs the demo."""
+    stamp = tmp_path / "stamp"
+    stamp.touch()                                     # newer than pyproject.toml: no install step
+
+    def planned(target: str, stamp_var: str) -> list[str]:
+        out = subprocess.run(["make", "-n", "-C", str(REPO_ROOT), target, f"{stamp_var}={stamp}",
+                              f"PY={sys.executable}"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return [line for line in out.stdout.splitlines() if not line.startswith("make")]
+
+    assert planned("test", "STAMP_DEV") == [f"{sys.executable} -m qstar_mini models fetch smollm2",
+                                            f"{sys.executable} -m pytest"]
+    assert planned("demo", "STAMP_RUN") == [f"{sys.executable} -m qstar_mini demo"]
 
 
 def test_readme_quick_start_has_exactly_the_two_commands():
