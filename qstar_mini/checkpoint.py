@@ -155,7 +155,14 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
 
 def load_config(path: str | os.PathLike) -> QuietStarConfig:
     """The QuietStarConfig a checkpoint was trained with."""
-    return QuietStarConfig.from_dict(_read_json(Path(path) / CONFIG_FILE))
+    values = _read_json(Path(path) / CONFIG_FILE)
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{Path(path) / CONFIG_FILE} holds a {type(values).__name__}, not the config's "
+                              f"fields; the checkpoint is corrupt")
+    try:
+        return QuietStarConfig.from_dict(values)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{Path(path) / CONFIG_FILE}: {e}") from None
 
 
 @dataclass
@@ -202,6 +209,33 @@ def load_checkpoint(path: str | os.PathLike, *, device=None, dtype: torch.dtype 
     return Checkpoint(model=model, tokenizer=tokenizer, meta=meta, head=head, cfg=cfg, path=path)
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_param_groups(info, n_groups: int, path: Path) -> None:
+    """optimizer.json must hold one param group per group of this run, each with numeric lr,
+    weight_decay and eps (a string would only fail at the first step, or not at all)."""
+    groups = info.get("param_groups") if isinstance(info, dict) else None
+    if not isinstance(groups, list) or len(groups) != n_groups or not all(isinstance(g, dict) for g in groups):
+        raise CheckpointError(f"{path}: the optimizer state needs {n_groups} param groups; the checkpoint is corrupt")
+    for group in groups:
+        bad = [k for k in ("lr", "weight_decay", "eps") if not _number(group.get(k))]
+        if bad:
+            raise CheckpointError(f"{path}: the optimizer's {', '.join(bad)} is not a number; the checkpoint is corrupt")
+
+
+def _check_scheduler(sched, n_groups: int, path: Path) -> None:
+    """scheduler.json must say where the schedule is (last_epoch, base_lrs): an empty one would
+    silently restart the warm-up."""
+    ok = (isinstance(sched, dict) and isinstance(sched.get("last_epoch"), int)
+          and isinstance(sched.get("base_lrs"), list) and len(sched["base_lrs"]) == n_groups
+          and all(_number(v) for v in sched["base_lrs"]))
+    if not ok:
+        raise CheckpointError(f"{path} does not hold the schedule's position (last_epoch, base_lrs); "
+                              f"the checkpoint is corrupt")
+
+
 def load_training_state(path: str | os.PathLike, optimizer=None, scheduler=None) -> tuple[dict, dict]:
     """Restore optimizer and scheduler in place from a resumable checkpoint.
 
@@ -213,14 +247,17 @@ def load_training_state(path: str | os.PathLike, optimizer=None, scheduler=None)
                               f"run and cannot be resumed")
     state = _read_json(path / STATE_FILE)
     if optimizer is not None:
-        opt_state = optimizer_state_from_files(_load_tensors(path / OPTIMIZER_TENSORS),
-                                               _read_json(path / OPTIMIZER_JSON))
+        info = _read_json(path / OPTIMIZER_JSON)
+        _check_param_groups(info, len(optimizer.param_groups), path / OPTIMIZER_JSON)
         try:
+            opt_state = optimizer_state_from_files(_load_tensors(path / OPTIMIZER_TENSORS), info)
             optimizer.load_state_dict(opt_state)
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"the optimizer state in {path} does not fit this run ({e})") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"the optimizer state in {path} does not fit this run "
+                                  f"({type(e).__name__}: {str(e)[:100]})") from None
     if scheduler is not None:
-        scheduler.load_state_dict(scheduler_state_from_json(_read_json(path / SCHEDULER_FILE),
-                                                            len(scheduler.base_lrs)))
+        sched = _read_json(path / SCHEDULER_FILE)
+        _check_scheduler(sched, len(scheduler.base_lrs), path / SCHEDULER_FILE)
+        scheduler.load_state_dict(scheduler_state_from_json(sched, len(scheduler.base_lrs)))
     rng = _load_tensors(path / RNG_FILE) if (path / RNG_FILE).exists() else {}
     return state, rng

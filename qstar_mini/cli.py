@@ -22,7 +22,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .cli_args import check_device, nonnegative_int, positive_float, positive_int
 from .errors import ConfigError, QStarError
+from .runs import check_writable
 from .paths import DATA_DIR, RUNS_DIR, TINY_BASE
 
 PROG = "qstar-mini"
@@ -81,6 +83,9 @@ def add_data_command(subparsers) -> None:
     p.add_argument("--working-error", type=float, default=None, metavar="F",
                    help=f"probability that a step of shown train working is wrong (default: {default.working_error})")
     p.add_argument("--seed", type=int, default=None, help=f"random seed (default: {default.seed})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different corpus already in DIR (refused without it; the same "
+                        "corpus is rewritten byte-identically either way)")
     p.set_defaults(func=run_data)
 
 
@@ -89,10 +94,30 @@ def run_data(args: argparse.Namespace) -> int:
 
     cfg = CorpusConfig(**_given(args, CORPUS_FLAGS))  # validates before anything is written
     out = _existing_dir_or_new(args.out)
+    if not args.overwrite:
+        _refuse_a_different_corpus(out, cfg)
     written = write_corpus(out, cfg)
     for name, path in written.items():
         print(f"{name:>12}: {path}")
     return 0
+
+
+def _refuse_a_different_corpus(out: Path, cfg) -> None:
+    """A corpus already in ``out`` is replaced only by the same bytes (``make data``), or with
+    --overwrite: the repository's own corpus is never silently swapped for another."""
+    import tempfile
+
+    from .data import write_corpus
+
+    if not out.is_dir():
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = write_corpus(tmp, cfg)
+        differ = [p.name for p in fresh.values()
+                  if (out / p.name).exists() and (out / p.name).read_bytes() != p.read_bytes()]
+    if differ:
+        raise ConfigError(f"--out {out} holds a different corpus ({', '.join(differ)}); "
+                          f"add --overwrite to replace it, or choose another --out")
 
 
 # ---- pretrain -----------------------------------------------------------------------------
@@ -104,13 +129,15 @@ def add_pretrain_command(subparsers) -> None:
         description="Pretrain a tiny decoder-only model on the corpus and save it (safetensors) "
         "with its tokenizer. Unset flags take the defaults of qstar_mini.models.pretrain.",
     )
-    p.add_argument("--out", default=str(TINY_BASE), metavar="DIR",
-                   help="where to save the model and tokenizer (default: the repo's data/tiny-base)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="where to save the model and tokenizer, e.g. runs/my-base (make pretrain "
+                        "writes data/tiny-base with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in DIR (refused without it)")
     p.add_argument("--data", default=str(DATA_DIR), metavar="DIR",
                    help="corpus folder written by `qstar-mini data` (default: the repo's data/)")
-    p.add_argument("--steps", type=int, default=None, metavar="N", help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="sequences per step")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--steps", type=positive_int, default=None, metavar="N", help="optimiser steps")
+    p.add_argument("--batch-size", type=positive_int, default=None, metavar="N", help="sequences per step")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate")
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--arch", default=None, choices=("mistral", "llama"), help="model family (default: mistral)")
     p.add_argument("--frac-working", type=float, default=None, metavar="F",
@@ -130,7 +157,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
         from .data import CorpusConfig
 
         corpus = CorpusConfig(**overrides)
-    _existing_dir_or_new(args.out)
+    out = check_writable(args.out)
+    if any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"--out {out} is not empty; add --overwrite to replace the model there, "
+                          f"or choose another --out")
     report = pretrain(
         args.out,
         data_dir=Path(args.data),
@@ -168,8 +198,8 @@ def add_demo_command(subparsers) -> None:
     p.add_argument("--model", default=str(TINY_BASE), metavar="DIR",
                    help="model folder or Hugging Face name (default: the repo's data/tiny-base)")
     p.add_argument("--data", default=str(DATA_DIR), metavar="DIR", help="corpus folder (default: the repo's data/)")
-    p.add_argument("--n", type=int, default=None, metavar="N", help="held-out lines to score")
-    p.add_argument("--show", type=int, default=None, metavar="K", help="lines to print in the table")
+    p.add_argument("--n", type=positive_int, default=None, metavar="N", help="held-out lines to score")
+    p.add_argument("--show", type=nonnegative_int, default=None, metavar="K", help="lines to print in the table")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--base-only", action="store_true",
                    help="only the base model's completions; skip training Quiet-STaR and the controls")
@@ -183,6 +213,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
     and its controls trained, evaluated and reported (qstar_mini.experiments.run_demo_pipeline)."""
     from .demo import run_demo
 
+    check_device(args.device)
+    if not args.base_only:
+        check_writable(args.out)
     run_demo(model_dir=args.model, data_dir=Path(args.data), **_given(args, ("n", "show", "device")))
     if not args.base_only:
         from .experiments import run_demo_pipeline
@@ -255,6 +288,8 @@ def add_assignments_command(subparsers) -> None:
                    help="also copy the notebooks that have no exercise")
     p.add_argument("--clear-outputs", action="store_true",
                    help="clear every output, not only those that came from the solutions")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace notebooks already in DIR (refused without it: they may hold students' work)")
 
     def run_assignments(args: argparse.Namespace) -> int:
         import nbformat
@@ -262,7 +297,8 @@ def add_assignments_command(subparsers) -> None:
         from .teaching.assignments import NOTEBOOKS_DIR, solution_cells, write_assignments
 
         written = write_assignments(_existing_dir_or_new(args.out), Path(args.notebooks or NOTEBOOKS_DIR),
-                                    include_all=args.include_all, clear_all_outputs=args.clear_outputs)
+                                    include_all=args.include_all, clear_all_outputs=args.clear_outputs,
+                                    overwrite=args.overwrite)
         counts = [len(solution_cells(nbformat.read(path, as_version=4))) for path in written]
         for path, count in zip(written, counts):
             print(f"{path}: {count} exercise{'s' if count != 1 else ''}")
@@ -374,6 +410,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:       # a full disk, a folder that became unwritable: one line, not a traceback
+        where = f"{error.filename}: " if getattr(error, "filename", None) else ""
+        print(f"{PROG}: error: {where}{error.strerror or _one_line(error)} (free space or permissions? "
+              f"the last checkpoint saved is kept)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import check_checkpoint, load_checkpoint, load_config
+from .cli_args import check_device
 from .data import read_jsonl
 from .errors import ConfigError, DataError
 from .evaluate import (ARITHMETIC, ARITHMETIC_METRICS, ARITHMETIC_RULE, answer_only, commonsense_qa_eval,
@@ -22,6 +23,7 @@ from .evaluate import (ARITHMETIC, ARITHMETIC_METRICS, ARITHMETIC_RULE, answer_o
                        is_datasets_name, is_gsm_record, load_commonsense_qa, load_eval_records, load_gsm8k)
 from .models import load_model
 from .paths import DATA_DIR, TINY_BASE
+from .runs import check_file_writable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,10 +116,20 @@ def _gsm_records(spec, kind: str, records: list[dict], limit: int):
     if spec == "hub":
         return load_gsm8k(limit=limit)
     if spec:
-        return read_jsonl(spec)
+        return read_jsonl(spec, required=("question", "answer"))
     if kind == ARITHMETIC:
         return read_jsonl(DATA_DIR / "gsm8k_format.jsonl")
     return [r for r in records if is_gsm_record(r)] or None
+
+
+def _load_control(path, device, dtype):
+    """The control's model; a checkpoint trained with thoughts is refused (the comparison
+    would silently be Quiet-STaR against Quiet-STaR)."""
+    control = load_checkpoint(path, device=device, dtype=dtype)
+    if control.cfg.think:
+        raise ConfigError(f"--control {path} was trained with thoughts (think=True); give the no-thought "
+                          f"control's checkpoint (qstar-mini train --no-think)")
+    return control.model
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -128,6 +140,9 @@ def run_eval(args: argparse.Namespace) -> int:
     metrics are omitted and why.
     """
     _check_eval_args(args)
+    check_device(args.device)
+    if args.json:
+        check_file_writable(args.json, "--json")        # before the evaluation, not after it
     records, source = load_eval_records(args.data, split=args.split, text_field=args.text_field,
                                         max_lines=args.lines if is_datasets_name(args.data) else None)
     kind, why = detect_data_kind(records)
@@ -137,7 +152,7 @@ def run_eval(args: argparse.Namespace) -> int:
     ck = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
     base_name = args.base if args.base is not None else _trainer_state(ck.path).get("model", str(TINY_BASE))
     base = load_model(base_name, dtype=dtype, device=device)[0] if base_name else None
-    control = load_checkpoint(args.control, device=device, dtype=dtype).model if args.control else None
+    control = _load_control(args.control, device, dtype) if args.control else None
     gsm = _gsm_records(args.gsm8k, kind, records, args.gsm_limit)
     data = {"source": source, "kind": kind, "detected": why, "text_field": args.text_field}
     if kind == ARITHMETIC:
@@ -175,7 +190,6 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_table(result) if kind == ARITHMETIC else format_text_table(result))
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
     else:
         print(text)

@@ -83,9 +83,11 @@ def load_hf_dataset(name: str, split: str, text_field: str, max_lines: int | Non
     if max_lines is None or max_lines < 1:
         raise DataError(f"--data {name!r} is a datasets name: give a line budget with --max-lines N "
                         f"(its first N records are streamed; the corpus is never downloaded whole)")
+    _check_hub_reachable(name)
     try:
-        stream = datasets.load_dataset(name, config, split=split, streaming=True)
-        rows = [dict(row) for row in itertools.islice(iter(stream), max_lines)]
+        with _quiet_hub():
+            stream = datasets.load_dataset(name, config, split=split, streaming=True)
+            rows = [dict(row) for row in itertools.islice(iter(stream), max_lines)]
     except Exception as e:  # noqa: BLE001 - any failure is one line
         first = (str(e).strip().splitlines() or [""])[0][:160]
         raise DataError(f"--data {name!r} is neither a JSONL file nor a loadable datasets name "
@@ -98,6 +100,40 @@ def load_hf_dataset(name: str, split: str, text_field: str, max_lines: int | Non
         raise DataError(f"dataset {name!r} has no column {text_field!r} (columns: {sorted(rows[0])}); "
                         f"choose one with --text-field")
     return [{"text": r[text_field]} for r in rows if isinstance(r.get(text_field), str) and r[text_field].strip()]
+
+
+def _check_hub_reachable(name: str) -> None:
+    """Offline, ``datasets`` retries the Hub for half a minute, printing each retry: refuse at
+    once instead (unless HF_HUB_OFFLINE / HF_DATASETS_OFFLINE asks for the local cache)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
+        return
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+    except OSError:
+        raise DataError(f"--data {name!r}: not a local file, and the Hugging Face Hub cannot be reached from "
+                        f"here; give a JSONL file or folder (or set HF_DATASETS_OFFLINE=1 for a cached "
+                        f"dataset)") from None
+
+
+class _quiet_hub:
+    """Silence huggingface_hub's retry warnings while a dataset is opened (the error, if any,
+    is reported as one line by the caller)."""
+
+    def __enter__(self):
+        import logging
+
+        self._loggers = [logging.getLogger(n) for n in ("huggingface_hub", "datasets", "fsspec")]
+        self._levels = [lg.level for lg in self._loggers]
+        for lg in self._loggers:
+            lg.setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self._loggers, self._levels):
+            lg.setLevel(level)
 
 
 def select_lines(records: list[dict], lines: str = "answer_only") -> list[dict]:

@@ -189,27 +189,44 @@ def open_run(out_dir: str | os.PathLike, settings: dict, *, resume: bool, overwr
 
     settings: this command's values of RESUME_KEYS (plain JSON values).
     resume:   continue the checkpoint there (refused if there is none, or it differs).
-    overwrite: replace a run already there (its metrics and checkpoint are deleted).
+    overwrite: allow a new run where one is; the caller deletes it with :func:`clear_run`
+              when the new run starts writing.
     """
+    created = not Path(out_dir).exists()
     out_dir = check_writable(out_dir)
-    with RunLock(out_dir):
-        ckpt_dir = out_dir / CHECKPOINT_DIR
-        for line in recover_checkpoint(ckpt_dir):
-            print(f"qstar-mini: {out_dir}: {line}", file=sys.stderr)
-        state = None
-        if resume:
-            if not (ckpt_dir / STATE_FILE).exists():
-                raise CheckpointError(f"--resume: nothing to resume in {out_dir} (no {CHECKPOINT_DIR}/{STATE_FILE}); "
-                                      f"check --out, or drop --resume to start a new run")
-            state = _read_state(ckpt_dir)
-            changed = resume_differences(state, settings)
-            if changed:
-                raise ConfigError(f"--resume: {ckpt_dir} was trained with other settings ({'; '.join(changed)}); "
-                                  f"use the original ones, or a new --out")
-        elif holds_a_run(out_dir):
-            if not overwrite:
-                raise ConfigError(f"--out {out_dir} already holds a run; add --resume to continue it, "
-                                  f"--overwrite to replace it, or choose another --out")
-            (out_dir / METRICS_FILE).unlink(missing_ok=True)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        yield state
+    try:
+        with RunLock(out_dir):
+            yield _check_run_dir(out_dir, settings, resume=resume, overwrite=overwrite)
+    except BaseException:
+        if created and {p.name for p in out_dir.iterdir()} <= {LOCK_FILE}:
+            shutil.rmtree(out_dir, ignore_errors=True)     # a run refused before it wrote: no trace
+        raise
+
+
+def _check_run_dir(out_dir: Path, settings: dict, *, resume: bool, overwrite: bool) -> dict | None:
+    """open_run's repairs and checks, made while holding the lock; the state to resume or None."""
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    for line in recover_checkpoint(ckpt_dir):
+        print(f"qstar-mini: {out_dir}: {line}", file=sys.stderr)
+    if not resume:
+        if holds_a_run(out_dir) and not overwrite:
+            raise ConfigError(f"--out {out_dir} already holds a run; add --resume to continue it, "
+                              f"--overwrite to replace it, or choose another --out")
+        return None
+    if not (ckpt_dir / STATE_FILE).exists():
+        raise CheckpointError(f"--resume: nothing to resume in {out_dir} (no {CHECKPOINT_DIR}/{STATE_FILE}); "
+                              f"check --out, or drop --resume to start a new run")
+    state = _read_state(ckpt_dir)
+    changed = resume_differences(state, settings)
+    if changed:
+        raise ConfigError(f"--resume: {ckpt_dir} was trained with other settings ({'; '.join(changed)}); "
+                          f"use the original ones, or a new --out")
+    return state
+
+
+def clear_run(out_dir: str | os.PathLike) -> None:
+    """Delete the run in ``out_dir`` (metrics and checkpoint) that ``overwrite`` replaces: called
+    once the new run has loaded its data and model, so a new run that fails to start loses nothing."""
+    out_dir = Path(out_dir)
+    (out_dir / METRICS_FILE).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)

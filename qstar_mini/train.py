@@ -55,6 +55,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -73,12 +74,11 @@ from .models import load_model
 from .paths import DATA_DIR, TINY_BASE
 from .records import (Encoded, batch_indices, encode_records, held_out_records, load_records,
                       micro_batch, select_lines)
+from .runs import CHECKPOINT_DIR, METRICS_FILE, clear_run, open_run
 from .step import StepOutput, prepare_model, quiet_star_step
 
 
 THINK_WHERE = ("all", "answer")
-CHECKPOINT_DIR = "checkpoint"
-METRICS_FILE = "metrics.jsonl"
 
 
 # ============================================================================ the model being trained
@@ -298,15 +298,38 @@ class RunDir:
     resuming: bool
 
 
-def _prepare_run_dir(out_dir, resume: bool) -> RunDir:
+def run_settings(model_name_or_path, data, *, text_field: str, max_lines: int | None, think_where: str,
+                 lines: str, shuffle_rewards: bool) -> dict:
+    """What ``trainer_state.json`` records of a run and a resumed run must share
+    (:data:`qstar_mini.runs.RESUME_KEYS`): local paths made absolute, so that ``data`` and
+    ``./data`` are the same; records passed in memory are not recorded."""
+    def name(value):
+        if isinstance(value, (str, os.PathLike)):
+            return str(Path(value).resolve()) if Path(value).exists() else os.fspath(value)
+        return None
+    return {"model": name(model_name_or_path), "data": name(data), "text_field": text_field,
+            "max_lines": max_lines, "think_where": think_where, "lines": lines,
+            "shuffle_rewards": bool(shuffle_rewards)}
+
+
+@contextmanager
+def _prepare_run_dir(out_dir, settings: dict, *, resume: bool, overwrite: bool):
     """The one place :func:`train` opens its run folder, before the data and the model are
-    loaded. (Only the main process writes in it, from :func:`_start_metrics` and :func:`save`.)"""
+    loaded: :func:`qstar_mini.runs.open_run` checks it can be written, locks it, repairs an
+    interrupted save and refuses to overwrite or wrongly resume a run (main process only;
+    the others only read). Yields the :class:`RunDir`."""
     if out_dir is None:
-        return RunDir(None, None, None, False)
+        if resume:
+            raise ConfigError("resume=True needs an out_dir holding the run to continue")
+        yield RunDir(None, None, None, False)
+        return
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / CHECKPOINT_DIR
-    return RunDir(out_dir, ckpt_dir, out_dir / METRICS_FILE,
-                  bool(resume and (ckpt_dir / "trainer_state.json").exists()))
+    if int(os.environ.get("RANK", "0")) != 0:               # other processes of a distributed run
+        yield RunDir(out_dir, ckpt_dir, out_dir / METRICS_FILE, bool(resume))
+        return
+    with open_run(out_dir, settings, resume=resume, overwrite=overwrite) as state:
+        yield RunDir(out_dir, ckpt_dir, out_dir / METRICS_FILE, state is not None)
 
 
 def _start_metrics(run_dir: RunDir, start_step: int) -> None:
@@ -317,8 +340,8 @@ def _start_metrics(run_dir: RunDir, start_step: int) -> None:
     run_dir.out_dir.mkdir(parents=True, exist_ok=True)
     if run_dir.resuming:
         _truncate_metrics(run_dir.metrics, start_step)
-    elif run_dir.metrics.exists():
-        run_dir.metrics.unlink()
+    else:
+        clear_run(run_dir.out_dir)         # the run overwrite replaces, kept until this one started
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -381,9 +404,11 @@ def _load_modules(cfg: QuietStarConfig, model_name_or_path, run_dir: RunDir):
     ``cfg``), else the base model with new meta-tokens and mixing head."""
     if run_dir.resuming:
         ck = load_checkpoint(run_dir.checkpoint)
-        if ck.cfg.to_dict() != cfg.to_dict():
-            changed = sorted(k for k, v in cfg.to_dict().items() if ck.cfg.to_dict().get(k) != v)
-            raise ConfigError(f"cannot resume {run_dir.checkpoint}: its config differs in {changed}")
+        saved, asked = ck.cfg.to_dict(), cfg.to_dict()
+        changed = sorted(k for k, v in asked.items() if k != "steps" and saved.get(k) != v)
+        if changed:      # steps may differ: more steps extend a finished run
+            raise ConfigError(f"--resume: {run_dir.checkpoint}'s config differs in {changed}; use its "
+                              f"settings, or a new --out")
         return ck.model, ck.tokenizer, ck.meta, ck.head
     model, tokenizer = load_model(model_name_or_path)
     meta, head = prepare_model(model, tokenizer, cfg)
@@ -391,8 +416,8 @@ def _load_modules(cfg: QuietStarConfig, model_name_or_path, run_dir: RunDir):
 
 
 def set_up(cfg: QuietStarConfig, model_name_or_path, records: list[dict], run_dir: RunDir, *,
-           think_where: str, lines: str, shuffle_rewards: bool, grad_accum: int, device: str | None,
-           eval_fn, eval_records) -> Run:
+           think_where: str, shuffle_rewards: bool, grad_accum: int, device: str | None,
+           eval_fn, eval_records, settings: dict) -> Run:
     """Accelerator, model, encoded lines, optimiser, schedule and thought generator, restored
     from the checkpoint when resuming (the data position is the step number)."""
     from accelerate.utils import set_seed
@@ -415,14 +440,15 @@ def set_up(cfg: QuietStarConfig, model_name_or_path, records: list[dict], run_di
     if run_dir.resuming:
         state, rng = load_training_state(run_dir.checkpoint, optimizer, scheduler)
         start_step, evals = int(state["step"]), list(state.get("evals", []))
+        if start_step > cfg.steps:
+            raise ConfigError(f"--resume: {run_dir.checkpoint} has already trained {start_step} steps; "
+                              f"--steps must be at least that (more steps extend the run)")
         _set_rng_state(rng, generator)
     module, optimizer = accelerator.prepare(raw, optimizer)   # the scheduler is stepped by hand
     raw = accelerator.unwrap_model(module)
     if accelerator.is_main_process:
         _start_metrics(run_dir, start_step)
-    settings = {"think_where": think_where, "lines": lines, "shuffle_rewards": shuffle_rewards,
-                "model": os.fspath(model_name_or_path), "world_size": world, "grad_accum": grad_accum,
-                "batch_size": cfg.batch_size}
+    settings = {**settings, "world_size": world, "grad_accum": grad_accum, "batch_size": cfg.batch_size}
     return Run(cfg, accelerator, module, raw, optimizer, scheduler, generator, tokenizer, enc, micro, run_dir,
                start_step, think_where, shuffle_rewards, settings,
                eval_fn or partial(quick_eval, think_where=think_where), eval_records, evals)
@@ -508,7 +534,7 @@ def save(run: Run, step: int) -> None:
 def train(cfg: QuietStarConfig, model_name_or_path=TINY_BASE, data=DATA_DIR, out_dir=None, *,
           think_where: str = "all", lines: str = "answer_only", shuffle_rewards: bool = False,
           eval_data=None, eval_every: int = 50, eval_lines: int = 200, save_every: int | None = None,
-          resume: bool = False, grad_accum: int = 1, device: str | None = None,
+          resume: bool = False, overwrite: bool = True, grad_accum: int = 1, device: str | None = None,
           progress: bool = True, stop_after: int | None = None, text_field: str = "text",
           max_lines: int | None = None, eval_fn=None) -> dict:
     """Train Quiet-STaR (or, with ``cfg.think=False``, the control) and return a summary.
@@ -526,7 +552,10 @@ def train(cfg: QuietStarConfig, model_name_or_path=TINY_BASE, data=DATA_DIR, out
                          ``eval_every`` steps and at the end on ``eval_lines`` answer-only lines.
     save_every:          also checkpoint every that many steps (always at the end).
     resume:              continue from ``out_dir/checkpoint`` (model, meta-tokens, head,
-                         optimiser, schedule, RNG and data position) if it exists.
+                         optimiser, schedule, RNG and data position); refused when there is
+                         none or when the run's settings differ (a larger cfg.steps extends it).
+    overwrite:           a new run into an ``out_dir`` that holds one replaces it (the command
+                         line passes False unless --overwrite: it then refuses).
     stop_after:          stop (and checkpoint) after this step, as if interrupted; for tests.
     eval_fn:             ``eval_fn(model, tokenizer, meta, head, cfg, records) -> dict``;
                          default :func:`qstar_mini.evaluate.quick_eval`.
@@ -537,17 +566,28 @@ def train(cfg: QuietStarConfig, model_name_or_path=TINY_BASE, data=DATA_DIR, out
         raise ConfigError(f"think_where must be one of {THINK_WHERE} (got {think_where!r})")
     if grad_accum < 1:
         raise ConfigError(f"grad_accum must be >= 1 (got {grad_accum})")
-    run_dir = _prepare_run_dir(out_dir, resume)
-    # Data first: a broken file fails before a model is loaded.
-    records = select_lines(load_records(data, "train", text_field, max_lines), lines)
-    eval_records = held_out_records(data, eval_data, eval_lines)
-    run = set_up(cfg, model_name_or_path, records, run_dir, think_where=think_where, lines=lines,
-                 shuffle_rewards=shuffle_rewards, grad_accum=grad_accum, device=device, eval_fn=eval_fn,
-                 eval_records=eval_records)
+    if shuffle_rewards and not (cfg.think and cfg.policy_loss_weight > 0):
+        raise ConfigError("shuffle_rewards permutes REINFORCE's rewards: it needs thinking on and "
+                          "policy_loss_weight > 0 (drop --shuffle-rewards, --no-think or --no-policy)")
+    settings = run_settings(model_name_or_path, data, text_field=text_field, max_lines=max_lines,
+                            think_where=think_where, lines=lines, shuffle_rewards=shuffle_rewards)
+    with _prepare_run_dir(out_dir, settings, resume=resume, overwrite=overwrite) as run_dir:
+        # Data first: a broken file fails before a model is loaded.
+        records = select_lines(load_records(data, "train", text_field, max_lines), lines)
+        eval_records = held_out_records(data, eval_data, eval_lines)
+        run = set_up(cfg, model_name_or_path, records, run_dir, think_where=think_where,
+                     shuffle_rewards=shuffle_rewards, grad_accum=grad_accum, device=device, eval_fn=eval_fn,
+                     eval_records=eval_records, settings=settings)
+        return _loop(run, cfg.steps if stop_after is None else min(cfg.steps, stop_after),
+                     eval_every=eval_every, save_every=save_every, progress=progress)
 
+
+def _loop(run: Run, end_step: int, *, eval_every: int, save_every: int | None, progress: bool) -> dict:
+    """Steps start_step .. end_step - 1, evaluating and saving on the way; the final
+    evaluation and checkpoint; the summary :func:`train` returns."""
+    cfg, run_dir = run.cfg, run.run_dir
     if run.start_step == 0:
         evaluate_now(run, 0)
-    end_step = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     t0 = time.perf_counter()
     bar = _progress_bar(run, end_step, progress)
     done, last = run.start_step, {}

@@ -122,6 +122,7 @@ def fake_hub(monkeypatch):
         return streams[-1]
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")     # no reachability check: the fake needs no network
     return calls, streams
 
 
@@ -147,9 +148,29 @@ def test_a_failing_datasets_name_is_one_line(monkeypatch):
         raise ConnectionError("no network\nsecond line")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError) as err:
         load_records("someone/corpus", max_lines=5)
     assert "\n" not in str(err.value) and "ConnectionError: no network" in str(err.value)
+
+
+def test_an_unreachable_hub_is_refused_at_once_without_retries(monkeypatch):
+    import socket
+
+    import datasets
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def must_not_be_called(*args, **kwargs):
+        raise AssertionError("datasets would retry the Hub for half a minute")
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(datasets, "load_dataset", must_not_be_called)
+    with pytest.raises(DataError, match="Hub cannot be reached.*JSONL"):
+        load_records("someone/corpus", max_lines=5)
 
 
 # ---------------------------------------------------------------------------------- the figures

@@ -8,7 +8,7 @@ import pytest
 
 from qstar_mini.errors import CheckpointError, ConfigError
 from qstar_mini.runs import (CHECKPOINT_DIR, METRICS_FILE, STATE_FILE, RunLock, check_file_writable,
-                             check_writable, open_run, recover_checkpoint)
+                             check_writable, clear_run, open_run, recover_checkpoint)
 
 SETTINGS = {"model": "data/tiny-base", "data": "data", "think_where": "all", "lines": "answer_only",
             "shuffle_rewards": False, "text_field": "text", "max_lines": None}
@@ -30,10 +30,12 @@ def test_a_new_run_into_a_used_folder_is_refused_and_nothing_is_deleted(tmp_path
     assert (tmp_path / METRICS_FILE).read_text() == '{"step": 1}\n' and (ckpt / STATE_FILE).exists()
 
 
-def test_overwrite_replaces_the_old_run(tmp_path):
+def test_overwrite_lets_a_new_run_in_and_clear_run_deletes_the_old_one(tmp_path):
     _finished_run(tmp_path)
     with open_run(tmp_path, SETTINGS, resume=False, overwrite=True) as state:
         assert state is None
+        assert (tmp_path / METRICS_FILE).exists()          # kept until the new run starts writing
+        clear_run(tmp_path)
     assert not (tmp_path / METRICS_FILE).exists() and not (tmp_path / CHECKPOINT_DIR).exists()
 
 

@@ -156,7 +156,7 @@ def solution_cells(nb) -> list[int]:
 # ---- the whole set -----------------------------------------------------------------------
 
 def write_assignments(out_dir, notebooks_dir=NOTEBOOKS_DIR, *, include_all: bool = False,
-                      clear_all_outputs: bool = False) -> list[Path]:
+                      clear_all_outputs: bool = False, overwrite: bool = False) -> list[Path]:
     """Write the student copy of every notebook of ``notebooks_dir`` that has an exercise (every
     notebook if ``include_all``) to ``out_dir``, same file names; return the paths written.
 
@@ -165,7 +165,9 @@ def write_assignments(out_dir, notebooks_dir=NOTEBOOKS_DIR, *, include_all: bool
     folder, a folder with no exercise, a broken notebook or marker, and an ``out_dir`` that is
     the notebooks folder itself or lies where pytest would collect the copies as tests (inside
     ``notebooks/`` or ``tests/``, except under a folder named ``assignments``, ``student`` or
-    ``students``). Files already in ``out_dir`` under other names are left alone.
+    ``students``). Files already in ``out_dir`` under other names are left alone; a notebook
+    already there under the same name (perhaps holding a student's work) is replaced only if
+    ``overwrite`` or if it is byte-identical to the new copy.
     """
     notebooks_dir, out_dir = Path(notebooks_dir), Path(out_dir)
     if not notebooks_dir.is_dir():
@@ -185,11 +187,17 @@ def write_assignments(out_dir, notebooks_dir=NOTEBOOKS_DIR, *, include_all: bool
         raise DataError(f"no notebook in {notebooks_dir} has an exercise (### {BEGIN_SOLUTION}); "
                         f"nothing to write")
 
+    texts = {file_name: nbformat.writes(nb) + "\n" for file_name, nb in students.items()}
+    edited = [name for name, text in texts.items()
+              if (out_dir / name).exists() and (out_dir / name).read_text(encoding="utf-8") != text]
+    if edited and not overwrite:
+        raise DataError(f"{out_dir} already holds {', '.join(edited)} with other contents (perhaps edited); "
+                        f"add --overwrite to replace them, or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for file_name, nb in students.items():
+    for file_name, text in texts.items():
         target = out_dir / file_name
-        target.write_text(nbformat.writes(nb) + "\n", encoding="utf-8", newline="\n")
+        target.write_text(text, encoding="utf-8", newline="\n")
         written.append(target)
     return written
 
