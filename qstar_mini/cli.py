@@ -24,8 +24,8 @@ from pathlib import Path
 
 from .cli_args import check_device, nonnegative_int, positive_float, positive_int
 from .errors import ConfigError, QStarError
-from .runs import check_writable
 from .paths import DATA_DIR, RUNS_DIR, TINY_BASE
+from .runs import check_writable, recover_checkpoint
 
 PROG = "qstar-mini"
 
@@ -157,6 +157,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         from .data import CorpusConfig
 
         corpus = CorpusConfig(**overrides)
+    for line in recover_checkpoint(args.out):      # what a killed save of an earlier pretrain left
+        print(f"{PROG}: {line}", file=sys.stderr)
     out = check_writable(args.out)
     if any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f"--out {out} is not empty; add --overwrite to replace the model there, "

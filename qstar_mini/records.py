@@ -46,7 +46,7 @@ def load_records(data, split: str = "train", text_field: str = "text",
         if len(records) != len(data):
             raise DataError(f"every record must be a dict with a string {text_field!r} field")
         records = records if text_field == "text" else [dict(r, text=r[text_field]) for r in records]
-        return records[:max_lines] if max_lines else records
+        return _without_empty(records[:max_lines] if max_lines else records, "records")
     path = Path(os.fspath(data)).expanduser()
     if path.is_dir():
         path = path / f"{split}.jsonl"
@@ -59,7 +59,18 @@ def load_records(data, split: str = "train", text_field: str = "text",
             records = [dict(r, text=r[text_field]) for r in records]
     else:
         records = load_hf_dataset(str(data), split, text_field, max_lines)
-    return records[:max_lines] if max_lines else records
+    return _without_empty(records[:max_lines] if max_lines else records, data)
+
+
+def _without_empty(records: list[dict], source) -> list[dict]:
+    """Drop lines whose text is empty or only spaces (they would train on ``<s></s>``), saying how many."""
+    kept = [r for r in records if r["text"].strip()]
+    if len(kept) != len(records):
+        warnings.warn(f"{source}: {len(records) - len(kept)} of {len(records)} lines have an empty text "
+                      f"and are skipped", stacklevel=3)
+    if records and not kept:
+        raise DataError(f"{source}: every line has an empty text; nothing to train on")
+    return kept
 
 
 def load_hf_dataset(name: str, split: str, text_field: str, max_lines: int | None, *,
@@ -214,9 +225,10 @@ def encode_records(tokenizer, records: list[dict], seq_len: int) -> Encoded:
 
     Lines longer than ``seq_len`` tokens are truncated, with a warning that counts them."""
     shift = 1 if tokenizer.bos_token_id is not None else 0
-    rows, answer_pos, think_pos, cut = [], [], [], 0
+    rows, answer_pos, think_pos, cut, unknown = [], [], [], 0, {}
     for r in records:
         enc = tokenizer(r["text"], add_special_tokens=False, return_offsets_mapping=True)
+        _note_unknown(tokenizer, r["text"], enc, unknown)
         ids = _with_specials(tokenizer, enc["input_ids"])                   # = line_ids(tokenizer, text)
         pos, before = -1, -1
         try:
@@ -232,12 +244,28 @@ def encode_records(tokenizer, records: list[dict], seq_len: int) -> Encoded:
         ok = 0 < pos < min(len(ids), seq_len)
         answer_pos.append(pos if ok else -1)
         think_pos.append(before if ok else -1)
+    if unknown:
+        shown = ", ".join(repr(c) for c in sorted(unknown)[:8])
+        warnings.warn(f"{sum(unknown.values())} characters in the lines are not in the tokenizer's vocabulary and "
+                      f"become {tokenizer.unk_token}: {shown}{', ...' if len(unknown) > 8 else ''}; clean the "
+                      f"data or use a model whose tokenizer covers them", stacklevel=2)
     if cut:
         warnings.warn(f"{cut} of {len(records)} lines are longer than seq_len={seq_len} tokens and were "
                       f"truncated; raise --seq-len to keep them whole", stacklevel=2)
     input_ids, attention_mask = pad_right(rows, tokenizer.pad_token_id)
     return Encoded(input_ids, attention_mask, torch.tensor(answer_pos), torch.tensor(think_pos),
                    [r.get("question") for r in records])
+
+
+def _note_unknown(tokenizer, text: str, enc, unknown: dict) -> None:
+    """Count the characters of ``text`` that tokenized to the unknown token (``<unk>``)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or unk not in enc["input_ids"]:
+        return
+    for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        if token == unk and text[start:end] != tokenizer.unk_token:
+            piece = text[start:end] or "?"
+            unknown[piece] = unknown.get(piece, 0) + 1
 
 
 # ============================================================================ batches
