@@ -9,8 +9,9 @@ An explorer is displayed as ONE output that carries three representations:
   kernel, or any viewer without ipywidgets shows instead;
 * one line of plain text.
 
-If ipywidgets is not installed at all, only the static view is shown. Widgets need
-``ipywidgets>=8`` (the ``notebooks`` extra); Colab ships with it. The widgets change their own
+If ipywidgets is not installed at all, only the static view is shown. Widgets work with
+ipywidgets 7.7 (what Colab ships) and 8.x (the ``notebooks`` extra admits both): the output is
+built from the widget's public ``model_id``, the same bundle both majors display. The widgets change their own
 state when a slider moves (no ``with output:`` capture), so they behave the same in JupyterLab,
 Colab, VS Code and headless runners (nbclient, nbval).
 
@@ -87,6 +88,17 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+# The mimetype and version a Jupyter front end draws a widget view from: what ipywidgets 7's
+# ``_ipython_display_`` and ipywidgets 8's ``_repr_mimebundle_`` both put in their output.
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def widget_bundle(widget, **static) -> dict:
+    """The display bundle of ``widget`` (a live view of it) plus ``static`` representations
+    (``{"text/html": ...}``, ...) for viewers without widgets: one output, ipywidgets 7 or 8."""
+    return {WIDGET_VIEW: {"version_major": 2, "version_minor": 0, "model_id": widget.model_id}, **static}
+
+
 def _show(widget, fig, text: str) -> None:
     """Display ``widget`` with ``fig`` as its static fallback picture, in one output."""
     import matplotlib.pyplot as plt
@@ -97,10 +109,7 @@ def _show(widget, fig, text: str) -> None:
     if widget is None:
         display({"image/png": png, "text/plain": text}, raw=True)
         return
-    bundle = widget._repr_mimebundle_()
-    bundle["image/png"] = png
-    bundle["text/plain"] = text
-    display(bundle, raw=True)
+    display(widget_bundle(widget, **{"image/png": png, "text/plain": text}), raw=True)
 
 
 def mask_explorer(seq_len: int = 6, step: int = 2, position: int = 3, n_pad: int = 0,
@@ -205,10 +214,8 @@ def thought_explorer(out, tokenizer, input_ids: torch.Tensor, attention_mask: to
 
     s_row.observe(redraw, names="value")
     s_pos.observe(redraw, names="value")
-    bundle = W.VBox([W.HBox([s_row, s_pos]), view])._repr_mimebundle_()
-    bundle["text/html"] = first
-    bundle["text/plain"] = text
-    display(bundle, raw=True)
+    box = W.VBox([W.HBox([s_row, s_pos]), view])
+    display(widget_bundle(box, **{"text/html": first, "text/plain": text}), raw=True)
 
 
 # ---- generation with hidden thoughts (notebook 08) ---------------------------------------------
@@ -358,7 +365,5 @@ def generation_explorer(generations: dict[str, list[dict]], tokenizer=None, prom
     w_prompt.observe(new_token, names="value")
     s_token.observe(new_token, names="value")
     s_think.observe(redraw, names="value")
-    bundle = W.VBox([W.HBox([w_prompt, s_token]), W.HBox([play, s_think]), view])._repr_mimebundle_()
-    bundle["text/html"] = static
-    bundle["text/plain"] = text
-    display(bundle, raw=True)
+    box = W.VBox([W.HBox([w_prompt, s_token]), W.HBox([play, s_think]), view])
+    display(widget_bundle(box, **{"text/html": static, "text/plain": text}), raw=True)
