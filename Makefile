@@ -113,12 +113,12 @@ endef
 
 $(STAMP_RUN): pyproject.toml | $(PY)
 	$(ensure_torch)
-	$(PY) -m pip install -e ".[notebooks]"
+	$(PY) -m pip install -e ".[notebooks,lab]"
 	@touch $@
 
 $(STAMP_DEV): pyproject.toml | $(PY)
 	$(ensure_torch)
-	$(PY) -m pip install -e ".[dev,notebooks]"
+	$(PY) -m pip install -e ".[dev,notebooks,lab]"
 	@touch $@
 
 ifdef OWN_VENV

@@ -61,7 +61,7 @@ def test_runtime_dependencies_and_extras(pyproject):
         "torch", "transformers", "datasets", "tokenizers", "safetensors", "accelerate", "tqdm", "matplotlib"}
     extras = {name: {Requirement(r).name.lower() for r in reqs}
               for name, reqs in pyproject["project"]["optional-dependencies"].items()}
-    assert {"jupyterlab", "ipywidgets"} <= extras["notebooks"]
+    assert {"ipywidgets", "ipykernel"} <= extras["notebooks"] and "jupyterlab" in extras["lab"]
     assert {"pytest", "nbval", "hypothesis"} <= extras["dev"]
 
 
@@ -158,7 +158,7 @@ def test_environment_yml_matches_pyproject(pyproject):
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     names = {Requirement(line).name.lower() for line in pip if not line.startswith("-")}
     assert names == set(requirements(pyproject)), names ^ set(requirements(pyproject))
-    assert "-e .[dev,notebooks]" in pip
+    assert "-e .[dev,notebooks,lab]" in pip
 
 
 # ---- notebooks ------------------------------------------------------------------------------------
