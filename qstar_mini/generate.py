@@ -20,7 +20,7 @@ sampled inside a thought. Every distribution here goes through
 ``tests/test_generate.py`` checks that no generated token is a meta-token.
 
 :func:`think_on_text` is the teacher-forced counterpart: for a *given* text, the thought, w and
-reward at every position at once (the parallel machinery of training). :func:`render_html`
+gain at every position at once (the parallel machinery of training). :func:`render_html`
 draws either as coloured text with the thought on hover and listed below.
 """
 
@@ -117,8 +117,9 @@ def think_on_text(model, tokenizer, meta, head, cfg, text: str, *, greedy: bool 
     """Teacher-forced: for every token of ``text`` (after ``<s>``), the thought made just before it.
 
     returns: one dict per token: ``token`` (its text), ``thought`` (the text between the
-    meta-tokens), ``w`` (mixing weight), ``reward`` = log p^talk(token) - log p^init(token)
-    (how much the thought helped predict the true token), ``logp_init``, ``logp_talk``.
+    meta-tokens), ``w`` (mixing weight), ``gain`` = log p^talk(token) - log p^init(token)
+    (how much the thought helped predict the true token; not the training reward r_j, which
+    compares a thought with the mean of the other thoughts at j), ``logp_init``, ``logp_talk``.
     """
     device = next(model.parameters()).device
     ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -133,7 +134,7 @@ def think_on_text(model, tokenizer, meta, head, cfg, text: str, *, greedy: bool 
         lp_talk = float(pred.log_p_talk[0, 0, j, target])
         steps.append({"token": tokenizer.decode([target]), "token_id": target,
                       "thought": decode_thought(tokenizer, pred.thoughts[0, 0, j]),
-                      "w": float(pred.w[0, 0, j]), "reward": lp_talk - lp_init,
+                      "w": float(pred.w[0, 0, j]), "gain": lp_talk - lp_init,
                       "logp_init": lp_init, "logp_talk": lp_talk})
     return steps
 
@@ -190,7 +191,7 @@ def generate_with_thoughts(model: nn.Module, tokenizer, meta: MetaTokens, head: 
     thought_greedy:  argmax thought tokens (default: same as ``greedy``); else sampled at
                      ``cfg.thought_temperature``.
     returns: one dict per new token: ``token`` (text), ``token_id``, ``thought`` (text between
-    the meta-tokens), ``thought_ids``, ``w``, ``reward`` = log p^talk(token) - log p^init(token)
+    the meta-tokens), ``thought_ids``, ``w``, ``gain`` = log p^talk(token) - log p^init(token)
     (how much the thought changed the chosen token's probability), ``logp_init``, ``logp_talk``.
     Stops after ``</s>`` when ``stop_at_eos``. Meta-tokens are never emitted.
     """
@@ -215,7 +216,7 @@ def generate_with_thoughts(model: nn.Module, tokenizer, meta: MetaTokens, head: 
             token = int((log_p_talk / temperature + noise).argmax())
         steps.append({"token": tokenizer.decode([token]), "token_id": token,
                       "thought": decode_thought(tokenizer, thought), "thought_ids": thought.tolist(),
-                      "w": w, "reward": float(log_p_talk[token] - log_p_init[token]),
+                      "w": w, "gain": float(log_p_talk[token] - log_p_init[token]),
                       "logp_init": float(log_p_init[token]), "logp_talk": float(log_p_talk[token])})
         if stop_at_eos and token == tokenizer.eos_token_id:
             break
@@ -234,7 +235,7 @@ def generated_text(steps: list[dict], skip_special: tuple[str, ...] = ("</s>",))
 # ----------------------------------------------------------------------------- HTML
 
 def _colour(value: float, color_by: str, scale: float) -> str:
-    """w in [0, 1]: white -> green. reward: red (hurt) -> white -> green (helped)."""
+    """w in [0, 1]: white -> green. gain: red (hurt) -> white -> green (helped)."""
     if color_by == "w":
         a = min(max(value, 0.0), 1.0)
         return f"rgba(46, 160, 67, {a:.2f})"
@@ -264,19 +265,19 @@ def coloured_spans(tokens: list[str], styles: list[str], titles: list[str], temp
 
 
 def render_html(steps: list[dict], color_by: str = "w", prompt: str = "", show_thoughts: bool = True) -> str:
-    """Text coloured by ``w`` (how much the thought was trusted) or ``reward`` (how much it
+    """Text coloured by ``w`` (how much the thought was trusted) or ``gain`` (how much it
     helped), each token's thought on hover (``title``) and, if ``show_thoughts``, listed below.
 
     steps: from :func:`generate_with_thoughts` or :func:`think_on_text`.
     returns: an HTML fragment (no JavaScript): display it with ``IPython.display.HTML``.
     """
-    if color_by not in ("w", "reward"):
-        raise ValueError(f"color_by must be 'w' or 'reward' (got {color_by!r})")
-    scale = max([abs(s.get("reward", 0.0)) for s in steps] + [1e-9])
+    if color_by not in ("w", "gain"):
+        raise ValueError(f"color_by must be 'w' or 'gain' (got {color_by!r})")
+    scale = max([abs(s.get("gain", 0.0)) for s in steps] + [1e-9])
     spans = coloured_spans(
         [s["token"] for s in steps],
         [f"background:{_colour(float(s.get(color_by, 0.0)), color_by, scale)}" for s in steps],
-        [f"#{i} thought: {s.get('thought', '')} | w = {s.get('w', 0.0):.3f} | reward = {s.get('reward', 0.0):+.3f}"
+        [f"#{i} thought: {s.get('thought', '')} | w = {s.get('w', 0.0):.3f} | gain = {s.get('gain', 0.0):+.3f}"
          for i, s in enumerate(steps)])
     legend = ("green = w high (thought trusted)" if color_by == "w"
               else "green = thought helped, red = thought hurt")
@@ -287,9 +288,9 @@ def render_html(steps: list[dict], color_by: str = "w", prompt: str = "", show_t
         rows = "".join(
             f"<tr><td>{i}</td><td><code>{html.escape(s['token'])}</code></td>"
             f"<td><code>&lt;|startofthought|&gt;{html.escape(s.get('thought', ''))}&lt;|endofthought|&gt;</code></td>"
-            f"<td>{s.get('w', 0.0):.3f}</td><td>{s.get('reward', 0.0):+.3f}</td></tr>"
+            f"<td>{s.get('w', 0.0):.3f}</td><td>{s.get('gain', 0.0):+.3f}</td></tr>"
             for i, s in enumerate(steps))
         parts.append('<table style="font-size:0.85em"><tr><th>#</th><th>token</th><th>thought</th>'
-                     f'<th>w</th><th>reward</th></tr>{rows}</table>')
+                     f'<th>w</th><th>gain</th></tr>{rows}</table>')
     parts.append("</div>")
     return "".join(parts)

@@ -85,19 +85,19 @@ def test_think_on_text_has_one_step_per_token(parts):
     for j, s in enumerate(steps):
         lp_plain = float(plain[j, ids[j + 1]])
         assert s["token_id"] == ids[j + 1] and s["logp_init"] == pytest.approx(lp_plain, abs=1e-4)
-        assert s["reward"] == pytest.approx(s["logp_talk"] - lp_plain, abs=1e-4) and s["logp_talk"] < 0
+        assert s["gain"] == pytest.approx(s["logp_talk"] - lp_plain, abs=1e-4) and s["logp_talk"] < 0
         assert len(tok(s["thought"], add_special_tokens=False)["input_ids"]) == cfg.thought_length - 2
 
 
 def test_render_html(parts):
-    steps = [{"token": "4", "thought": "3<4>", "w": 0.8, "reward": 1.5},
-             {"token": "</s>", "thought": "12345", "w": 0.1, "reward": -0.5}]
-    for color_by in ("w", "reward"):
+    steps = [{"token": "4", "thought": "3<4>", "w": 0.8, "gain": 1.5},
+             {"token": "</s>", "thought": "12345", "w": 0.1, "gain": -0.5}]
+    for color_by in ("w", "gain"):
         page = render_html(steps, color_by=color_by, prompt="31415=")
         assert page.count(" title=") == 2
         assert 'title="#0 thought: 3&lt;4&gt;' in page and "&lt;/s&gt;" in page     # escaped
         assert "<script" not in page and "31415=" in page
-    assert "rgba(215, 58, 73" in render_html(steps, color_by="reward")              # red where it hurt
+    assert "rgba(215, 58, 73" in render_html(steps, color_by="gain")              # red where it hurt
     with pytest.raises(ValueError):
         render_html(steps, color_by="loss")
     assert generated_text(steps) == "4"

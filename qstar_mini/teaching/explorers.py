@@ -291,7 +291,7 @@ def generation_view_html(steps: list[dict], prompt: str = "", index: int = 0, th
         mix = (f"w = <b>{step.get('w', 0.0):.3f}</b> (weight of the thought in the mix) &middot; "
                f"p(<code>{visible_text(step['token'])}</code>) without the thought {_prob(step.get('logp_init'))}, "
                f"after it {_prob(step.get('logp_talk'))} &middot; "
-               f"log-ratio {step.get('reward', 0.0):+.3f}")
+               f"log-ratio {step.get('gain', 0.0):+.3f}")
     return ('<div class="qstar-explorer">'
             f'<div style="font-size:1.1em;margin-bottom:4px">{"".join(text)}</div>'
             f'<div style="margin:4px 0">hidden thought before token #{index} '
