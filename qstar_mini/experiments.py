@@ -380,31 +380,6 @@ def write_plots(summary: dict, out_dir: Path, prefix: str) -> list[str]:
     return paths
 
 
-def load_runs(out_dir: Path, tier_name: str) -> dict[str, list[dict]]:
-    """Per-seed run details read back from ``out_dir/<tier>/<arm>-seed<k>/`` (metrics.jsonl and
-    eval.json): {arm: [{"evals", "metrics", "w_by_position"} for each seed]}, for :func:`replot`."""
-    runs: dict[str, list[dict]] = {}
-    for run_dir in sorted(Path(out_dir, tier_name).glob("*-seed*")):
-        arm = run_dir.name.rsplit("-seed", 1)[0]
-        metrics = run_dir / "metrics.jsonl"
-        records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-        ev = json.loads((run_dir / "eval.json").read_text())["eval"] if (run_dir / "eval.json").exists() else {}
-        runs.setdefault(arm, []).append({"evals": [r for r in records if r.get("kind") == "eval"],
-                                         "metrics": str(metrics), "w_by_position": ev.get("w_by_position")})
-    return runs
-
-
-def replot(out_dir=RUNS_DIR / "reproduce") -> list[str]:
-    """Redraw every plot of a finished run from its ``report.json`` and run folders."""
-    out_dir = Path(out_dir)
-    report = json.loads((out_dir / "report.json").read_text())
-    paths = []
-    for name, summary in report["tiers"].items():
-        summary = dict(summary, _runs=load_runs(out_dir, name))
-        paths += write_plots(summary, out_dir, name)
-    return paths
-
-
 def report_from(summaries: dict[str, dict], seeds, seconds: float, command: str) -> dict:
     """The report.json layout of the issue: the tier-2 arms at the top level (base, baseline,
     quiet_star, no_policy, shuffled_reward, by_difficulty), every tier in full under "tiers"."""

@@ -140,10 +140,6 @@ def read_manifest(name: str) -> dict | None:
         return None
 
 
-def is_present(name: str) -> bool:
-    return read_manifest(name) is not None
-
-
 def resolve(name: str) -> Path:
     """The folder of the fetched model ``name``, for :func:`qstar_mini.models.load_model`.
 

@@ -98,7 +98,7 @@ def _probe(model: nn.Module, meta: MetaTokens, cfg: QuietStarConfig) -> None:
         raise ModelError(f"{name} post-processes its logits in a way qstar_mini does not reproduce (log-probs "
                          f"differ by {err:.2g} relative); this architecture is not supported")
 
-    naive_ids, naive_lp = naive_thoughts(model, meta, ids, mask, 3, 1, greedy=True)
+    _, naive_lp = naive_thoughts(model, meta, ids, mask, 3, 1, greedy=True)
     ways = [False] + ([True] if cfg.attention == "blocks" else [])
     for blocks in ways:
         if blocks:                                   # the first way used up the text's cache
