@@ -414,8 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except OSError as error:       # a full disk, a folder that became unwritable: one line, not a traceback
         where = f"{error.filename}: " if getattr(error, "filename", None) else ""
-        print(f"{PROG}: error: {where}{error.strerror or _one_line(error)} (free space or permissions? "
-              f"the last checkpoint saved is kept)", file=sys.stderr)
+        print(f"{PROG}: error: {where}{error.strerror or _one_line(error)} (check free space and permissions; "
+              f"what was saved before, such as the last checkpoint, is kept)", file=sys.stderr)
         return 2
 
 

@@ -272,3 +272,29 @@ def test_bad_command_line(name, argv, setup, codes, pattern, finished_run, tmp_p
 
 def test_the_matrix_is_large_enough():
     assert len(CASES) >= 100
+
+
+def test_a_full_disk_at_the_save_is_one_line_and_keeps_the_last_checkpoint(finished_run, tmp_path, capsys,
+                                                                          monkeypatch):
+    """The disk fills up while the extended run saves: one line, exit 2, and the checkpoint
+    folder is still the complete previous one (the new one was being written beside it)."""
+    import errno
+
+    import qstar_mini.checkpoint as checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = _digest(run / "checkpoint")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run / "checkpoint.tmp"))
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    capsys.readouterr()
+    code = cli.main([a.format(run=run) for a in [*TRAIN, "--resume", "--steps", "3"]])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("qstar-mini: error:")]
+    assert code == 2 and len(lines) == 1 and "No space left on device" in lines[0], err
+    assert "Traceback" not in err
+    assert _digest(run / "checkpoint") == before
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".checkpoint")]
