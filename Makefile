@@ -49,6 +49,8 @@ help:
 	@echo "make pretrain   pretrain the tiny base models into $(TINY_BASE)/ and $(TINY_BASE_NOISY)/ (CPU minutes)"
 	@echo "make smollm2    fetch the real SmolLM2-135M-Instruct once into the cache (qstar-mini models fetch smollm2)"
 	@echo "make real       Quiet-STaR vs the control on SmolLM2 at the hardest tokens of word problems (runs/real/)"
+	@echo "make colab-check    opt-in: every notebook, setup cell included, twice, in a Colab-like environment (ipywidgets 7.7.1, a google.colab stand-in, a local clone; scripts/colab_check.sh)"
+	@echo "make browser-check  opt-in: notebooks 01, 02, 08 in JupyterLab + headless Chromium, one control per explorer moved (scripts/browser_check.py; needs /usr/bin/chromium)"
 	@echo "make clean      remove caches and build output (keeps .venv, data/ and runs/)"
 	@echo "Python used: $(PY)"
 
@@ -93,6 +95,16 @@ real: smollm2
 $(STAMP_REAL): pyproject.toml $(STAMP_RUN)
 	$(PY) -m pip install -e ".[real]"
 	@touch $@
+
+# Opt-in checks (minutes, not part of `make test`): README's "Notebooks" section gives their times.
+# colab-check clones this checkout's HEAD (commit first); COLAB_CHECK_DIR says where it works.
+.PHONY: colab-check browser-check
+colab-check: $(STAMP_DEV)
+	bash scripts/colab_check.sh $(PY)
+
+browser-check: $(STAMP_RUN)
+	@$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install playwright
+	$(PY) scripts/browser_check.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis
