@@ -62,9 +62,10 @@ def mask_view(seq_len: int = 6, step: int = 2, position: int = 3, n_pad: int = 0
     am = (torch.arange(seq_len) < seq_len - n_pad).long()[None]              # (1, seq)
     visible = thought_visibility(am, step)[0, 0]                                # (seq, seq * (1 + step))
     pos_ids = step_position_ids(am, step)[0]
-    width = min(14.0, 2.0 + 0.32 * visible.shape[1])
-    fig, (ax, ax_text) = plt.subplots(2, 1, figsize=(width, 0.9 + 0.34 * seq_len + 1.1),
-                                      gridspec_kw={"height_ratios": [seq_len, 2.2]})
+    cell = 0.3                                                                  # inches per mask cell
+    width = min(14.0, max(4.0, 1.2 + cell * visible.shape[1]))
+    # the figure is as tall as the mask needs (no slack for the equal-aspect axes to leave empty)
+    fig, ax = plt.subplots(figsize=(width, 1.0 + (width - 1.2) / visible.shape[1] * seq_len))
     text = [f"x{i}" if i < seq_len - n_pad else "pad" for i in range(seq_len)]
     plot_mask(ax, visible, seq_len, query=position, text=text,
               title=f"thought step {step}: what thought token {step} of each position attends to "
@@ -72,19 +73,20 @@ def mask_view(seq_len: int = 6, step: int = 2, position: int = 3, n_pad: int = 0
     row = visible[position]
     seen_text = [text[i] for i in range(seq_len) if row[i]]
     seen_thought = [f"T{position},{k}" for k in range(1, step + 1) if row[seq_len * k + position]]
-    ax_text.axis("off")
-    ax_text.text(0, 0.75, "position " + str(position) + " sees:  " + " ".join(seen_text) + "  |  "
-                 + " ".join(seen_thought), family="monospace", fontsize=9, transform=ax_text.transAxes)
-    ax_text.text(0, 0.35, f"= the naive sequence [x0 .. x{position}, <|startofthought|>, s1, ...] up to "
-                 f"thought token {step} (T{position},1 = <|startofthought|>); position id of T{position},{step}: "
-                 f"{int(pos_ids[position])} = {position} + {step}", fontsize=9, transform=ax_text.transAxes)
-    fig.tight_layout()
-    return fig
+    lines = [("position " + str(position) + " sees:  " + " ".join(seen_text) + "  |  " + " ".join(seen_thought),
+              "monospace"),
+             (f"= the naive sequence [x0 .. x{position}, <|startofthought|>, s1, ...] up to thought token {step} "
+              f"(T{position},1 = <|startofthought|>)", None),
+             (f"position id of T{position},{step}: {int(pos_ids[position])} = {position} + {step}", None)]
+    for i, (line, family) in enumerate(lines):    # left-aligned with the mask, just under its x label
+        ax.annotate(line, xy=(0, 0), xycoords=("axes fraction", ax.xaxis.label), xytext=(0, -10 - 14 * i),
+                    textcoords="offset points", va="top", fontsize=9, family=family)
+    return fig     # saved with bbox_inches="tight" (see _png): no layout pass, no empty margins
 
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     return buf.getvalue()
 
 
