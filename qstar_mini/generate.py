@@ -19,6 +19,8 @@ sampled inside a thought. Every distribution here goes through
 :func:`qstar_mini.lm.text_log_probs`, which gives them probability 0;
 ``tests/test_generate.py`` checks that no generated token is a meta-token.
 
+:func:`generate_plain` is the same loop without thoughts: the baseline that notebook 08 times.
+
 :func:`think_on_text` is the teacher-forced counterpart: for a *given* text, the thought, w and
 gain at every position at once (the parallel machinery of training). :func:`render_html`
 draws either as coloured text with the thought on hover and listed below.
@@ -197,10 +199,7 @@ def generate_with_thoughts(model: nn.Module, tokenizer, meta: MetaTokens, head: 
     """
     thought_greedy = greedy if thought_greedy is None else thought_greedy
     device = next(model.parameters()).device
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids += tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise DataError("the prompt is empty and the tokenizer has no <s>: nothing to continue")
+    ids = _prompt_ids(tokenizer, prompt)
     x = torch.tensor([ids], device=device)                                     # (1, seq)
     h_init, cache = plain_forward(model, meta, x, torch.ones_like(x))           # line 1 on the prompt
     h_last, position = h_init[:, -1], len(ids) - 1                              # (1, hidden)
@@ -225,6 +224,43 @@ def generate_with_thoughts(model: nn.Module, tokenizer, meta: MetaTokens, head: 
                                 _visible(cache.get_seq_length() + 1, device),
                                 torch.tensor([[position]], device=device), cache)[:, -1]
     return steps
+
+
+@torch.no_grad()
+def generate_plain(model: nn.Module, tokenizer, meta: MetaTokens, prompt: str, max_new_tokens: int = 8, *,
+                   stop_at_eos: bool = True) -> list[int]:
+    """Greedy generation **without** thoughts, on the KV-cache machinery of
+    :func:`generate_with_thoughts`: the baseline that thinking at inference is compared with.
+
+    One pass over the prompt (line 1, ``h_init``), then per new token: the argmax of
+    log p^init (meta-tokens masked, never emitted) and one pass that appends it to the cache
+    (1 + max_new_tokens passes in all, against 1 + max_new_tokens x (t + 1) with thoughts).
+    returns: the new token ids, a list of max_new_tokens ints (shorter if it stopped after ``</s>``).
+    """
+    device = next(model.parameters()).device
+    ids = _prompt_ids(tokenizer, prompt)
+    x = torch.tensor([ids], device=device)                                     # (1, seq)
+    h, cache = plain_forward(model, meta, x, torch.ones_like(x))                # line 1 on the prompt
+    h_last, position, out = h[:, -1], len(ids) - 1, []                          # (1, hidden)
+    for _ in range(max_new_tokens):
+        token = int(text_log_probs(lm_head(model)(h_last), meta.ids)[0].argmax())
+        out.append(token)
+        if stop_at_eos and token == tokenizer.eos_token_id:
+            break
+        position += 1                                                           # append x_{j+1}
+        h_last = forward_hidden(model, meta.embed(model, torch.tensor([[token]], device=device)),
+                                _visible(cache.get_seq_length() + 1, device),
+                                torch.tensor([[position]], device=device), cache)[:, -1]
+    return out
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """``<s>`` (when the tokenizer has one) and the prompt's ids."""
+    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids += tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise DataError("the prompt is empty and the tokenizer has no <s>: nothing to continue")
+    return ids
 
 
 def generated_text(steps: list[dict], skip_special: tuple[str, ...] = ("</s>",)) -> str:

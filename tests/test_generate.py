@@ -111,3 +111,19 @@ def test_decode_and_check_a_thought():
     assert not thought_is_correct("31415", "34895")
     assert not thought_is_correct("31415", "3489</s>")
     assert not thought_is_correct(None, "34894")
+
+
+def test_generate_plain_equals_greedy_decoding_without_a_cache(parts):
+    """generate_plain (KV cache, one pass per token) picks what a full forward pass over the
+    growing text picks (evaluate's cache-free greedy decoding), and never a meta-token."""
+    from qstar_mini.evaluate import _greedy_plain
+    from qstar_mini.generate import generate_plain
+
+    model, tok, meta, head, cfg = parts
+    for prompt in ("31415=", "27182=(2"):
+        ids = generate_plain(model, tok, meta, prompt, 6, stop_at_eos=False)
+        assert len(ids) == 6 and not set(ids) & set(meta.ids)
+        stopped = generate_plain(model, tok, meta, prompt, 6)
+        if tok.eos_token_id in stopped:
+            stopped = stopped[: stopped.index(tok.eos_token_id)]
+        assert tok.decode(stopped, skip_special_tokens=True) == _greedy_plain(model, tok, prompt, 6, meta)
