@@ -67,7 +67,7 @@ def test_mask_explorer_one_output_live_widget_and_static_png():
 
 def test_generation_explorer_slider_redraws_the_view():
     steps = [{"token": tok, "thought": "a" + tok, "w": 0.5, "logp_init": -1.0, "logp_talk": -0.5,
-              "reward": 0.5} for tok in "123"]
+              "gain": 0.5} for tok in "123"]
     data = displayed(explorers.generation_explorer, {"1+2=": steps, "3+4=": steps[:2]})
     assert {WIDGET_VIEW, "text/html", "text/plain"} <= data.keys()
     assert "<table" in data["text/html"]                   # the static view lists every prompt
