@@ -43,7 +43,11 @@ random state, so calling a check does not change what a notebook samples afterwa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import importlib
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -52,45 +56,308 @@ from ..masks import step_position_ids, thought_visibility
 from ..mixing import mix_log_probs
 
 __all__ = ["CheckFailed", "check_thought_mask", "check_position_ids", "check_meta_init",
-           "check_mix_hidden", "check_future_targets", "check_rewards", "check_reinforce_loss"]
+           "check_mix_hidden", "check_future_targets", "check_rewards", "check_reinforce_loss",
+           "check_end_to_end", "hint", "HINTS", "REFERENCES"]
 
 
 class CheckFailed(AssertionError):
-    """A student's function disagrees with the reference; the message says how, and a hint."""
+    """A student's function disagrees with the reference; the message says how, and a hint.
+
+    Raised without a chained cause, from frames marked ``__tracebackhide__`` (pytest and
+    IPython skip them); under IPython a handler registered on import prints the message alone.
+    """
+
+
+# ============================================================================ the references, disabled
+
+#: The package functions that each exercise asks the student to write again, as
+#: "module:attribute". While the student's function runs inside a check, each of them is replaced,
+#: in every loaded qstar_mini module, in the function's globals and closure, by a stand-in that
+#: raises: an answer that calls the reference scores 0.
+REFERENCES: dict[str, tuple[str, ...]] = {
+    "check_thought_mask": ("qstar_mini.masks:thought_visibility", "qstar_mini.masks:thought_mask",
+                           "qstar_mini.masks:all_step_masks", "qstar_mini.masks:one_pass_visibility"),
+    "check_position_ids": ("qstar_mini.masks:step_position_ids", "qstar_mini.masks:one_pass_position_ids"),
+    "check_meta_init": ("qstar_mini.meta_tokens:init_embedding",),
+    "check_mix_hidden": ("qstar_mini.mixing:mix_log_probs",),
+    "check_future_targets": ("qstar_mini.losses:future_targets", "qstar_mini.losses:gather_ahead"),
+    "check_rewards": ("qstar_mini.losses:rewards",),
+    "check_reinforce_loss": ("qstar_mini.losses:reinforce_loss",),
+}
+
+
+class _ReferenceUsed(Exception):
+    """Raised by a disabled reference; :func:`_call` turns it into the check's failure."""
+
+
+def _reference_message(qualname: str) -> str:
+    return (f"this exercise asks you to write it with torch only; {qualname} is disabled while your "
+            f"function is checked")
+
+
+def _standin(qualname: str, calls: list[str]) -> Callable:
+    def disabled(*args, **kwargs):
+        __tracebackhide__ = True
+        calls.append(qualname)
+        raise _ReferenceUsed(_reference_message(qualname))
+    disabled.__name__ = disabled.__qualname__ = qualname.rsplit(".", 1)[-1]
+    disabled.__doc__ = f"{qualname}, disabled while a student's function is checked."
+    return disabled
+
+
+def _package_namespaces() -> Iterator[dict]:
+    """The namespace of every loaded qstar_mini module (this one included)."""
+    for name, module in list(sys.modules.items()):
+        if (name == "qstar_mini" or name.startswith("qstar_mini.")) and module is not None:
+            yield vars(module)
+
+
+def _student_parts(fns: Sequence[Callable]) -> Iterator[Callable]:
+    """Each function, and what it wraps (functools.partial's func, a bound method's __func__)."""
+    for fn in fns:
+        seen = set()
+        while fn is not None and id(fn) not in seen:
+            seen.add(id(fn))
+            yield fn
+            fn = getattr(fn, "func", None) or getattr(fn, "__func__", None)
+
+
+@contextlib.contextmanager
+def _replaced(fns: Sequence[Callable], everywhere: dict[int, tuple[object, object]],
+              in_package: dict[int, tuple[object, object]] | None = None):
+    """Swap objects by identity, ``{id(original): (original, replacement)}``, wherever the
+    student's functions ``fns`` or the package reach them by name: every qstar_mini module's
+    attributes, the functions' globals and closure cells. ``in_package`` takes precedence inside
+    the package (a replacement that is the original leaves it alone there). Restored on exit,
+    also after an exception."""
+    in_package = in_package or {}
+    undo: list[tuple[object, object, object]] = []
+
+    def swap(ns: dict, table: list[dict]) -> None:
+        for key, value in list(ns.items()):
+            for t in table:
+                hit = t.get(id(value))
+                if hit is not None and hit[0] is value:
+                    if hit[1] is not value:
+                        undo.append((ns, key, value))
+                        ns[key] = hit[1]
+                    break
+
+    try:
+        done = set()
+        for ns in _package_namespaces():
+            done.add(id(ns))
+            swap(ns, [in_package, everywhere])
+        for part in _student_parts(fns):
+            g = getattr(part, "__globals__", None)
+            if isinstance(g, dict) and id(g) not in done:
+                done.add(id(g))
+                swap(g, [everywhere])
+            for cell in getattr(part, "__closure__", None) or ():
+                try:
+                    value = cell.cell_contents
+                except ValueError:                                     # an empty cell
+                    continue
+                hit = everywhere.get(id(value))
+                if hit is not None and hit[0] is value:
+                    undo.append((cell, None, value))
+                    cell.cell_contents = hit[1]
+        yield
+    finally:
+        for where, key, value in reversed(undo):
+            if key is None:
+                where.cell_contents = value
+            else:
+                where[key] = value
+
+
+def _resolve(ref: str):
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _standins(checks: Sequence[str], calls: list[str]) -> dict[int, tuple[object, object]]:
+    out = {}
+    for check in checks:
+        for ref in REFERENCES.get(check, ()):
+            original = _resolve(ref)
+            out[id(original)] = (original, _standin(ref.replace(":", "."), calls))
+    return out
+
+
+def _direct(fn: Callable, table: dict[int, tuple[object, object]]) -> Callable:
+    """``fn``, or the stand-in when ``fn`` is (or wraps, e.g. functools.partial) a reference itself."""
+    for part in _student_parts([fn]):
+        hit = table.get(id(part))
+        if hit is not None and hit[0] is part:
+            return hit[1]
+    return fn
+
+
+@contextlib.contextmanager
+def _references_disabled(check: str, fn: Callable, calls: list[str]):
+    """While active, calling one of ``REFERENCES[check]`` from ``fn`` (or from the package) raises
+    and is recorded in ``calls``; yields what to call instead of ``fn`` (the stand-in when ``fn``
+    is a reference itself)."""
+    table = _standins([check], calls)
+    with _replaced([fn], table):
+        yield _direct(fn, table)
+
+
+# ============================================================================ hints, by level
+
+#: Progressively more help for each check: level 1 names what to think about, level 2 the
+#: tensors and axes, level 3 the formula. A failure shows level 1 only; :func:`hint` shows more.
+HINTS: dict[str, tuple[str, ...]] = {
+    "check_thought_mask": (
+        "look at the picture of the mask: the keys are the text, then one block of thought tokens per step",
+        "the text part is the causal mask with padding; each thought block lets a position see only its own "
+        "column (its own thought), the current step's block included",
+        "torch.cat([causal (batch, 1, seq, seq), torch.eye(seq, dtype=torch.bool).repeat(1, step) expanded to "
+        "(batch, 1, seq, seq * step)], dim=-1)",
+    ),
+    "check_position_ids": (
+        "a position id says where the token would sit in the text, not where it sits in the KV cache",
+        "x_j is at position j; the token fed at step k after x_j comes k places later",
+        "(torch.arange(seq) + step).expand(batch, seq), a long tensor",
+    ),
+    "check_meta_init": (
+        "a meta-token starts from the embeddings of the characters of its text, without the <s> the "
+        "tokenizer adds",
+        "tokenizer(text, add_special_tokens=False)['input_ids'] gives the ids; read their rows of "
+        "model.get_input_embeddings().weight",
+        "model.get_input_embeddings().weight[ids].mean(0).detach().clone() (how='first': the row of ids[0])",
+    ),
+    "check_mix_hidden": (
+        "mix the two hidden states with w (w weights the thought), then turn the mixed state into log-probs",
+        "w has no hidden axis (add one with w[..., None]); the LM head maps hidden states to logits; "
+        "log-probs over the vocabulary come from log_softmax on the last axis",
+        "torch.log_softmax(lm_head((1 - w[..., None]) * h_init + w[..., None] * h_thought), dim=-1)",
+    ),
+    "check_future_targets": (
+        "the thought after x_j is judged on the n_true tokens that come after x_j",
+        "offset i of position j is the token at index j + 1 + i; it is valid only inside the sequence and "
+        "on a real (not padding) token",
+        "idx = torch.arange(seq)[:, None] + 1 + torch.arange(n_true); valid = (idx < seq) & "
+        "attention_mask.bool()[:, idx.clamp(max=seq - 1)]; targets = input_ids[:, idx.clamp(max=seq - 1)] "
+        "with 0 where not valid",
+    ),
+    "check_rewards": (
+        "a thought's reward is how much better it predicts the true tokens than the other thoughts of the "
+        "same position",
+        "score each thought by its log p^talk summed over the valid offsets (valid has no thought axis); the "
+        "baseline is the mean score of the thoughts of the same position; no gradient",
+        "score = log_p_talk.detach().masked_fill(~valid[:, None], 0).sum(-1); "
+        "r = score - score.mean(dim=1, keepdim=True)",
+    ),
+    "check_reinforce_loss": (
+        "REINFORCE makes thoughts with a positive reward more likely; the reward is a fixed weight",
+        "only rewards above zero count (the clamp); log p(T_j) is the sum over the thought's sampled tokens; "
+        "positions that do not think get no loss; the scalar averages over every (thought, thinking position)",
+        "per = (-r.detach().clamp(min=0) * thought_logprobs.sum(-1)).masked_fill(~think[:, None], 0); "
+        "scalar = per.sum() / think[:, None].expand_as(per).sum()",
+    ),
+    "check_end_to_end": (
+        "the parallel generation with your mask and position ids must make the same thoughts as the slow "
+        "loop that thinks at one position at a time",
+        "if it fails, run check_thought_mask and check_position_ids first: they say what differs",
+        "a thought token of position j sees x_0..x_j and its own earlier thought tokens, nothing else, and "
+        "sits at position j + k",
+    ),
+}
+
+_hint_level: dict[str, int] = {}
+
+
+def hint(check: str | Callable, level: int | None = None) -> str:
+    """Print (and return) the hints for ``check`` up to ``level`` (1: what to think about, 2: the
+    tensors and axes, 3: the formula). Without ``level``, one more than the last call showed:
+    ``checks.hint("check_rewards")`` twice shows levels 1 and 2."""
+    name = check if isinstance(check, str) else getattr(check, "__name__", str(check))
+    if name not in HINTS:
+        raise ValueError(f"no hints for {name!r}; one of: {', '.join(HINTS)}")
+    top = len(HINTS[name])
+    if level is None:
+        level = min(_hint_level.get(name, 0) + 1, top)
+    if not 1 <= level <= top:
+        raise ValueError(f"level must be 1..{top} (got {level})")
+    _hint_level[name] = max(_hint_level.get(name, 0), level)
+    text = "\n".join(f"{name} hint {k + 1}/{top}: {HINTS[name][k]}" for k in range(level))
+    print(text)
+    return text
+
+
+def _more(check: str) -> str:
+    return f"{HINTS[check][0]}; more: checks.hint({check!r}, 2)"
 
 
 # ============================================================================ shared helpers
 
 def _fail(check: str, what: str, hint: str | None = None, case: str | None = None):
+    __tracebackhide__ = True
     msg = f"{check}: FAILED. {what}"
     if case:
         msg += f"\n  on: {case}"
     if hint:
         msg += f"\n  hint: {hint}"
-    raise CheckFailed(msg)
+    raise CheckFailed(msg) from None
 
 
 def _passed(check: str, detail: str) -> None:
     print(f"{check}: passed ({detail})")
 
 
-def _call(check: str, fn: Callable, args: tuple, case: str, signature: str, crash_hint: str | None = None):
-    """Run the student's function; turn NotImplementedError and crashes into clear failures."""
+def _where_in_student_code(e: BaseException) -> str:
+    """`` (in f, line: code)`` for the last frame of the traceback outside the package and torch."""
+    package = str(importlib.import_module("qstar_mini").__path__[0])
+    skip = (package, str(torch.__path__[0]))
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(skip)]
+    if not frames or not frames[-1].line:
+        return ""
+    return f" (in {frames[-1].name}, line: {frames[-1].line.strip()})"
+
+
+def _call(check: str, fn: Callable, args: tuple, case: str, signature: str, crash_hint: str | None = None,
+          diagnose: Callable[[BaseException], tuple[str, str] | None] | None = None):
+    """Run the student's function with the references disabled; turn NotImplementedError, a call of
+    a reference and crashes into clear failures (``diagnose`` may name the mistake behind a crash)."""
+    __tracebackhide__ = True
+    calls: list[str] = []
+    error = None
     try:
-        return fn(*args)
+        with _references_disabled(check, fn, calls) as target:
+            out = target(*args)
     except NotImplementedError:
-        raise CheckFailed(
-            f"{check}: not implemented yet. In the exercise cell, replace `# YOUR CODE HERE` and "
-            f"`raise NotImplementedError()` with your code, run that cell, then this one."
-        ) from None
+        error = (f"{check}: not implemented yet. In the exercise cell, replace `# YOUR CODE HERE` and "
+                 f"`raise NotImplementedError()` with your code, run that cell, then this one.")
     except CheckFailed:
         raise
     except Exception as e:  # noqa: BLE001 - any crash of the student's code is reported, with the input
-        raise CheckFailed(
-            f"{check}: FAILED. your function raised {type(e).__name__}: {e}\n  on: {case}\n"
-            f"  hint: {crash_hint + '; ' if crash_hint else ''}the expected signature is {signature}; print "
-            f"the shapes of the arguments and of your intermediate tensors to find the mismatch"
-        ) from e
+        if calls:
+            out = None
+        else:
+            named = diagnose(e) if diagnose is not None else None
+            if named is not None:
+                _fail(check, named[0], named[1], case)
+            error = (f"{check}: FAILED. your function raised {type(e).__name__}: {e}{_where_in_student_code(e)}"
+                     f"\n  on: {case}\n  hint: {crash_hint + '; ' if crash_hint else ''}the expected signature "
+                     f"is {signature}; print the shapes of the arguments and of your intermediate tensors to "
+                     f"find the mismatch")
+    if calls:                       # even if the student's code caught the stand-in's error
+        _fail(check, _reference_message(calls[0]),
+              "write the computation with torch operations yourself; the package's function is what your "
+              "answer is compared with", case)
+    if error is not None:
+        raise CheckFailed(error) from None
+    return out
+
+
+def _quietly(fn: Callable, *args):
+    """``fn(*args)`` or None if it raises (for probes that try to name a mistake)."""
+    try:
+        return fn(*args)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _need_tensor(check: str, value, what: str, case: str) -> torch.Tensor:
@@ -117,7 +384,7 @@ def _random_lengths(g: torch.Generator, batch: int, seq: int) -> list[int]:
 
 def _fmt(x) -> str:
     if isinstance(x, torch.Tensor):
-        x = x.tolist()
+        x = x.detach().tolist()
     if isinstance(x, float):
         return f"{x:.4g}"
     if isinstance(x, list):
@@ -187,7 +454,7 @@ def _diagnose_mask(got: torch.Tensor, exp: torch.Tensor, am: torch.Tensor, step:
     if not problems:
         sel = missing | extra
         problems.append(f"{int(sel.sum())} entries differ, e.g. {first(sel)}")
-    return "; ".join(problems), " / ".join(hints) or "compare with the picture of the mask above"
+    return "; ".join(problems), " / ".join(hints) or _more("check_thought_mask")
 
 
 def check_thought_mask(fn: Callable, seed: int = 0) -> None:
@@ -253,6 +520,10 @@ def check_position_ids(fn: Callable, seed: int = 0) -> None:
         if got.is_floating_point() or got.dtype == torch.bool:
             _fail(name, f"position ids have dtype {got.dtype}, expected an integer dtype (torch.long)", case=case,
                   hint="torch.arange(seq) is already long")
+        if got.dtype != torch.long:
+            _fail(name, f"position ids have dtype {got.dtype}, expected torch.long (int64)", case=case,
+                  hint="the model looks position ids up in its rotary / position tables, which want int64: "
+                       "drop the dtype= argument (torch.arange gives long) or call .long()")
         if tuple(got.shape) == (seq,):
             _fail(name, f"position ids have shape {(seq,)}, expected {tuple(am.shape)}", case=case,
                   hint="one row per sequence: .expand(batch, seq)")
@@ -274,7 +545,7 @@ def check_position_ids(fn: Callable, seed: int = 0) -> None:
         b, pos = (got != exp).logical_and(real).nonzero()[0].tolist()
         _fail(name, f"position ids differ, first at batch row {b}, position {pos}: got {int(got[b, pos])}, "
                     f"expected {int(exp[b, pos])}", case=case,
-              hint="position ids do not depend on padding here: j + step for every j")
+              hint="position ids do not depend on padding here; " + _more(name))
     _passed(name, f"{len(cases)} random padded batches, steps 0-7")
 
 
@@ -355,10 +626,8 @@ def check_meta_init(fn: Callable, seed: int = 0, model=None, tokenizer=None, how
                   else "the official code takes the first token's row: table[ids[0]]")
         rule = "the mean embedding of the tokens" if how == "mean" else "the embedding of the first of the tokens"
         _fail(name, f"the embedding differs from {rule} {ids} of {text!r} "
-                    f"(max difference {float((got.double() - exp.double()).abs().max()):.3g})", case=case,
-              hint="model.get_input_embeddings().weight[ids].mean(0), with ids from the tokenizer "
-                   "without special tokens" if how == "mean" else
-                   "model.get_input_embeddings().weight[ids[0]], with ids from the tokenizer without special tokens")
+                    f"(max difference {float((got.detach().double() - exp.double()).abs().max()):.3g})", case=case,
+              hint=_more(name))
     _passed(name, f"{len(texts)} texts on a random tiny model" + (", official first-token rule" if how == "first" else ""))
 
 
@@ -404,6 +673,12 @@ def check_mix_hidden(fn: Callable, seed: int = 0) -> None:
                      "the official code mixes the HIDDEN states, then applies lm_head and log_softmax"),
                     (wv * lp0 + (1 - wv) * lp1, "you mixed log-probabilities, w on the base (the paper's formula)",
                      "here: the official code, (1 - w) * h_init + w * h_thought, then lm_head and log_softmax"),
+                    (torch.log_softmax(head((1 - torch.sigmoid(wv)) * h0 + torch.sigmoid(wv) * h1), -1),
+                     "you applied a sigmoid to w", "w is the mixing weight as given (the official code uses the raw, "
+                     "unbounded score of the mixing head): use w itself, not torch.sigmoid(w)"),
+                    (torch.log_softmax(head(torch.sigmoid(wv) * h0 + (1 - torch.sigmoid(wv)) * h1), -1),
+                     "you applied a sigmoid to w and weighted the BASE state with it",
+                     "use w itself, no sigmoid, and let it weight the thought: (1 - w) on h_init, w on h_thought"),
                     (mix, "you returned logits", "finish with torch.log_softmax(..., dim=-1)"),
                     (torch.softmax(mix, -1), "you returned probabilities", "use log_softmax, not softmax"),
                 ]
@@ -411,8 +686,8 @@ def check_mix_hidden(fn: Callable, seed: int = 0) -> None:
                 if _same(got, value, atol=1e-8):
                     _fail(name, what, hint, case)
             diff = (got.detach() - exp.detach()).abs()
-            _fail(name, f"log p^talk differs from the reference (max difference {float(diff.max()):.3g})", case=case,
-                  hint="log_softmax(lm_head((1 - w[..., None]) * h_init + w[..., None] * h_thought), dim=-1)")
+            _fail(name, f"log p^talk differs from the reference (max difference {diff.max().item():.3g})", case=case,
+                  hint=_more(name))
         weights = torch.randn(got.shape, generator=g, dtype=torch.float64)
         grads_got = torch.autograd.grad((got * weights).sum(), ins, allow_unused=True)
         grads_exp = torch.autograd.grad((exp * weights).sum(), ref_ins)
@@ -484,7 +759,8 @@ def check_future_targets(fn: Callable, seed: int = 0) -> None:
                 _fail(name, f"padding tokens are marked as valid targets, {where}", case=case,
                       hint="valid also needs attention_mask at index j + 1 + i")
             _fail(name, f"real targets are marked invalid, {where}", case=case,
-                  hint="valid[b, j, i] is True iff j + 1 + i < seq and attention_mask[b, j + 1 + i] == 1")
+                  hint="a target is valid when its index j + 1 + i is inside the sequence and not padding; "
+                       f"more: checks.hint({name!r}, 2)")
         if torch.equal(got_t[exp_v], exp_t[exp_v]):
             continue
         idx = (j + i).clamp(max=seq - 1)
@@ -498,15 +774,18 @@ def check_future_targets(fn: Callable, seed: int = 0) -> None:
         b, pos, off = ((got_t != exp_t) & exp_v).nonzero()[0].tolist()
         _fail(name, f"targets differ at batch row {b}, position j={pos}, offset i={off}: got {int(got_t[b, pos, off])}, "
                     f"expected x_{pos + 1 + off} = {int(exp_t[b, pos, off])}", case=case,
-              hint="index input_ids with j + 1 + i: torch.arange(seq)[:, None] + 1 + torch.arange(n_true)")
+              hint=_more(name))
     _passed(name, f"{len(cases)} random padded batches, n_true 1-4")
 
 
-def _loss_cases(seed: int):
-    """(valid, log_p_talk with requires_grad, garbage in invalid entries) for several sizes."""
+def _loss_cases(seed: int, sizes=((2, (6, 4, 5), 6, 2), (4, (5, 5, 2), 5, 1), (3, (7, 3), 7, 3))):
+    """(valid, log_p_talk, attention_mask) for several sizes, garbage in the invalid entries.
+
+    batch != n_thoughts (and batch > 1) in every default size, so that a ``valid`` without the
+    thought axis cannot broadcast silently against log_p_talk (it would line up with the thoughts)."""
     g = torch.Generator().manual_seed(seed)
     cases = []
-    for n_thoughts, lengths, seq, n_true in [(2, (6, 4), 6, 2), (4, (5, 5, 2), 5, 1), (3, (7, 3), 7, 3)]:
+    for n_thoughts, lengths, seq, n_true in sizes:
         am = _padding_mask(lengths, seq)
         ids = torch.randint(4, 40, am.shape, generator=g)
         _, valid = future_targets(ids, am, n_true)
@@ -515,6 +794,32 @@ def _loss_cases(seed: int):
         lp = torch.where(valid[:, None], lp, garbage)       # as log p^talk computed on padding does
         cases.append((valid, lp, am))
     return cases
+
+
+def _rewards_without_thought_axis(lp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The rewards of a student who masked with ``valid`` as it comes, (batch, seq, n_true): it
+    broadcasts against (batch, n_thoughts, seq, n_true) only when batch == n_thoughts, and then
+    thought n is masked with sequence n's validity."""
+    score = lp.detach().masked_fill(~valid, 0.0).sum(-1)
+    return score - score.mean(1, keepdim=True)
+
+
+def _probe_rewards(fn: Callable) -> Callable[[BaseException], tuple[str, str] | None]:
+    """After a crash: does ``fn`` run when batch == n_thoughts, and then give the rewards of a
+    missing thought axis on ``valid``?"""
+    def diagnose(e: BaseException):
+        if not isinstance(e, RuntimeError):
+            return None
+        valid, lp, _ = _loss_cases(1, sizes=((3, (5, 3, 4), 5, 2),))[0]
+        calls: list[str] = []
+        with _references_disabled("check_rewards", fn, calls) as target:
+            got = _quietly(target, lp.clone().requires_grad_(True), valid.clone())
+        if calls or not isinstance(got, torch.Tensor) or not _same(got.detach(), _rewards_without_thought_axis(lp, valid)):
+            return None
+        return ("valid has no thought axis: (batch, seq, n_true) against log_p_talk (batch, n_thoughts, seq, "
+                "n_true) fails here and, when batch == n_thoughts, silently masks thought n with sequence n's "
+                "validity", "add the thought axis to valid before masking: valid[:, None] (batch, 1, seq, n_true)")
+    return diagnose
 
 
 def check_rewards(fn: Callable, seed: int = 0) -> None:
@@ -528,7 +833,8 @@ def check_rewards(fn: Callable, seed: int = 0) -> None:
         case = f"log_p_talk of shape {tuple(lp.shape)} (batch, n_thoughts, seq, n_true), valid of shape {tuple(valid.shape)}"
         lp_in = lp.clone().requires_grad_(True)
         got = _need_tensor(name, _call(name, fn, (lp_in, valid.clone()), case,
-                                       "fn(log_p_talk (batch, n_thoughts, seq, n_true), valid (batch, seq, n_true)) -> (batch, n_thoughts, seq)"),
+                                       "fn(log_p_talk (batch, n_thoughts, seq, n_true), valid (batch, seq, n_true)) -> (batch, n_thoughts, seq)",
+                                       diagnose=_probe_rewards(fn)),
                            "the reward", case)
         if tuple(got.shape) == (b, n, seq, n_true):
             _fail(name, f"the reward has shape {tuple(got.shape)}: one per offset", case=case,
@@ -546,7 +852,7 @@ def check_rewards(fn: Callable, seed: int = 0) -> None:
         loo = score - (score.sum(1, keepdim=True) - score) / max(n - 1, 1)
         alternatives = [
             (score, "no baseline: you returned each thought's total log p^talk",
-             "subtract the mean over the thoughts of the same position: score - score.mean(dim=1, keepdim=True)"),
+             "subtract a baseline, the mean score of the thoughts of the same position (the thought axis)"),
             (-exp, "the sign is flipped", "the reward is log p^talk (higher = better), not the NLL"),
             (lp.sum(-1) - lp.sum(-1).mean(1, keepdim=True), "invalid entries (past the end, padding) were summed",
              "zero them first: log_p_talk.masked_fill(~valid[:, None], 0) (valid has no thought axis)"),
@@ -556,6 +862,12 @@ def check_rewards(fn: Callable, seed: int = 0) -> None:
              "the baseline is the mean over the n_thoughts thoughts of the same position: dim=1"),
             (score - score.mean(0, keepdim=True), "the baseline is a mean over the BATCH (dim 0)",
              "the baseline is the mean over the n_thoughts thoughts of the same position: dim=1"),
+            (score - score.mean((1, 2), keepdim=True), "the baseline is one global mean over all thoughts AND "
+             "positions of a sequence", "take the baseline per position: the mean over the thoughts only (dim=1), "
+             "so each position's thoughts compete among themselves"),
+            (score - score.mean(), "the baseline is one global mean over the whole batch (all sequences, thoughts "
+             "and positions)", "take the baseline per position: the mean over the thoughts only (dim=1), so each "
+             "position's thoughts compete among themselves"),
             (loo, "you used a leave-one-out baseline (the mean of the OTHER thoughts)",
              "the official baseline is the plain mean over all thoughts, the thought itself included"),
         ]
@@ -564,9 +876,39 @@ def check_rewards(fn: Callable, seed: int = 0) -> None:
                 _fail(name, what, hint, case)
         bi, ni, ji = (~torch.isclose(got.detach().double(), exp, atol=1e-6)).nonzero()[0].tolist()
         _fail(name, f"rewards differ, first at (batch {bi}, thought {ni}, position {ji}): got "
-                    f"{float(got[bi, ni, ji]):.4f}, expected {float(exp[bi, ni, ji]):.4f}", case=case,
-              hint="score = sum over valid offsets of log p^talk; r = score - score.mean(dim=1, keepdim=True)")
+                    f"{got.detach()[bi, ni, ji].item():.4f}, expected {exp[bi, ni, ji].item():.4f}", case=case,
+              hint=_more(name))
     _passed(name, f"{len(cases)} random batches, 2-4 thoughts, padding")
+
+
+def _reinforce_case(g: torch.Generator, b: int, n: int, seq: int, n_sampled: int):
+    r = torch.randn(b, n, seq, generator=g, dtype=torch.float64)
+    r[0, 0, 0], r[0, 1, 0] = 0.7, -0.7                                            # both signs for sure
+    lp = -torch.rand(b, n, seq, n_sampled, generator=g, dtype=torch.float64) * 4
+    think = torch.rand(b, seq, generator=g) < 0.75
+    think[0, 0], think[-1, -1] = True, False
+    return r, lp, think
+
+
+def _probe_reinforce(fn: Callable) -> Callable[[BaseException], tuple[str, str] | None]:
+    """After a crash: does ``fn`` run when batch == n_thoughts, and then mask thought n with
+    sequence n's ``think`` (the thought axis missing)?"""
+    def diagnose(e: BaseException):
+        if not isinstance(e, RuntimeError):
+            return None
+        r, lp, think = _reinforce_case(torch.Generator().manual_seed(1), 3, 3, 5, 2)
+        think[1] = ~think[0]                                        # rows differ, so the mix-up shows
+        calls: list[str] = []
+        with _references_disabled("check_reinforce_loss", fn, calls) as target:
+            out = _quietly(target, r.clone().requires_grad_(True), lp.clone().requires_grad_(True), think.clone())
+        wrong = (-r.clamp(min=0) * lp.sum(-1)).masked_fill(~think, 0.0)
+        if calls or not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)
+                         and _same(out[0].detach(), wrong)):
+            return None
+        return ("think has no thought axis: (batch, seq) against the per-thought loss (batch, n_thoughts, seq) "
+                "fails here and, when batch == n_thoughts, silently uses sequence n's think for thought n",
+                "add the thought axis: think[:, None] (batch, 1, seq)")
+    return diagnose
 
 
 def check_reinforce_loss(fn: Callable, seed: int = 0) -> None:
@@ -576,19 +918,15 @@ def check_reinforce_loss(fn: Callable, seed: int = 0) -> None:
     clamp on)."""
     name = "check_reinforce_loss"
     g = torch.Generator().manual_seed(seed)
-    sizes = [(2, 2, 6, 3), (1, 4, 5, 5), (3, 3, 4, 2)]
+    sizes = [(2, 3, 6, 3), (1, 4, 5, 5), (3, 2, 4, 2)]               # batch != n_thoughts (see _loss_cases)
     for b, n, seq, n_sampled in sizes:
-        r = torch.randn(b, n, seq, generator=g, dtype=torch.float64)
-        r[0, 0, 0], r[0, 1, 0] = 0.7, -0.7                                        # both signs for sure
-        lp = -torch.rand(b, n, seq, n_sampled, generator=g, dtype=torch.float64) * 4
-        think = torch.rand(b, seq, generator=g) < 0.75
-        think[0, 0], think[-1, -1] = True, False
+        r, lp, think = _reinforce_case(g, b, n, seq, n_sampled)
         case = (f"r of shape {tuple(r.shape)} (batch, n_thoughts, seq), thought_logprobs of shape "
                 f"{tuple(lp.shape)}, think of shape {tuple(think.shape)}")
         r_in, lp_in = r.clone().requires_grad_(True), lp.clone().requires_grad_(True)
         out = _call(name, fn, (r_in, lp_in, think.clone()), case,
                     "fn(r (batch, n_thoughts, seq), thought_logprobs (batch, n_thoughts, seq, t - 2), think (batch, seq)) "
-                    "-> (per_thought (batch, n_thoughts, seq), scalar)")
+                    "-> (per_thought (batch, n_thoughts, seq), scalar)", diagnose=_probe_reinforce(fn))
         if not (isinstance(out, tuple) and len(out) == 2):
             _fail(name, f"return a pair (per_thought_loss, scalar_loss); got {type(out).__name__}", case=case)
         per, scalar = _need_tensor(name, out[0], "per_thought", case), _need_tensor(name, out[1], "the scalar loss", case)
@@ -618,9 +956,9 @@ def check_reinforce_loss(fn: Callable, seed: int = 0) -> None:
                     _fail(name, what, hint, case)
             bi, ni, ji = (~torch.isclose(per.detach().double(), exp_per, atol=1e-6)).nonzero()[0].tolist()
             _fail(name, f"per_thought differs, first at (batch {bi}, thought {ni}, position {ji}): got "
-                        f"{float(per[bi, ni, ji]):.4f}, expected {float(exp_per[bi, ni, ji]):.4f} "
-                        f"(r = {float(r[bi, ni, ji]):.4f}, think = {bool(think[bi, ji])})", case=case,
-                  hint="-r.clamp(min=0) * thought_logprobs.sum(-1), then 0 where think is False")
+                        f"{per.detach()[bi, ni, ji].item():.4f}, expected {exp_per[bi, ni, ji].item():.4f} "
+                        f"(r = {r[bi, ni, ji].item():.4f}, think = {bool(think[bi, ji])})", case=case,
+                  hint=_more(name))
         if not _same(scalar, exp_scalar):
             if _same(scalar, exp_per.mean()):
                 _fail(name, "the scalar is the mean over ALL entries, non-thinking positions included", case=case,
@@ -628,7 +966,12 @@ def check_reinforce_loss(fn: Callable, seed: int = 0) -> None:
             if _same(scalar, exp_per.sum()):
                 _fail(name, "the scalar is a sum", case=case,
                       hint="take the mean over thinking positions and thoughts, so it does not grow with the batch")
-            _fail(name, f"the scalar loss is {float(scalar):.4f}, expected {float(exp_scalar):.4f}", case=case,
+            if n > 1 and _same(scalar, exp_scalar * n):
+                _fail(name, f"the scalar is n_thoughts = {n} times too large ({scalar.detach().item():.4f}, expected "
+                            f"{exp_scalar.item():.4f}): you divided by the number of thinking positions", case=case,
+                      hint="every thought of a thinking position is one entry of the mean: divide by the number of "
+                           "(thought, thinking position) pairs, not of positions")
+            _fail(name, f"the scalar loss is {scalar.detach().item():.4f}, expected {exp_scalar.item():.4f}", case=case,
                   hint="mean of per_thought over the entries where think is True")
         if not scalar.requires_grad:
             _fail(name, "the loss carries no gradient", case=case,
@@ -643,3 +986,180 @@ def check_reinforce_loss(fn: Callable, seed: int = 0) -> None:
             _fail(name, "the gradient with respect to thought_logprobs differs from the reference's", case=case,
                   hint="the loss must stay a differentiable function of thought_logprobs (no .item(), no .detach())")
     _passed(name, f"{len(sizes)} random batches, rewards of both signs, values and gradients")
+
+
+# ============================================================================ notebook 02: end to end
+
+class _StudentPiece(Exception):
+    """A student's mask or position-id function crashed or returned something unusable inside
+    the parallel generation; the message says which and how."""
+
+
+def _as_package_fn(fn: Callable, label: str, calls: list[str], qualname: str,
+                   expected: Callable[[torch.Tensor, int], tuple[torch.dtype, tuple[int, ...]]], first: str) -> Callable:
+    """The student's ``fn(attention_mask, step)`` in the package's signature, its output checked;
+    a call back into the package's own function from inside it counts as using the reference."""
+    active = []
+
+    def from_student(attention_mask, step, positions=None):
+        __tracebackhide__ = True
+        if active:                                     # the student's code called the package's function
+            calls.append(qualname)
+            raise _ReferenceUsed(_reference_message(qualname))
+        if positions is not None:
+            raise _StudentPiece(f"{label} was asked for thinking positions only (an internal error of the check)")
+        active.append(True)
+        try:
+            got = fn(attention_mask.clone(), step)
+        except NotImplementedError:
+            raise _StudentPiece(f"{label} is not implemented yet") from None
+        except (_ReferenceUsed, _StudentPiece):
+            raise
+        except Exception as e:  # noqa: BLE001 - reported with the place in the student's code
+            raise _StudentPiece(f"{label} raised {type(e).__name__}: {e}{_where_in_student_code(e)}") from None
+        finally:
+            active.clear()
+        dtype, shape = expected(attention_mask, step)
+        if not isinstance(got, torch.Tensor) or got.dtype != dtype or tuple(got.shape) != shape:
+            what = (f"a {type(got).__name__}" if not isinstance(got, torch.Tensor)
+                    else f"dtype {got.dtype}, shape {tuple(got.shape)}")
+            raise _StudentPiece(f"{label} returned {what} at step {step}; the generation needs {dtype} of shape "
+                                f"{shape} (run {first} first)")
+        return got
+    return from_student
+
+
+def _end_to_end_setup(seed: int):
+    """A tiny random float64 model, random meta-token embeddings and a right-padded batch; the
+    global random state is left as it was."""
+    from ..meta_tokens import MetaTokens
+    from ..models import build_tokenizer, tiny_model
+
+    with torch.random.fork_rng(devices=[]):
+        tok = build_tokenizer()
+        model = tiny_model(tok, seed=seed, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=64).double().eval()
+    g = torch.Generator().manual_seed(seed)
+    vocab, hidden = model.get_input_embeddings().weight.shape
+    meta = MetaTokens(vocab - 2, vocab - 1, torch.randn(2, hidden, generator=g, dtype=torch.float64), scale=10.0)
+    am = _padding_mask((6, 4, 5), 6)
+    ids = torch.randint(4, vocab - 2, am.shape, generator=g).masked_fill(am == 0, 0)
+    return model, meta, ids, am
+
+
+def check_end_to_end(visibility_fn: Callable, position_ids_fn: Callable, seed: int = 0) -> None:
+    """Exercise (notebook 02, after both pieces): the student's ``thought_visibility`` and
+    ``step_position_ids`` (both ``fn(attention_mask, step)``) drive the package's parallel thought
+    generation: :func:`qstar_mini.thoughts.generate_thoughts` builds the Figure-3 mask
+    (``masks.all_step_masks`` -> ``thought_mask`` -> ``thought_visibility``) and the position ids
+    (``step_position_ids``, also in :func:`~qstar_mini.thoughts.plain_forward`), and both are the
+    student's for the duration. Greedily, the thoughts must equal the naive loop's
+    (:func:`qstar_mini.thoughts.naive_thoughts`): the same tokens, log-probs within 1e-6.
+
+    On a mismatch each piece is tried alone with the package's other one, to name the one that
+    makes the difference. The references are disabled for the student's code as in every check."""
+    __tracebackhide__ = True
+    from .. import masks
+    from ..thoughts import generate_thoughts, naive_thoughts, plain_forward
+
+    name = "check_end_to_end"
+    model, meta, ids, am = _end_to_end_setup(seed)
+    t, n = 4, 1
+    case = (f"a random tiny model, input_ids={_fmt(ids)}, attention_mask={_fmt(am)}, thoughts of {t} tokens "
+            f"(both meta-tokens included), greedy")
+    ref_ids, ref_logp = naive_thoughts(model, meta, ids, am, t, n, greedy=True)
+    real = am.bool()[:, None, :].expand(ids.shape[0], n, ids.shape[1])
+    ref_mask, ref_pos = masks.thought_visibility, masks.step_position_ids
+
+    def run(use_mask: bool, use_pos: bool):
+        __tracebackhide__ = True
+        calls: list[str] = []
+        everywhere = _standins(["check_thought_mask", "check_position_ids"], calls)
+        vis_student, pos_student = _direct(visibility_fn, everywhere), _direct(position_ids_fn, everywhere)
+        mask_fn = (_as_package_fn(vis_student, "your mask function", calls, "qstar_mini.masks.thought_visibility",
+                                  lambda a, k: (torch.bool, (a.shape[0], 1, a.shape[1], a.shape[1] * (1 + k))),
+                                  "check_thought_mask") if use_mask else ref_mask)
+        pos_fn = (_as_package_fn(pos_student, "your position-id function", calls,
+                                 "qstar_mini.masks.step_position_ids", lambda a, k: (torch.long, tuple(a.shape)),
+                                 "check_position_ids") if use_pos else ref_pos)
+        in_package = {id(v): (v, v) for v in (masks.thought_mask, masks.all_step_masks, masks.one_pass_visibility,
+                                              masks.one_pass_position_ids)}
+        in_package[id(ref_mask)] = (ref_mask, mask_fn)
+        in_package[id(ref_pos)] = (ref_pos, pos_fn)
+        got, problem = None, None
+        try:
+            with _replaced([visibility_fn, position_ids_fn], everywhere, in_package), torch.no_grad():
+                _, cache = plain_forward(model, meta, ids, am)
+                out = generate_thoughts(model, meta, ids, am, cache, t, n, greedy=True)
+                got = (out.ids, out.logprobs)
+        except _StudentPiece as e:
+            problem = str(e)
+        except _ReferenceUsed:
+            pass
+        if calls:
+            _fail(name, _reference_message(calls[0]), "write both functions with torch operations yourself", case)
+        if problem is not None:
+            _fail(name, problem, _more(name), case)
+        return got
+
+    def differs(got) -> str | None:
+        got_ids, got_logp = got
+        if not torch.equal(got_ids[real], ref_ids[real]):
+            b, k, j, s = ((got_ids != ref_ids) & real[..., None]).nonzero()[0].tolist()
+            return (f"the parallel thoughts differ from the naive loop's, first at sequence {b}, position {j}, "
+                    f"thought token {s}: {int(got_ids[b, k, j, s])} instead of {int(ref_ids[b, k, j, s])}")
+        gap = (got_logp[real] - ref_logp[real]).abs().max().item()
+        if gap > 1e-6:
+            return (f"the parallel thoughts have the naive loop's tokens but not its log-probs (max difference "
+                    f"{gap:.3g}): the attention sees something the loop does not")
+        return None
+
+    problem = differs(run(True, True))
+    if problem is None:
+        _passed(name, f"your mask and position ids gave the naive loop's thoughts at all {int(am.sum())} "
+                      f"real positions")
+        return
+    mask_problem, pos_problem = differs(run(True, False)), differs(run(False, True))
+    if mask_problem and not pos_problem:
+        _fail(name, f"your mask is wrong: with it, {mask_problem}; your position ids alone give the right "
+                    f"thoughts", "run check_thought_mask on your mask function: it says which entries differ", case)
+    if pos_problem and not mask_problem:
+        _fail(name, f"your position ids are wrong: with them, {pos_problem}; your mask alone gives the right "
+                    f"thoughts", "run check_position_ids on your position-id function: it says where", case)
+    _fail(name, problem, "both your mask and your position ids play a part: run check_thought_mask and "
+                         "check_position_ids first", case)
+
+
+# ============================================================================ IPython: the message alone
+
+def _show_check_failed(shell, etype, value, tb, tb_offset=None):
+    """IPython custom exception handler: a failed check shows its message, no traceback.
+
+    IPython discards what a handler returns when it runs a cell, so the handler shows the error
+    itself, through ``shell._showtraceback``: a terminal prints it, a kernel sends it as the cell's
+    error output (ename, evalue, traceback = the message), which is what nbgrader's autograder
+    reads to give the check cell 0 points."""
+    stb = [f"{etype.__name__}: {value}"]
+    shell._showtraceback(etype, value, stb)
+    return stb
+
+
+def _register_ipython(shell=None) -> bool:
+    """Make ``shell`` (default: the running IPython, if any) print a :class:`CheckFailed` as its
+    message alone. Leaves a shell that already has another custom handler alone. True if registered."""
+    if shell is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return False
+        shell = get_ipython()
+    if shell is None or not hasattr(shell, "set_custom_exc"):
+        return False
+    current = tuple(getattr(shell, "custom_exceptions", ()) or ())
+    if current and all(getattr(c, "__name__", "") != "CheckFailed" for c in current):
+        return False
+    shell.set_custom_exc((CheckFailed,), _show_check_failed)
+    return True
+
+
+_register_ipython()
