@@ -7,6 +7,23 @@ A check runs the student's function and the package's reference on fresh random 
 raises :class:`CheckFailed` (an ``AssertionError``) that says precisely what is wrong and
 gives a hint. A function that still raises ``NotImplementedError`` gets "not implemented yet".
 
+**Calling the reference scores 0.** While the student's function runs, the package functions
+that the exercise asks for (:data:`REFERENCES`) are replaced, in every loaded ``qstar_mini``
+module, in the function's globals (a notebook's ``from qstar_mini.losses import rewards``,
+renamed or not) and in its closure, by a stand-in that raises "this exercise asks you to write
+it with torch only; qstar_mini.losses.rewards is disabled while your function is checked".
+The check fails with that message even when the student's code catches the error, or passes
+the reference itself; everything is restored afterwards, also on failure.
+
+**Hints by level.** A failure names the mistake; when the check cannot name it, it says what to
+think about and points to :func:`hint`: ``checks.hint("check_rewards")`` shows one level more at
+each call (1: what to think about, 2: the tensors and axes, 3: the formula, see :data:`HINTS`).
+
+**Short failures.** A failure is one message: no chained cause, the check's frames marked
+``__tracebackhide__`` (pytest and IPython skip them), no torch warning; under IPython (Jupyter,
+Colab, nbgrader's autograder) a handler registered on import shows the message alone as the
+cell's error output. A crash of the student's code is reported with the line of their code.
+
 ==========================  ===============================  =========================================
 check                       the student writes               what it catches (besides shapes, dtypes)
 ==========================  ===============================  =========================================
@@ -33,9 +50,19 @@ check_rewards               ``rewards`` with the mean        no baseline; baseli
                                                              sign; a reward that carries gradient
 check_reinforce_loss        ``reinforce_loss`` with the      no clamp; indicator without r; sign;
                             clamp (notebook 05)              non-thinking positions counted; mean of
-                                                             token log-probs; wrong average; gradient
-                                                             flowing into the reward
+                                                             token log-probs; wrong average, e.g. the
+                                                             n_thoughts factor; ``think`` without the
+                                                             thought axis; gradient into the reward
+check_end_to_end            both notebook-02 functions       the student's mask and position ids drive
+                            together                         ``generate_thoughts``; greedy thoughts must
+                                                             equal ``naive_thoughts``; names the piece
 ==========================  ===============================  =========================================
+
+Also: ``check_position_ids`` wants torch.long (int32 is named); ``check_mix_hidden`` names a
+sigmoid applied to w; ``check_rewards`` names a global baseline (over thoughts and positions)
+and ``valid`` without the thought axis. The loss checks use batch != n_thoughts, so a mask
+without the thought axis cannot broadcast silently; its crash is then probed on a square case
+to name it.
 
 The inputs come from a private ``torch.Generator`` (``seed`` argument), never from the global
 random state, so calling a check does not change what a notebook samples afterwards.
