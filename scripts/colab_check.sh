@@ -12,8 +12,8 @@
 #   - a `google.colab` module imported when the kernel starts (an IPython startup file), so the
 #     notebooks' setup cells take their Colab branch: clone, `pip install -e REPO[notebooks]`;
 #   - the notebooks are opened from outside any checkout (COLAB_CHECK_DIR/content, like /content).
-# What is not: the setup cell's two literals are replaced in the copies, /content/qstar_mini by
-# COLAB_CHECK_DIR/content/qstar_mini and the repository address (pyproject.toml) by a file:// URL
+# What is not: the setup cell's two literals are replaced in the copies, /content/qstar-mini by
+# COLAB_CHECK_DIR/content/qstar-mini and the repository address (pyproject.toml) by a file:// URL
 # of this checkout, so the clone is of this checkout's HEAD (commit first) and needs no GitHub.
 # Then tests/test_colab.py's explorer tests run again in that environment, on ipywidgets 7.7.1.
 #
@@ -60,7 +60,7 @@ for path in sorted(src.glob("*.ipynb")):
     nb = json.loads(path.read_text())
     cell = next(c for c in nb["cells"] if c["cell_type"] == "code" and "google.colab" in "".join(c["source"]))
     text = "".join(cell["source"])
-    for old, new in (('"/content/qstar_mini"', repr(str(dst / "qstar_mini"))), (f'"{url}"', repr(local))):
+    for old, new in (('"/content/qstar-mini"', repr(str(dst / "qstar-mini"))), (f'"{url}"', repr(local))):
         if text.count(old) != 1:
             sys.exit(f"colab-check: {path.name}'s setup cell has {text.count(old)} x {old}, not 1")
         text = text.replace(old, new)
@@ -79,7 +79,7 @@ for pass in 1 2; do
 done
 
 # 4. what the setup cells must not have changed, and the explorers on ipywidgets 7.7.1
-"$ENV/bin/python" - "$TORCH" "$CONTENT/qstar_mini" <<'EOF'
+"$ENV/bin/python" - "$TORCH" "$CONTENT/qstar-mini" <<'EOF'
 import sys, torch, ipywidgets, qstar_mini
 torch_before, clone = sys.argv[1], sys.argv[2]
 assert f"{torch.__version__} {torch.__file__}" == torch_before, f"torch changed: {torch_before} -> {torch.__file__}"
@@ -88,6 +88,6 @@ assert qstar_mini.__file__.startswith(clone), f"qstar_mini imported from {qstar_
 print(f"colab-check: torch {torch.__version__} kept, ipywidgets {ipywidgets.__version__} kept, "
       f"qstar_mini from the clone")
 EOF
-(cd "$CONTENT/qstar_mini" && "$ENV/bin/python" -m pytest -p no:cacheprovider -q tests/test_colab.py \
+(cd "$CONTENT/qstar-mini" && "$ENV/bin/python" -m pytest -p no:cacheprovider -q tests/test_colab.py \
     -k "explorer or widget")
 echo "colab-check: passed in $(( $(date +%s) - start )) s ($WORK)"

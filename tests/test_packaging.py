@@ -188,7 +188,7 @@ def test_colab_setup_cell_survives_a_rerun(path, tmp_path, monkeypatch):
 
     cell = next("".join(c["source"]) for c in json.loads(path.read_text())["cells"]
                 if c["cell_type"] == "code" and "google.colab" in "".join(c["source"]))
-    repo = tmp_path / "qstar_mini"
+    repo = tmp_path / "qstar-mini"
     calls = []
 
     def fake_run(args, check=False, **kwargs):
@@ -202,8 +202,28 @@ def test_colab_setup_cell_survives_a_rerun(path, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    source = cell.replace('"/content/qstar_mini"', repr(str(repo)))
+    source = cell.replace('"/content/qstar-mini"', repr(str(repo)))
     for _ in range(2):
         exec(compile(source, str(path), "exec"), {})
     assert sum(c[:2] == ["git", "clone"] for c in calls) == 1
     assert sum(c[:3] == ["-m", "pip", "install"] for c in calls) == 2
+
+
+def test_the_colab_clone_folder_cannot_shadow_the_package(tmp_path):
+    """Colab's working folder is /content, the parent of the clone. Were the clone named like
+    the package (qstar_mini), `python -m qstar_mini` run there would import the clone's root as a
+    namespace package ahead of the editable install, and its runs/ and data/ folders would hide
+    the modules runs.py and data.py (ImportError: ... (unknown location)). Every setup cell
+    clones into the same folder, whose name is not an importable name."""
+    folders = set()
+    for path in NOTEBOOKS:
+        cell = next("".join(c["source"]) for c in json.loads(path.read_text())["cells"]
+                    if c["cell_type"] == "code" and "google.colab" in "".join(c["source"]))
+        folders |= set(re.findall(r'REPO = "(/content/[^"]+)"', cell))
+    assert len(folders) == 1, folders
+    clone = tmp_path / Path(folders.pop()).name               # a clone as the parent folder sees it
+    for sub in ("runs", "data", "qstar_mini"):
+        (clone / sub).mkdir(parents=True)
+    done = subprocess.run([sys.executable, "-m", "qstar_mini", "data", "--help"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
