@@ -337,7 +337,11 @@ def gsm8k_eval(model, tokenizer, records, *, meta=None, head=None, cfg=None, max
 
 
 def _greedy_plain(model, tokenizer, prompt, max_new_tokens, meta=None) -> str:
-    """Greedy decoding without thoughts (meta-tokens, if the model has them, never chosen)."""
+    """Greedy decoding without thoughts (meta-tokens, if the model has them, never chosen).
+
+    The cache-free reference: a full forward pass per new token, for any model (``meta`` may be
+    None, e.g. the base model); :func:`qstar_mini.generate.generate_plain` is the KV-cache
+    version for models with meta-tokens, tested equal to it."""
     device = _device(model)
     ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids = torch.tensor([ids + tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
