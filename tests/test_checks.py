@@ -600,7 +600,11 @@ def test_end_to_end_names_wrong_position_ids_and_unusable_pieces():
                 "your position ids are wrong: .*your mask alone gives the right thoughts")
     expect_fail(lambda fn: checks.check_end_to_end(fn, spi_solution), lambda am, step: tv_solution(am, step).float(),
                 "your mask function returned dtype torch.float32.*run check_thought_mask first")
-    expect_fail(lambda fn: checks.check_end_to_end(fn, spi_solution), not_implemented, "not implemented yet")
+    # worded like every check's stub message: the student copy's test requires "check_...: not implemented yet"
+    expect_fail(lambda fn: checks.check_end_to_end(fn, spi_solution), not_implemented,
+                r"^check_end_to_end: not implemented yet \(your mask function is not implemented yet\)")
+    expect_fail(lambda fn: checks.check_end_to_end(tv_solution, fn), not_implemented,
+                r"^check_end_to_end: not implemented yet \(your position-id function")
     expect_fail(lambda fn: checks.check_end_to_end(fn, spi_solution), qstar_mini.masks.thought_visibility,
                 "qstar_mini.masks.thought_visibility is disabled")
     expect_fail(lambda fn: checks.check_end_to_end(tv_solution, fn),

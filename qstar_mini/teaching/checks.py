@@ -1022,6 +1022,10 @@ class _StudentPiece(Exception):
     the parallel generation; the message says which and how."""
 
 
+class _NotImplementedPiece(_StudentPiece):
+    """One of the two pieces still raises NotImplementedError (the stub of the student copy)."""
+
+
 def _as_package_fn(fn: Callable, label: str, calls: list[str], qualname: str,
                    expected: Callable[[torch.Tensor, int], tuple[torch.dtype, tuple[int, ...]]], first: str) -> Callable:
     """The student's ``fn(attention_mask, step)`` in the package's signature, its output checked;
@@ -1039,7 +1043,7 @@ def _as_package_fn(fn: Callable, label: str, calls: list[str], qualname: str,
         try:
             got = fn(attention_mask.clone(), step)
         except NotImplementedError:
-            raise _StudentPiece(f"{label} is not implemented yet") from None
+            raise _NotImplementedPiece(f"{label} is not implemented yet") from None
         except (_ReferenceUsed, _StudentPiece):
             raise
         except Exception as e:  # noqa: BLE001 - reported with the place in the student's code
@@ -1113,18 +1117,21 @@ def check_end_to_end(visibility_fn: Callable, position_ids_fn: Callable, seed: i
                                               masks.one_pass_position_ids)}
         in_package[id(ref_mask)] = (ref_mask, mask_fn)
         in_package[id(ref_pos)] = (ref_pos, pos_fn)
-        got, problem = None, None
+        got, problem, unimplemented = None, None, False
         try:
             with _replaced([visibility_fn, position_ids_fn], everywhere, in_package), torch.no_grad():
                 _, cache = plain_forward(model, meta, ids, am)
                 out = generate_thoughts(model, meta, ids, am, cache, t, n, greedy=True)
                 got = (out.ids, out.logprobs)
         except _StudentPiece as e:
-            problem = str(e)
+            problem, unimplemented = str(e), isinstance(e, _NotImplementedPiece)
         except _ReferenceUsed:
             pass
         if calls:
             _fail(name, _reference_message(calls[0]), "write both functions with torch operations yourself", case)
+        if unimplemented:          # worded as every check's stub message ("check_...: not implemented yet")
+            raise CheckFailed(f"{name}: not implemented yet ({problem}). Write both exercises above, run their "
+                              f"cells, then this one.") from None
         if problem is not None:
             _fail(name, problem, _more(name), case)
         return got
