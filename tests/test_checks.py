@@ -610,3 +610,24 @@ def test_end_to_end_names_wrong_position_ids_and_unusable_pieces():
     expect_fail(lambda fn: checks.check_end_to_end(tv_solution, fn),
                 lambda am, step: qstar_mini.masks.step_position_ids(am, step),
                 "qstar_mini.masks.step_position_ids is disabled")
+
+
+@pytest.mark.parametrize("call", [
+    lambda seed: checks.check_thought_mask(tv_solution, seed=seed),
+    lambda seed: checks.check_position_ids(spi_solution, seed=seed),
+    lambda seed: checks.check_end_to_end(tv_solution, spi_solution, seed=seed),
+    lambda seed: checks.check_meta_init(init_solution, seed=seed),
+    lambda seed: checks.check_mix_hidden(mix_solution, seed=seed),
+    lambda seed: checks.check_future_targets(targets_solution, seed=seed),
+    lambda seed: checks.check_rewards(rewards_solution, seed=seed),
+    lambda seed: checks.check_reinforce_loss(reinforce_solution, seed=seed),
+], ids=["mask", "position_ids", "end_to_end", "meta_init", "mix_hidden", "targets", "rewards", "reinforce"])
+def test_a_check_leaves_the_global_random_state_alone(call, capsys):
+    """A notebook's outputs after a check cell must not depend on how many checks ran (hidden tests
+    run only in the autograder): no check draws from torch's global generator."""
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    for seed in (0, 11):
+        torch.manual_seed(0)
+        call(seed)
+        assert torch.equal(torch.rand(4), expected)
