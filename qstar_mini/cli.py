@@ -301,10 +301,19 @@ def add_assignments_command(subparsers) -> None:
         written = write_assignments(_existing_dir_or_new(args.out), Path(args.notebooks or NOTEBOOKS_DIR),
                                     include_all=args.include_all, clear_all_outputs=args.clear_outputs,
                                     overwrite=args.overwrite)
-        counts = [len(solution_cells(nbformat.read(path, as_version=4))) for path in written]
-        for path, count in zip(written, counts):
-            print(f"{path}: {count} exercise{'s' if count != 1 else ''}")
-        print(f"{len(written)} student notebooks, {sum(counts)} exercises, in {args.out}")
+        def plural(n: int, word: str) -> str:
+            return f"{n} {word}{'s' if n != 1 else ''}"
+
+        counts = []   # (code exercises, open questions with an answer cell) per notebook
+        for path in written:
+            nb = nbformat.read(path, as_version=4)
+            kinds = [nb.cells[i].cell_type for i in solution_cells(nb)]
+            counts.append((kinds.count("code"), len(kinds) - kinds.count("code")))
+        for path, (code, answers) in zip(written, counts):
+            print(f"{path}: {plural(code, 'exercise')}" + (f", {plural(answers, 'open question')}" if answers else ""))
+        questions = sum(a for _, a in counts)
+        print(f"{len(written)} student notebooks, {plural(sum(c for c, _ in counts), 'exercise')}"
+              + (f", {plural(questions, 'open question')}" if questions else "") + f", in {args.out}")
         return 0
 
     p.set_defaults(func=run_assignments)
