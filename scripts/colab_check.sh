@@ -78,7 +78,9 @@ for pass in 1 2; do
     echo "colab-check: pass $pass: all notebooks ran in $(( $(date +%s) - t0 )) s"
 done
 
-# 4. what the setup cells must not have changed, and the explorers on ipywidgets 7.7.1
+# 4. what the setup cells must not have changed, and the explorers on ipywidgets 7.7.1 (Python
+#    started in CONTENT, like Colab's /content: not in this checkout, whose package would win)
+cd "$CONTENT"
 "$ENV/bin/python" - "$TORCH" "$CONTENT/qstar-mini" <<'EOF'
 import sys, torch, ipywidgets, qstar_mini
 torch_before, clone = sys.argv[1], sys.argv[2]
