@@ -433,6 +433,24 @@ def test_real_checks_fail_as_generated_and_pass_with_the_solutions(real):
             assert "check_" not in student_source(student, grade_id) or ": passed" in printed, (name, grade_id)
 
 
+# Lines of the notebooks' own (not exercise) cells that compute an exercise's answer: each may
+# only come after the check cell of that exercise (docs/grading.md, "Solution leaks").
+AFTER_THE_EXERCISE = [
+    ("05_losses_nll_vs_reinforce.ipynb", "score.mean(dim=1", "check05-rewards"),
+    ("05_losses_nll_vs_reinforce.ipynb", "per_thought = -a * r_plus * log_p_T", "check05-reinforce"),
+    ("05_losses_nll_vs_reinforce.ipynb", "policy = per_thought.sum()", "check05-reinforce"),
+]
+
+
+@pytest.mark.parametrize("name, line, grade_id", AFTER_THE_EXERCISE)
+def test_no_cell_computes_an_exercise_before_its_check(real, name, line, grade_id):
+    source, _ = real[name]
+    exercises = set(solution_cells(source))
+    check = next(i for i, c in enumerate(source.cells) if c.metadata.get("nbgrader", {}).get("grade_id") == grade_id)
+    before = [i + 1 for i, c in enumerate(source.cells[:check]) if i not in exercises and line in c.source]
+    assert not before, f"{name}, cell {before[0]}: {line!r} shows the answer before {grade_id}"
+
+
 def student_source(nb, grade_id: str) -> str:
     return next(c.source for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == grade_id)
 
