@@ -198,11 +198,7 @@ def generate_with_thoughts(model: nn.Module, tokenizer, meta: MetaTokens, head: 
     Stops after ``</s>`` when ``stop_at_eos``. Meta-tokens are never emitted.
     """
     thought_greedy = greedy if thought_greedy is None else thought_greedy
-    device = next(model.parameters()).device
-    ids = _prompt_ids(tokenizer, prompt)
-    x = torch.tensor([ids], device=device)                                     # (1, seq)
-    h_init, cache = plain_forward(model, meta, x, torch.ones_like(x))           # line 1 on the prompt
-    h_last, position = h_init[:, -1], len(ids) - 1                              # (1, hidden)
+    h_last, cache, position = _read_prompt(model, tokenizer, meta, prompt)     # line 1 on the prompt
     steps = []
     for _ in range(max_new_tokens):
         thought, w, log_p_talk, log_p_init = think_once(
@@ -219,10 +215,8 @@ def generate_with_thoughts(model: nn.Module, tokenizer, meta: MetaTokens, head: 
                       "logp_init": float(log_p_init[token]), "logp_talk": float(log_p_talk[token])})
         if stop_at_eos and token == tokenizer.eos_token_id:
             break
-        position += 1                                                           # append x_{j+1}
-        h_last = forward_hidden(model, meta.embed(model, torch.tensor([[token]], device=device)),
-                                _visible(cache.get_seq_length() + 1, device),
-                                torch.tensor([[position]], device=device), cache)[:, -1]
+        position += 1
+        h_last = _append_token(model, meta, cache, token, position)
     return steps
 
 
@@ -237,21 +231,33 @@ def generate_plain(model: nn.Module, tokenizer, meta: MetaTokens, prompt: str, m
     (1 + max_new_tokens passes in all, against 1 + max_new_tokens x (t + 1) with thoughts).
     returns: the new token ids, a list of max_new_tokens ints (shorter if it stopped after ``</s>``).
     """
-    device = next(model.parameters()).device
-    ids = _prompt_ids(tokenizer, prompt)
-    x = torch.tensor([ids], device=device)                                     # (1, seq)
-    h, cache = plain_forward(model, meta, x, torch.ones_like(x))                # line 1 on the prompt
-    h_last, position, out = h[:, -1], len(ids) - 1, []                          # (1, hidden)
+    h_last, cache, position = _read_prompt(model, tokenizer, meta, prompt)     # line 1 on the prompt
+    out = []
     for _ in range(max_new_tokens):
         token = int(text_log_probs(lm_head(model)(h_last), meta.ids)[0].argmax())
         out.append(token)
         if stop_at_eos and token == tokenizer.eos_token_id:
             break
-        position += 1                                                           # append x_{j+1}
-        h_last = forward_hidden(model, meta.embed(model, torch.tensor([[token]], device=device)),
-                                _visible(cache.get_seq_length() + 1, device),
-                                torch.tensor([[position]], device=device), cache)[:, -1]
+        position += 1
+        h_last = _append_token(model, meta, cache, token, position)
     return out
+
+
+def _read_prompt(model, tokenizer, meta: MetaTokens, prompt: str):
+    """One plain pass over ``<s> prompt`` (line 1): (h_last (1, hidden) of the last position,
+    the KV cache, that position's index)."""
+    ids = _prompt_ids(tokenizer, prompt)
+    x = torch.tensor([ids], device=next(model.parameters()).device)            # (1, seq)
+    h, cache = plain_forward(model, meta, x, torch.ones_like(x))
+    return h[:, -1], cache, len(ids) - 1
+
+
+def _append_token(model, meta: MetaTokens, cache, token: int, position: int) -> torch.Tensor:
+    """Append x_{j+1} = ``token`` at ``position`` to the cache; returns its hidden state (1, hidden)."""
+    device = next(model.parameters()).device
+    return forward_hidden(model, meta.embed(model, torch.tensor([[token]], device=device)),
+                          _visible(cache.get_seq_length() + 1, device),
+                          torch.tensor([[position]], device=device), cache)[:, -1]
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
