@@ -365,7 +365,9 @@ def solution_lines(nb) -> set[str]:
 def test_real_student_notebooks_contain_no_solution_line(real):
     for name, (source, student) in real.items():
         solutions = solution_lines(source)
-        assert solutions, name
+        # a notebook with only open questions (01, 06-09) has no solution lines: its answer cells
+        # hold the stub in the instructor notebook too, the key lives in docs/grading.md
+        assert solutions or not code_exercises(source), name
         left = {line.strip() for line in all_text(student).split("\n")}
         # lines the author also wrote outside the exercises are the author's business, not a leak
         elsewhere = {line.strip() for i, cell in enumerate(source.cells) if i not in solution_cells(source)
@@ -373,6 +375,37 @@ def test_real_student_notebooks_contain_no_solution_line(real):
         leaked = (solutions - elsewhere) & left
         assert not leaked, f"{name}: solution lines left in the student copy: {sorted(leaked)}"
         assert "BEGIN SOLUTION" not in all_text(student) and "HIDDEN TESTS" not in all_text(student), name
+
+
+def code_exercises(nb) -> list[int]:
+    return [i for i in solution_cells(nb) if nb.cells[i].cell_type == "code"]
+
+
+ANSWER_ID = re.compile(r"answer(\d\d)-(\d+)")
+
+
+def test_every_open_question_of_01_to_09_has_an_answer_cell_and_a_key(real):
+    """Each numbered question of a notebook's Exercises section is followed by a manually graded
+    answer cell `answer<NN>-<k>` (3 points, only the stub), and docs/grading.md keys it."""
+    key = (REPO_ROOT / "docs" / "grading.md").read_text()
+    for number in range(1, 10):
+        [name] = [n for n in real if n.startswith(f"{number:02d}_")]
+        source, student = real[name]
+        start = next(i for i, c in enumerate(source.cells) if c.cell_type == "markdown" and "## Exercises" in c.source)
+        cells = source.cells[start:]
+        questions = [i for i, c in enumerate(cells) if c.cell_type == "markdown"
+                     and re.search(r"^\d\. \*\*", c.source, re.M)]
+        assert len(questions) >= 1, name
+        for k, i in enumerate(questions, start=1):
+            answer = cells[i + 1]
+            grading = answer.metadata.get("nbgrader", {})
+            grade_id = f"answer{number:02d}-{k}"
+            assert grading.get("grade_id") == grade_id, (name, k, grading)
+            assert grading["grade"] and grading["solution"] and grading["points"] == 3, (name, grade_id)
+            assert answer.cell_type == "markdown" and answer.source == "YOUR ANSWER HERE", (name, grade_id)
+            assert f"[`{grade_id}`]" in key, f"docs/grading.md has no key for {grade_id}"
+        assert all(m.group(1) == f"{number:02d}" for c in source.cells
+                   if (m := ANSWER_ID.fullmatch(c.metadata.get("nbgrader", {}).get("grade_id", "")))), name
 
 
 def test_real_student_notebooks_are_idempotent(real, tmp_path):
@@ -423,7 +456,7 @@ def run_cells(nb, name: str) -> dict:
 def test_real_checks_fail_as_generated_and_pass_with_the_solutions(real):
     for name, (source, student) in real.items():
         failing = run_cells(student, name)
-        assert failing, f"{name}: no check cell after its exercises"
+        assert failing or not code_exercises(source), f"{name}: no check cell after its exercises"
         for grade_id, (raised, _) in failing.items():
             assert isinstance(raised, (CheckFailed, NotImplementedError)), (name, grade_id, raised)
             if isinstance(raised, CheckFailed):
@@ -458,8 +491,10 @@ def student_source(nb, grade_id: str) -> str:
 def test_the_teaching_guide_lists_every_check_of_the_notebooks(real):
     guide = (REPO_ROOT / "docs" / "teaching.md").read_text()
     listed = set(re.findall(r"^\|.*?`(check_\w+)`", guide, re.M))
+    # the checks of qstar_mini.teaching.checks, called as checks.check_...(...) (09 also calls the
+    # package's qstar_mini.lm.check_supported, which is no exercise check)
     used = {m for _, student in real.values() for cell in student.cells
-            for m in re.findall(r"\b(check_\w+)\s*\(", cell.source)}
+            for m in re.findall(r"\bchecks\.(check_\w+)\s*\(", cell.source)}
     assert used <= listed, f"add a row for {sorted(used - listed)} to the exercise table of docs/teaching.md"
 
 
