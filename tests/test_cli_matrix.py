@@ -86,7 +86,7 @@ def _file(name, text):
 
 def _edited_notebook(run: Path, tmp: Path):
     assert cli.main(["assignments", "--out", str(tmp / "release")]) == 0
-    first = sorted((tmp / "release").glob("*.ipynb"))[0]
+    first = next(p for p in sorted((tmp / "release").glob("*.ipynb")) if "# YOUR CODE HERE" in p.read_text())
     first.write_text(first.read_text().replace("# YOUR CODE HERE", "x = 42  # a student's answer", 1))
 
 
