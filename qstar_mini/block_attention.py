@@ -18,7 +18,7 @@ Block attention computes only what the mask lets through, with the same numbers:
 
 It is registered as a Hugging Face attention implementation and switched on only inside
 :func:`structured`, i.e. only for the masked thought/talk steps that have this layout
-(``generate_thoughts(..., block_attention=True)``, ``QuietStarConfig.attention = "blocks"``).
+(``generate_thoughts(..., attention="blocks")``, ``QuietStarConfig.attention = "blocks"``).
 Everything else keeps the model's own attention. Tested equal to the masked sdpa/eager
 attention, values and gradients (``tests/test_block_attention.py``).
 """

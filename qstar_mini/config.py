@@ -43,7 +43,7 @@ from .errors import ConfigError
 MIXING_MODES = ("hidden", "logprob")  # official code / paper, see qstar_mini.mixing
 BASELINES = ("mean", "none")          # reward baseline: mean over the n_thoughts (official "trice")
 MEMORY_MODES = ("stepwise", "rescore", "rescore_checkpointed")  # see qstar_mini.rescore
-ATTENTION_MODES = ("mask", "blocks")  # thought steps: dense masked attention / qstar_mini.block_attention
+ATTENTION_MODES = ("mask", "blocks", "flex")  # thought steps: see qstar_mini.attention
 META_INITS = ("first", "mean")        # meta-token init: first token of the text (official) / mean of its tokens
 SCORING_VOCABS = ("all", "text")      # scoring softmax: every column (official) / meta-token columns removed
 REINFORCE_REDUCTIONS = ("mean", "sum")  # log p(T_j): mean over sampled tokens (official) / sum

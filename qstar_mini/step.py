@@ -177,7 +177,7 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
             model, meta, input_ids, attention_mask, cache, cfg.thought_length, cfg.n_thoughts,
             extra_steps=n_true - 1 if stepwise else 0, thought_temperature=cfg.thought_temperature,
             reinforce_temperature=cfg.reinforce_temperature, greedy=greedy, noise=noise,
-            generator=generator, positions=index_positions, block_attention=cfg.attention == "blocks")
+            generator=generator, positions=index_positions, attention=cfg.attention)
 
     # 2d. h^thought_{j:j+n_true} <- hidden states of [X_{:j}; T_j; X_{j+1:j+n_true}] (teacher forcing)
     if stepwise:

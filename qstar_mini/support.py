@@ -12,7 +12,7 @@ when anything differs:
 1. h_init through :func:`qstar_mini.thoughts.plain_forward` against the model's own body;
 2. the log-probs through :func:`qstar_mini.lm.lm_head` against the model's own logits;
 3. one greedy thought token at every position, generated in parallel (with the Figure 3 mask,
-   and with block attention when the config asks for it) against the naive one-position-at-a-
+   and with the config's faster attention, ``blocks`` or ``flex``, when it asks for one) against the naive one-position-at-a-
    time loop on plain concatenated text;
 4. the embedding module: its rows are the table's rows times one scale (which the meta-tokens
    then share).
@@ -99,12 +99,12 @@ def _probe(model: nn.Module, meta: MetaTokens, cfg: QuietStarConfig) -> None:
                          f"differ by {err:.2g} relative); this architecture is not supported")
 
     _, naive_lp = naive_thoughts(model, meta, ids, mask, 3, 1, greedy=True)
-    ways = [False] + ([True] if cfg.attention == "blocks" else [])
-    for blocks in ways:
-        if blocks:                                   # the first way used up the text's cache
+    ways = ["mask"] + ([cfg.attention] if cfg.attention != "mask" else [])
+    for way in ways:
+        if way != "mask":                            # the first way used up the text's cache
             _, cache = plain_forward(model, meta, ids, mask)
         try:
-            thoughts = generate_thoughts(model, meta, ids, mask, cache, 3, 1, greedy=True, block_attention=blocks)
+            thoughts = generate_thoughts(model, meta, ids, mask, cache, 3, 1, greedy=True, attention=way)
         except ModelError:
             raise
         except Exception as e:
@@ -115,7 +115,7 @@ def _probe(model: nn.Module, meta: MetaTokens, cfg: QuietStarConfig) -> None:
         # two tokens cannot make this comparison flaky the way comparing the ids would.
         err = _rel(thoughts.logprobs[:, 0][real].cpu(), naive_lp[:, 0][real.cpu()].to(thoughts.logprobs.dtype).cpu())
         if err > tol:
-            how = "block attention (attention='blocks')" if blocks else "the Figure 3 mask"
+            how = f"attention={way!r}" if way != "mask" else "the Figure 3 mask"
             raise ModelError(f"{name}'s thoughts generated in parallel with {how} differ from the same thoughts "
                              f"written into the text one position at a time (relative {err:.2g}); "
-                             + ("use attention='mask'" if blocks else "this architecture is not supported"))
+                             + ("use attention='mask'" if way != "mask" else "this architecture is not supported"))

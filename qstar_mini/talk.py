@@ -18,12 +18,10 @@ thought n and offset i, the post-thought hidden state that predicts x_{j+1+i}.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
-from .block_attention import structured
+from .attention import masked_step
 from .lm import body, forward_hidden
 from .masks import step_position_ids
 from .meta_tokens import MetaTokens
@@ -62,7 +60,7 @@ def talk_hidden(model: nn.Module, meta: MetaTokens, thoughts: Thoughts, input_id
             token = shift_left(text, i)                                    # x_{j+i}: (rows, seq)
         else:
             token = text.gather(1, (thoughts.positions + i).clamp(max=seq - 1))  # (rows, m)
-        with structured(model, seq, m, k) if thoughts.block_attention else contextlib.nullcontext():
+        with masked_step(model, thoughts.attention, seq, m, k, thoughts.attention_mask, thoughts.positions):
             h = forward_hidden(model, meta.embed(model, token), thoughts.masks[..., : seq + m * k],
                                step_position_ids(thoughts.attention_mask, k, thoughts.positions),
                                thoughts.cache)

@@ -33,13 +33,12 @@ its graph: it is what REINFORCE differentiates (:mod:`qstar_mini.losses`).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .block_attention import structured
+from .attention import masked_step
 from .lm import body, forward_hidden, lm_head, new_cache, text_log_probs
 from .masks import all_step_masks, causal_mask, check_right_padded, step_position_ids
 from .meta_tokens import MetaTokens
@@ -61,7 +60,7 @@ class Thoughts:
     attention_mask: (batch * n_thoughts, seq)  the padding mask, one row per thought
     positions: (batch * n_thoughts, m) or None  the thinking positions (None: all, m = seq)
     steps_done: int                             masked steps fed so far (= t)
-    block_attention: bool                       masked steps use qstar_mini.block_attention
+    attention: str                              how masked steps attend (qstar_mini.attention)
 
     With ``positions`` given, the seq axis of ids, logprobs and h_end has length m instead.
     """
@@ -74,7 +73,7 @@ class Thoughts:
     attention_mask: torch.Tensor
     positions: torch.Tensor | None
     steps_done: int
-    block_attention: bool = False
+    attention: str = "mask"
 
 
 def plain_forward(model: nn.Module, meta: MetaTokens, input_ids: torch.Tensor,
@@ -123,7 +122,7 @@ def generate_thoughts(model: nn.Module, meta: MetaTokens, input_ids: torch.Tenso
                       noise: torch.Tensor | None = None,
                       generator: torch.Generator | None = None,
                       positions: torch.Tensor | None = None,
-                      block_attention: bool = False) -> Thoughts:
+                      attention: str = "mask") -> Thoughts:
     """Algorithm 1, lines 2b-2c: sample T_j for every position j, n_thoughts times, in parallel.
 
     input_ids, attention_mask: (batch, seq), right-padded; ``cache`` from :func:`plain_forward`
@@ -135,8 +134,8 @@ def generate_thoughts(model: nn.Module, meta: MetaTokens, input_ids: torch.Tenso
     ``generator``. greedy: argmax instead of sampling.
     positions: (batch, m) long, think only after these positions ("think where it matters",
     e.g. the answer); default every position, m = seq. Same thoughts, m / seq of the work.
-    block_attention: compute each step's attention without the masked-out keys
-    (:mod:`qstar_mini.block_attention`; same numbers, less work).
+    attention: ``"mask"`` (the model's attention with the dense Figure 3 mask), ``"blocks"`` or
+    ``"flex"`` (the same numbers without computing the masked-out scores; :mod:`qstar_mini.attention`).
     returns: :class:`Thoughts` (ids (batch, n_thoughts, m, t), logprobs (..., t - 2), ...).
     """
     batch, seq = input_ids.shape
@@ -155,7 +154,7 @@ def generate_thoughts(model: nn.Module, meta: MetaTokens, input_ids: torch.Tenso
     ids, logprobs = [token], []
     h = None
     for k in range(1, thought_length + 1):                     # step k feeds thought token k
-        with structured(model, seq, m, k) if block_attention else contextlib.nullcontext():
+        with masked_step(model, attention, seq, m, k, mask_rows, pos_rows):
             h = forward_hidden(model, meta.embed(model, token), masks[..., : seq + m * k],
                                step_position_ids(mask_rows, k, pos_rows), cache)  # (rows, m, hidden)
         if k == thought_length:
@@ -177,7 +176,7 @@ def generate_thoughts(model: nn.Module, meta: MetaTokens, input_ids: torch.Tenso
         logprobs=torch.stack(logprobs, -1).view(batch, n_thoughts, m, n_sampled),
         h_end=h.view(batch, n_thoughts, m, -1),
         cache=cache, masks=masks, attention_mask=mask_rows, positions=pos_rows, steps_done=thought_length,
-        block_attention=block_attention)
+        attention=attention)
 
 
 @torch.no_grad()

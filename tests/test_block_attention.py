@@ -23,7 +23,7 @@ T, N, N_TRUE = 5, 2, 3
 def think_and_talk(model, meta, ids, mask, noise, blocks, positions=None):
     _, cache = plain_forward(model, meta, ids, mask)
     thoughts = generate_thoughts(model, meta, ids, mask, cache, T, N, extra_steps=N_TRUE - 1, noise=noise,
-                                 reinforce_temperature=3.0, positions=positions, block_attention=blocks)
+                                 reinforce_temperature=3.0, positions=positions, attention="blocks" if blocks else "mask")
     return thoughts, talk_hidden(model, meta, thoughts, ids, N_TRUE)
 
 
@@ -60,7 +60,7 @@ def test_block_attention_equals_the_naive_loop():
     ids, mask = batch()
     _, cache = plain_forward(model, meta, ids, mask)
     thoughts = generate_thoughts(model, meta, ids, mask, cache, T, N, extra_steps=N_TRUE - 1, greedy=True,
-                                 block_attention=True)
+                                 attention="blocks")
     h = talk_hidden(model, meta, thoughts, ids, N_TRUE)
     naive_ids, naive_logprobs = naive_thoughts(model, meta, ids, mask, T, N, greedy=True)
     real = mask.bool()[:, None, :].expand(-1, N, -1)
