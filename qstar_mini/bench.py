@@ -24,12 +24,22 @@ Rows (all on one machine, in one run, medians of ``repeats`` timings after ``war
 * ``inference``: tokens per second with a thought before every token against plain greedy
   generation with a KV cache. Thinking costs t + 1 single-token passes per new token (t thought
   tokens, then the token itself) against 1, so ``passes = t + 1``.
+* ``step: qstar_mini vs official code`` (``--official-venv DIR``, opt-in): our training step
+  against the released code's (ezelikman/quiet-star, run by ``scripts/official_bench.py`` in the
+  venv ``scripts/official_env.sh`` builds) on the same random tiny model and batch, l = 64 and
+  128, b = 4, official settings (``official()``: t = 11 / n_ahead 12, n_true = 4 / n_ahead_talk 4,
+  n_thoughts = 2 / n_passes 2), CPU, float32, ONE thread on both sides (ours in this process,
+  the thread count restored after), eager attention on both (the official file patches eager
+  Mistral; ours also with sdpa for the default ``attention``). One row per ``attention`` mode
+  (``mask``, ``blocks`` and the config's default): ``median_s`` ours, ``baseline_median_s`` the
+  official step, ``ratio`` = official / ours, "how many times faster" ours is.
 
 JSON: ``{"machine": ..., "rows": [{"name", "params", "median_s", "baseline_median_s", "ratio",
 "passes", "overhead", ...}]}``; fields that do not apply are null. ``ratio`` reads "how many
 times": for ``thoughts`` rows the speed-up of the parallel version (baseline / median), for
 ``step`` rows the cost of the step over the plain step (median / baseline), for ``memory``
-rows peak memory over the plain step's.
+rows peak memory over the plain step's, for ``step: qstar_mini vs official code`` rows the
+speed-up over the official code (baseline / median).
 """
 
 from __future__ import annotations
@@ -438,6 +448,100 @@ def format_profile(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
+OFFICIAL_SEQS = (64, 128)       # the lengths of the official-code comparison (issue #20)
+
+
+def official_venv_python(venv: str) -> str:
+    """``venv``'s python, once it is seen to hold the official Quiet-STaR Mistral files
+    (``scripts/official_env.sh``); otherwise a one-line :class:`ConfigError` naming the fix."""
+    from .paths import REPO_ROOT
+
+    hint = f"build it with: bash scripts/official_env.sh {venv} /path/to/quiet-star-checkout"
+    python = os.path.join(venv, "bin", "python")
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise ConfigError(f"--official-venv {venv} has no bin/python; {hint}")
+    if not (REPO_ROOT / "scripts" / "official_bench.py").is_file():
+        raise ConfigError("--official-venv needs scripts/official_bench.py: run the bench from a checkout of "
+                          "the repository")
+    find = subprocess.run([python, "-c", "import importlib.util as u; s = u.find_spec('transformers'); "
+                                         "print(s.origin if s else '')"], capture_output=True, text=True)
+    origin = find.stdout.strip()
+    if find.returncode or not origin:
+        raise ConfigError(f"--official-venv {venv}: transformers is not installed there; {hint}")
+    modeling = os.path.join(os.path.dirname(origin), "models", "mistral", "modeling_mistral.py")
+    try:
+        with open(modeling) as f:
+            official_file = "n_ahead_talk" in f.read()
+    except OSError:
+        official_file = False
+    if not official_file:
+        raise ConfigError(f"--official-venv {venv}: {modeling} is not the official Quiet-STaR file; {hint}")
+    return python
+
+
+def official_step_seconds(python: str, seq: int, batch: int, repeats: int, warmup: int, dims: dict) -> dict:
+    """Run ``scripts/official_bench.py`` for one length in the official venv: its JSON output."""
+    from .paths import REPO_ROOT
+
+    cmd = [python, str(REPO_ROOT / "scripts" / "official_bench.py"), "--seqs", str(seq), "--batch", str(batch),
+           "--repeats", str(repeats), "--warmup", str(warmup), "--threads", "1", "--dims", json.dumps(dims)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env.pop("PYTHONPATH", None)          # the official venv must not see this venv's packages
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        tail = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ConfigError(f"the official step failed in {python}: {tail}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def official_rows(venv: str, seqs=OFFICIAL_SEQS, batch: int = 4, repeats: int = 3, warmup: int = 1,
+                  sdpa: bool = True) -> list[dict]:
+    """Our training step against the official code's, one thread each, same model shape and batch.
+
+    For each length: the official step (a subprocess in ``venv``), then ours in this process
+    with ``official()`` settings (t = 11, n_true = 4, n_thoughts = 2) for each ``attention``
+    mode (the default first, then ``mask``, ``blocks``), eager attention like the official code
+    (and sdpa for the default mode when ``sdpa``). CPU, float32. ratio = official / ours.
+    """
+    from .config import official
+    from .models import tiny_config
+
+    python = official_venv_python(venv)
+    cfg0 = official(batch_size=batch)
+    attentions = list(dict.fromkeys([cfg0.attention, "mask", "blocks"]))
+    shape = tiny_config(85, **TINY)
+    dims = {k: getattr(shape, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                           "num_key_value_heads", "intermediate_size", "max_position_embeddings",
+                                           "tie_word_embeddings", "rms_norm_eps")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        models = {impl: bench_model(attn=impl) for impl in (("eager", "sdpa") if sdpa else ("eager",))}
+        rows = []
+        for seq in seqs:
+            theirs = official_step_seconds(python, seq, batch, repeats, warmup, dims)
+            baseline = theirs["rows"][0]["median_s"]
+            ids, mask = random_batch(batch, seq, 85)
+            for attention in attentions:
+                cfg = cfg0.replace(seq_len=seq, attention=attention)
+                default = attention == cfg0.attention
+                for impl in [i for i in models if i == "eager" or default]:
+                    model, meta, head = models[impl]
+                    ours = timeit(lambda: _step(model, meta, head, ids, mask, cfg), repeats, warmup)
+                    label = f"attention={attention}{' (default)' if default else ''}, {impl}"
+                    rows.append(dict(name=f"step: qstar_mini vs official code, {label}",
+                                     params=dict(seq=seq, batch=batch, attention=attention, attn=impl,
+                                                 default=default, t=cfg.thought_length, n_true=cfg.n_true,
+                                                 n_thoughts=cfg.n_thoughts, threads=1, memory=cfg.memory),
+                                     median_s=ours, baseline_median_s=baseline, ratio=baseline / ours,
+                                     passes=step_passes(cfg), overhead=None,
+                                     baseline_times_s=theirs["rows"][0]["times_s"],
+                                     baseline_versions=theirs["versions"]))
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 def e2e_rows(commands: list[tuple[str, list[str]]]) -> list[dict]:
     """Wall time of whole commands (one run each), e.g. ``make demo``'s pipeline and nbval."""
     from .paths import REPO_ROOT
@@ -459,9 +563,11 @@ E2E_COMMANDS = [
 
 
 def run(quick: bool = True, device: str | None = None, e2e: bool = False, dtype=None,
-        sizes: tuple[str, ...] | None = None) -> dict:
+        sizes: tuple[str, ...] | None = None, official_venv: str | None = None) -> dict:
     """Every row in one run. dtype: default float32 on CPU, bfloat16 on CUDA. sizes: the model
-    sizes of the throughput rows (default ``tiny`` on CPU, ``tiny`` and ``100m`` on CUDA)."""
+    sizes of the throughput rows (default ``tiny`` on CPU, ``tiny`` and ``100m`` on CUDA).
+    official_venv: also the rows against the official code (:func:`official_rows`; CPU, one
+    thread, whatever device and dtype the other rows use)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     sizes = sizes or (("tiny", "100m") if device == "cuda" else ("tiny",))
@@ -489,6 +595,8 @@ def run(quick: bool = True, device: str | None = None, e2e: bool = False, dtype=
         rows += throughput_rows(sizes, seq=128, batch=8, repeats=3, **kw)
     if e2e:
         rows += e2e_rows(E2E_COMMANDS)
+    if official_venv:
+        rows += official_rows(official_venv)
     return {"machine": machine(), "dtype": str(dtype).replace("torch.", ""), "quick": quick, "rows": rows}
 
 
@@ -526,6 +634,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "l=128, b=8) with this attention")
     parser.add_argument("--e2e", action="store_true",
                         help="also time `make demo`'s job and nbval over all notebooks (about 10 minutes more)")
+    parser.add_argument("--official-venv", metavar="DIR", default=None,
+                        help="also time the official Quiet-STaR step (ezelikman/quiet-star) against ours, one CPU "
+                             "thread, l=64 and 128, b=4; DIR: the venv scripts/official_env.sh builds (a few "
+                             "minutes more)")
 
 
 def run_bench(args) -> int:
@@ -544,6 +656,11 @@ def run_bench(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but torch.cuda.is_available() is False on this machine")
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    official_venv = getattr(args, "official_venv", None)
+    if official_venv:
+        if args.profile:
+            raise ConfigError("--official-venv adds rows to the table; --profile prints no table: give one of them")
+        official_venv_python(official_venv)              # before minutes of timing, not after
     if args.profile:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         rows = profile_step(attention=args.profile, device=device,
@@ -554,7 +671,8 @@ def run_bench(args) -> int:
             with open(args.json, "w") as f:
                 json.dump({"machine": machine(), "profile": args.profile, "rows": rows}, f, indent=1)
         return 0
-    result = run(quick=args.quick, device=args.device, e2e=args.e2e, dtype=dtype, sizes=sizes)
+    result = run(quick=args.quick, device=args.device, e2e=args.e2e, dtype=dtype, sizes=sizes,
+                 official_venv=official_venv)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:
