@@ -159,3 +159,44 @@ def test_profile_lists_the_costliest_operators_of_a_step():
     assert "aten::mm" in [r["op"] for r in rows]                  # the layers' matmuls: the floor
     assert "aten::_scaled_dot_product" not in " ".join(r["op"] for r in rows)   # blocks bypass sdpa
     assert "operator" in format_profile(rows, "title")
+
+
+def test_bench_refuses_an_official_venv_without_the_official_files_in_one_line(capsys, tmp_path):
+    """--official-venv is checked before any timing: a folder without bin/python, and a venv whose
+    transformers holds the stock Mistral files (this very venv), are refused in one line."""
+    assert cli.main(["bench", "--quick", "--official-venv", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"qstar-mini: error: --official-venv {tmp_path} has no bin/python; build it with: bash "
+        f"scripts/official_env.sh {tmp_path} /path/to/quiet-star-checkout"]
+    here = os.path.dirname(os.path.dirname(sys.executable))        # a venv with the stock transformers
+    if not os.path.isfile(os.path.join(here, "bin", "python")):
+        pytest.skip("not running from a venv with bin/python")
+    assert cli.main(["bench", "--quick", "--official-venv", here]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "modeling_mistral.py is not the official Quiet-STaR file" in err[0], err
+
+
+@pytest.mark.skipif(not os.environ.get("QSTAR_OFFICIAL_VENV"),
+                    reason="set QSTAR_OFFICIAL_VENV to the venv of scripts/official_env.sh")
+def test_official_rows_time_the_official_step_beside_ours():
+    """Opt-in: the official code really runs (its own venv), at a tiny size; ratio = official / ours,
+    one row per attention mode (the default marked), and the thread count is given back."""
+    from qstar_mini.bench import official_rows
+    from qstar_mini.config import official
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = official_rows(os.environ["QSTAR_OFFICIAL_VENV"], seqs=(12,), batch=1, repeats=1, warmup=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    default = official().attention
+    assert {r["params"]["attention"] for r in rows} == {"mask", "blocks", default}
+    assert [r["params"]["attention"] for r in rows if r["params"]["default"]] == [default] * 2   # eager, sdpa
+    for row in json.loads(json.dumps(rows)):
+        assert KEYS <= set(row) and row["name"].startswith("step: qstar_mini vs official code")
+        assert row["median_s"] > 0 and row["baseline_median_s"] > 0
+        assert row["ratio"] == pytest.approx(row["baseline_median_s"] / row["median_s"])
+        assert row["params"]["threads"] == 1 and row["params"]["t"] == 11 and row["params"]["n_true"] == 4
+        assert row["baseline_versions"]["transformers"].startswith("4.37.")
