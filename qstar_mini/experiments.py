@@ -466,8 +466,85 @@ def run_differences(out_dir=RUNS_DIR / "differences", seed: int = 0) -> dict:
     return run_ablations(out_dir, seed, DIFFERENCES, tier=TIER1)
 
 
-if __name__ == "__main__":  # python -m qstar_mini.experiments [demo|reproduce|ablations|differences]
+# ----------------------------------------------------------------------------- issue #21: past the base's best temperature
+
+SEARCH_DIR = RUNS_DIR / "tier2_search"
+SEARCH_FIGURES = ("thought_correct", "thought_correct_greedy", "answer_acc", "answer_acc_greedy", "answer_nll",
+                  "w_answer", "seconds")
+
+
+def search_row(name: str, changes: dict | None = None, seed: int = 0, steps: int = 300, *,
+               think_where: str = "answer", tier: Tier = TIER2_REPRO, out_dir=SEARCH_DIR,
+               progress: bool = False) -> dict:
+    """One setting of tier 2 (``tier.cfg`` with ``changes``), one seed: trained, evaluated on the
+    test lines, and appended as one JSON line to ``out_dir/rows.jsonl`` (issue #21's search).
+
+    returns: {"name", "changes", "seed", "steps", "think_where", "thought_correct" (test, T = 1,
+    4 thoughts a line), "thought_correct_greedy", "answer_acc" (after sampled thoughts),
+    "answer_acc_greedy" (after the greedy thought), "answer_nll", "w_answer", "seconds",
+    "curve": [{"step", "thought_correct", "thought_correct_greedy", "answer_acc"}] (validation,
+    during training), "command"}.
+    """
+    changes = dict(changes or {})
+    arm = Arm(name, changes, think_where=think_where)
+    r = run_arm(tier, arm, seed, out_dir, progress=progress, steps=steps)
+    ev = json.loads((Path(out_dir) / tier.name / f"{name}-seed{seed}" / "eval.json").read_text())["eval"]
+    row = {"name": name, "changes": changes, "seed": seed, "steps": r["steps"], "think_where": think_where,
+           "n_thoughts": tier.cfg.replace(**changes).n_thoughts}
+    row.update({k: r.get(k) for k in SEARCH_FIGURES if k in r})
+    row["answer_acc_greedy"] = ev["quiet_star"].get("answer_acc_greedy")
+    row["curve"] = [{k: e.get(k) for k in ("step", "thought_correct", "thought_correct_greedy", "answer_acc")}
+                    for e in r["evals"]]
+    args = " ".join(f"{k}={v!r}".replace(" ", "") for k, v in changes.items())
+    row["command"] = (f"python -m qstar_mini.experiments search {name} {args} --seed {seed} --steps {steps}"
+                      + (f" --think-where {think_where}" if think_where != "answer" else "")).replace("  ", " ")
+    out = Path(out_dir) / "rows.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def parse_search_args(argv: list[str]) -> dict:
+    """``NAME [field=value ...] [--seed N] [--steps N] [--think-where answer|all]`` -> the
+    keyword arguments of :func:`search_row`; values are Python literals (``lr=2e-4``,
+    ``clamp_negative_rewards=False``)."""
+    import ast
+
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit("usage: python -m qstar_mini.experiments search NAME [field=value ...] "
+                         "[--seed N] [--steps N] [--think-where answer|all]")
+    kwargs, changes, rest = {"name": argv[0]}, {}, list(argv[1:])
+    while rest:
+        item = rest.pop(0)
+        if item in ("--seed", "--steps", "--think-where"):
+            if not rest:
+                raise SystemExit(f"{item} needs a value")
+            value = rest.pop(0)
+            key = item[2:].replace("-", "_")
+            kwargs[key] = value if key == "think_where" else int(value)
+        elif "=" in item:
+            key, value = item.split("=", 1)
+            try:
+                changes[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                changes[key] = value                                       # a plain string, e.g. mixing=hidden
+        else:
+            raise SystemExit(f"search: cannot read {item!r}; give config changes as field=value")
+    tier_fields = {f.name for f in dataclasses.fields(QuietStarConfig)}
+    unknown = sorted(set(changes) - tier_fields)
+    if unknown:
+        raise SystemExit(f"search: unknown config field(s) {unknown}; see qstar_mini.config.QuietStarConfig")
+    kwargs["changes"] = changes
+    return kwargs
+
+
+if __name__ == "__main__":  # python -m qstar_mini.experiments [demo|reproduce|ablations|differences|search]
     what = sys.argv[1] if len(sys.argv) > 1 else "demo"
+    if what == "search":
+        torch.set_num_threads(1)
+        print(json.dumps({k: v for k, v in search_row(**parse_search_args(sys.argv[2:])).items() if k != "curve"}))
+        sys.exit(0)
     runs = {"demo": run_demo_pipeline, "reproduce": run_reproduction, "ablations": run_ablations,
             "differences": run_differences}
     if what not in runs:

@@ -1,0 +1,123 @@
+"""Issue #21's measuring tools: the base's visible working as the bar for the answer, thoughts
+judged step by step, and the search driver (``python -m qstar_mini.experiments search``).
+
+The training run of :func:`search_row` takes about a minute (it evaluates 500 validation lines
+twice): it runs only with ``QSTAR_SLOW=1 python -m pytest tests/test_experiments.py``.
+"""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from qstar_mini.config import tiny
+from qstar_mini.data import read_jsonl
+from qstar_mini.errors import DataError
+from qstar_mini.evaluate import (answer_only, running_sum_agreement, thought_correctness, thought_sum_agreement,
+                                 visible_working_accuracy)
+from qstar_mini.experiments import TIER2_REPRO, parse_search_args, search_row
+from qstar_mini.models import evaluate_base, load_model
+from qstar_mini.paths import DATA_DIR, TINY_BASE, TINY_BASE_NOISY
+from qstar_mini.step import prepare_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def records():
+    return answer_only(read_jsonl(DATA_DIR / "test.jsonl"))[:40]
+
+
+# ----------------------------------------------------------------------------- running_sum_agreement
+
+def test_running_sum_agreement_step_by_step():
+    # 31415: running sums 3 4 8 9 4
+    right = running_sum_agreement("31415", "34894")
+    assert right == {"all": True, "last": True, "steps": [True] * 5, "carried": [True] * 5}
+    carried = running_sum_agreement("31415", "35905")       # step 2 wrong, carried forward: last wrong
+    assert carried["steps"] == [True, False, False, False, False] and not carried["last"]
+    assert carried["carried"] == [True, False, True, True, True]
+    cancelled = running_sum_agreement("31415", "35894")     # step 2 wrong, not carried: last right
+    assert cancelled["last"] and not cancelled["all"]
+    assert cancelled["steps"] == [True, False, True, True, True]
+    assert cancelled["carried"] == [True, False, False, True, True]
+    for bad in ("3489", "348944", "34a94", ""):
+        assert running_sum_agreement("31415", bad) == {"all": False, "last": False, "steps": [False] * 5,
+                                                       "carried": [False] * 5}
+
+
+def test_running_sum_agreement_bad_question():
+    with pytest.raises(DataError):
+        running_sum_agreement("3x415", "34894")
+
+
+# ----------------------------------------------------------------------------- thought_sum_agreement
+
+def test_thought_sum_agreement_matches_thought_correctness(records):
+    cfg = tiny(n_thoughts=2)
+    model, tok = load_model(TINY_BASE_NOISY)
+    torch.manual_seed(0)
+    meta, _ = prepare_model(model, tok, cfg)
+    for kw in (dict(greedy=True), dict(temperature=1.0, n_samples=2)):
+        judged = thought_sum_agreement(model, tok, meta, cfg, records, seed=3, **kw)
+        assert judged["all_right"] == thought_correctness(model, tok, meta, cfg, records, seed=3, **kw)
+        assert judged["n"] == len(records) * (1 if kw.get("greedy") else 2)
+        assert judged["all_right"] <= judged["last_right"] <= 1
+        assert judged["last_right_not_all"] == pytest.approx(judged["last_right"] - judged["all_right"], abs=1e-3)
+        assert judged["step_right"][-1] == judged["last_right"] and len(judged["carried_right"]) == 5
+
+
+# ----------------------------------------------------------------------------- visible_working_accuracy
+
+def test_visible_working_clean_base_is_right(records):
+    model, tok = load_model(TINY_BASE)                      # its working is always right
+    res = visible_working_accuracy(model, tok, records, temperatures=(0.5,), seed=0)
+    assert set(res["by_temperature"]) == {"0.5", "greedy"} and res["n"] == len(records)
+    assert res["by_temperature"]["greedy"] == {"working_correct": 1.0, "answer_acc": 1.0}
+    assert res["best"]["answer_acc"] == 1.0
+
+
+def test_visible_working_greedy_agrees_with_evaluate_base(records):
+    model, tok = load_model(TINY_BASE_NOISY)                # its working is often wrong
+    ours = visible_working_accuracy(model, tok, records, temperatures=(), seed=0)["by_temperature"]["greedy"]
+    theirs = evaluate_base(model, tok, records, seed=0)
+    assert ours["working_correct"] == theirs["working_correct_greedy"]
+    assert ours["answer_acc"] == theirs["answer_acc_after_greedy_working"]
+    assert ours["working_correct"] < 1.0
+
+
+def test_visible_working_needs_questions():
+    model, tok = load_model(TINY_BASE)
+    with pytest.raises(DataError, match="question"):
+        visible_working_accuracy(model, tok, [{"text": "hello"}])
+
+
+# ----------------------------------------------------------------------------- the search driver
+
+def test_parse_search_args():
+    got = parse_search_args(["long", "clamp_negative_rewards=False", "lr=2e-4", "mixing=hidden",
+                             "--seed", "2", "--steps", "900", "--think-where", "all"])
+    assert got == {"name": "long", "seed": 2, "steps": 900, "think_where": "all",
+                   "changes": {"clamp_negative_rewards": False, "lr": 2e-4, "mixing": "hidden"}}
+    with pytest.raises(SystemExit, match="unknown config field"):
+        parse_search_args(["x", "n_thought=4"])
+    with pytest.raises(SystemExit, match="usage"):
+        parse_search_args([])
+    with pytest.raises(SystemExit, match="field=value"):
+        parse_search_args(["x", "lr"])
+    with pytest.raises(SystemExit, match="needs a value"):
+        parse_search_args(["x", "--steps"])
+
+
+@pytest.mark.skipif(os.environ.get("QSTAR_SLOW") != "1", reason="about a minute; set QSTAR_SLOW=1")
+def test_search_row_writes_a_row(tmp_path):
+    tier = dataclasses.replace(TIER2_REPRO, eval_lines=8, cfg=TIER2_REPRO.cfg.replace(batch_size=4, n_thoughts=2))
+    row = search_row("t", {"lr": 2e-4}, seed=0, steps=1, tier=tier, out_dir=tmp_path)
+    saved = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert saved == [row]
+    assert row["changes"] == {"lr": 2e-4} and row["steps"] == 1 and row["n_thoughts"] == 2
+    assert [c["step"] for c in row["curve"]] == [0, 1]
+    assert 0 <= row["thought_correct"] <= 1 and 0 <= row["answer_acc_greedy"] <= 1
+    assert row["command"] == "python -m qstar_mini.experiments search t lr=0.0002 --seed 0 --steps 1"
