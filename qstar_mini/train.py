@@ -39,6 +39,18 @@ gradients are averaged across processes (DDP). Two CPU processes on one machine:
 (on a machine without GPUs ``--multi_gpu`` starts two torchrun processes that use the CPU
 with the gloo backend; with accelerate 1.15 ``--cpu --num_processes 2`` starts *one* process
 unless MPI is set up, so the spelling above is the one that works out of the box).
+
+**Sharding (FSDP).** A 7B model's fp32 weights, gradients and AdamW moments (~116 GB) fit on no
+single GPU. ``accelerate launch --config_file configs/accelerate/fsdp_7b_8gpu.yaml`` (or
+``--use_fsdp --fsdp_version 2``) shards all three across the processes with FSDP2
+(``torch.distributed.fsdp.fully_shard``): each process keeps 1/N of every tensor and gathers a
+layer's full weights only while it runs. The loop is the same; what changes is in
+:func:`make_accelerator` (accelerate 1.15 silently falls back to DDP on a CPU-only machine:
+we switch it to FSDP, which torch runs on the CPU with gloo), :func:`evaluate_now` (every
+process evaluates, inside the sharded module's forward, where its weights are whole),
+:func:`save` (the full state is gathered on the main process, which writes the same checkpoint
+a single process would) and :func:`set_up` (a resumed optimiser state is sharded after
+wrapping). ``configs/accelerate/fsdp_cpu_2proc.yaml`` is the two-process CPU check.
 ``cfg.batch_size`` is the *global* batch of one optimiser step; with ``grad_accum`` > 1 it is
 split into that many micro-batches per process.
 
@@ -70,6 +82,7 @@ from .evaluate import quick_eval
 from .files import append_jsonl
 from .generate import decode_thought, thought_is_correct
 from .losses import combined_loss, masked_mean, reinforce_loss
+from .meta_tokens import MetaTokens
 from .models import load_model
 from .paths import DATA_DIR, TINY_BASE
 from .records import (Encoded, batch_indices, encode_records, held_out_records, load_records,
@@ -95,11 +108,31 @@ class QuietStarModule(nn.Module):
         super().__init__()
         self.model, self.meta, self.head = model, meta, head
 
-    def forward(self, input_ids, attention_mask, cfg: QuietStarConfig, generator=None, step=None,
-                shuffle_rewards: bool = False, positions=None) -> dict:
+    @property
+    def _no_split_modules(self):
+        """The LM's layer classes (``MistralDecoderLayer``, ...): what FSDP's transformer-layer
+        auto-wrap shards one by one when the config names none."""
+        return getattr(self.model, "_no_split_modules", None)
+
+    def tie_weights(self, *args, **kwargs):
+        """Re-tie the LM's input and output embeddings (a tied model). FSDP's low-memory loading
+        moves every parameter to the meta device and back, which unties them; accelerate then
+        calls this, as it would on a Hugging Face model."""
+        tie = getattr(self.model, "tie_weights", None)
+        if tie is not None:
+            tie(*args, **kwargs)
+
+    def forward(self, input_ids=None, attention_mask=None, cfg: QuietStarConfig = None, generator=None,
+                step=None, shuffle_rewards: bool = False, positions=None, *, inside=None):
         """input_ids, attention_mask: (b, seq). positions: (b,) the one thinking position of each
         line (-1: none; ``think_where="answer"``), or None for every position. shuffle_rewards:
-        the shuffled-reward control (:func:`shuffled_policy_loss`)."""
+        the shuffled-reward control (:func:`shuffled_policy_loss`).
+
+        inside: instead of a step, return ``inside(model, meta, head)``. Under FSDP the weights
+        are whole only during this module's forward, so code that reads the three parts
+        directly (the periodic evaluation) runs here, on every process."""
+        if inside is not None:
+            return inside(self.model, self.meta, self.head)
         out = quiet_star_step(self.model, self.meta, self.head, input_ids, attention_mask, cfg,
                               generator=generator, step=step,
                               positions=None if positions is None else positions[:, None])
@@ -210,19 +243,30 @@ def step_metrics(out: dict, think_pos: torch.Tensor, fast_path: bool, questions,
 
 # ============================================================================ devices, randomness, signals
 
-def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+def _rng_state(generator: torch.Generator, accelerator=None) -> dict[str, torch.Tensor]:
+    """The RNG states a checkpoint keeps: torch's, CUDA's and the thought generator's. With
+    several processes every process calls this: each samples its own thoughts with its own
+    generator, so all their states are gathered ("thoughts" is process 0's, "thoughts1" process
+    1's, ...) for a resumed run to continue each one's stream."""
     state = {"torch": torch.get_rng_state(), "thoughts": generator.get_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             state[f"cuda{i}"] = s
+    if accelerator is not None and accelerator.num_processes > 1:
+        mine = generator.get_state().to(accelerator.device)[None]                 # (1, n) uint8
+        every = accelerator.gather(mine).cpu()                                     # (world, n)
+        state.update({f"thoughts{r}": every[r] for r in range(1, accelerator.num_processes)})
     return state
 
 
-def _set_rng_state(rng: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+def _set_rng_state(rng: dict[str, torch.Tensor], generator: torch.Generator, rank: int = 0) -> None:
+    """Restore :func:`_rng_state`'s states; process ``rank`` takes its own thought generator's
+    (one a checkpoint lacks, e.g. resuming with more processes, keeps its fresh seed)."""
     if "torch" in rng:
         torch.set_rng_state(rng["torch"])
-    if "thoughts" in rng:
-        generator.set_state(rng["thoughts"])
+    key = "thoughts" if rank == 0 else f"thoughts{rank}"
+    if key in rng:
+        generator.set_state(rng[key])
     if torch.cuda.is_available():
         states = [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
         if len(states) == torch.cuda.device_count():
@@ -236,12 +280,141 @@ def make_accelerator(device: str | None = None, grad_accum: int = 1, find_unused
     mixing head).
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
     cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
-    return Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16",
-                       gradient_accumulation_steps=grad_accum,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16",
+                              gradient_accumulation_steps=grad_accum,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
+    if _fsdp_asked() and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        _shard_on_cpu(accelerator)
+    if is_sharded(accelerator) and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise ConfigError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config "
+                          "(or pass --fsdp_version 2 to accelerate launch)")
+    return accelerator
+
+
+# ============================================================================ sharded runs (FSDP2)
+
+def _fsdp_asked() -> bool:
+    """Did ``accelerate launch`` ask for FSDP (``--use_fsdp`` or ``distributed_type: FSDP``)?"""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def is_sharded(accelerator) -> bool:
+    """Are the parameters, gradients and optimiser state sharded across the processes (FSDP)?"""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _shard_on_cpu(accelerator) -> None:
+    """Turn a multi-process CPU run that asked for FSDP into one.
+
+    accelerate 1.15 enables FSDP only on GPU-like devices: on a CPU-only machine ``--use_fsdp``
+    quietly gives DDP (``DistributedType.MULTI_CPU``; the plugin is dropped). torch's FSDP2
+    itself runs on the CPU over gloo, so give the accelerator's state the plugin the launcher's
+    settings describe (``FSDP_*`` variables) and the FSDP type; ``prepare``, ``clip_grad_norm_``
+    and the rest then take their FSDP2 paths, as on GPUs.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP    # as AcceleratorState does
+
+
+def _fsdp_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _optimizer_names(module: nn.Module, optimizer) -> list[list[str]]:
+    """The parameter names of each param group, in the optimiser's order (a checkpoint numbers
+    the parameters 0, 1, ... in this order; torch's sharded state dicts name them)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+def _named_to_numbered(state: dict, names: list[list[str]]) -> dict:
+    """A full optimiser state keyed by parameter names -> the numbered one ``optimizer.state_dict()``
+    gives on one process (what :func:`qstar_mini.checkpoint.save_checkpoint` writes)."""
+    number = {n: i for i, n in enumerate(n for group in names for n in group)}
+    groups = [dict(g, params=[number[n] for n in g["params"]]) for g in state["param_groups"]]
+    return {"state": {number[n]: v for n, v in state["state"].items()}, "param_groups": groups}
+
+
+def _numbered_to_named(state: dict, names: list[list[str]]) -> dict:
+    """The inverse of :func:`_named_to_numbered`."""
+    flat = [n for group in names for n in group]
+    groups = [dict(g, params=list(group)) for g, group in zip(state["param_groups"], names)]
+    return {"state": {flat[int(i)]: v for i, v in state["state"].items()}, "param_groups": groups}
+
+
+def _load_sharded_optimizer(run_module: nn.Module, optimizer, numbered: dict) -> None:
+    """Every process: shard a full (numbered) optimiser state into the wrapped optimiser."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    named = _numbered_to_named(numbered, _optimizer_names(run_module, inner))
+    set_optimizer_state_dict(run_module, inner, named, options=StateDictOptions(full_state_dict=True))
+
+
+class _GatheredLM:
+    """The LM as :func:`save_checkpoint` writes it from a sharded run: the live model's class and
+    config, the full tensors gathered on the main process (``save_pretrained(state_dict=...)``)."""
+
+    def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor]):
+        # A tied pair (embeddings = LM head) is one parameter with two names; gathered, it is two
+        # copies. Keep the first name only, as save_pretrained does for a live tied model.
+        tied = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
+                - {n for n, _ in model.named_parameters()})
+        self.model, self.tensors = model, {k: v for k, v in tensors.items() if k not in tied}
+        table = model.get_input_embeddings().weight
+        self.embed_key = next(n for n, p in model.named_parameters() if p is table)
+
+    def get_input_embeddings(self):               # MetaTokens.write_into writes the meta rows here
+        return _Holder(weight=self.tensors[self.embed_key])
+
+    def save_pretrained(self, path, **kwargs):
+        self.model.save_pretrained(path, state_dict=self.tensors, **kwargs)
+
+
+class _Holder:
+    """Something with ``.weight`` (a gathered embedding table) or ``.state_dict()`` (a gathered
+    head or optimiser state), for :func:`save_checkpoint`."""
+
+    def __init__(self, weight=None, state=None):
+        self.weight, self._state = weight, state
+
+    def state_dict(self):
+        return self._state
+
+
+def _gathered_parts(run: "Run"):
+    """Every process: gather the full model and optimiser state (torch's
+    ``get_state_dict(full_state_dict=True, cpu_offload=True)``); returns, on the main process,
+    (model, meta, head, optimizer) stand-ins holding full CPU tensors, elsewhere None."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    inner = run.optimizer.optimizer
+    if not inner.state:              # nothing to gather (a checkpoint before the first step)
+        tensors, optim = get_model_state_dict(run.module, options=_fsdp_options()), None
+    else:
+        tensors, optim = get_state_dict(run.module, inner, options=_fsdp_options())
+    if not run.main:
+        return None
+    part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    raw, stored = run.raw, tensors["meta.stored"]
+    meta = MetaTokens(raw.meta.start_id, raw.meta.end_id, stored * raw.meta.scale, scale=raw.meta.scale)
+    with torch.no_grad():
+        meta.stored.copy_(stored)
+    numbered = (run.optimizer.state_dict() if optim is None       # no state yet: only the groups
+                else _named_to_numbered(optim, _optimizer_names(run.module, inner)))
+    return (_GatheredLM(raw.model, part("model.")), meta, _Holder(state=part("head.")),
+            _Holder(state=numbered))
 
 
 class StopRequest:
@@ -443,9 +616,15 @@ def set_up(cfg: QuietStarConfig, model_name_or_path, records: list[dict], run_di
         if start_step > cfg.steps:
             raise ConfigError(f"--resume: {run_dir.checkpoint} has already trained {start_step} steps; "
                               f"--steps must be at least that (more steps extend the run)")
-        _set_rng_state(rng, generator)
+        _set_rng_state(rng, generator, rank)
+    saved_optimizer = None
+    if is_sharded(accelerator):      # wrapping replaces the parameters the loaded state is keyed by
+        saved_optimizer = optimizer.state_dict() if run_dir.resuming else None
+        optimizer.state.clear()
     module, optimizer = accelerator.prepare(raw, optimizer)   # the scheduler is stepped by hand
     raw = accelerator.unwrap_model(module)
+    if saved_optimizer is not None:
+        _load_sharded_optimizer(module, optimizer, saved_optimizer)
     if accelerator.is_main_process:
         _start_metrics(run_dir, start_step)
     settings = {**settings, "world_size": world, "grad_accum": grad_accum, "batch_size": cfg.batch_size}
@@ -507,26 +686,43 @@ def log_step(run: Run, last: dict, step: int, t0: float, bar) -> None:
 
 
 def evaluate_now(run: Run, step: int) -> None:
-    """The periodic evaluation on the held-out lines (main process only), kept and written."""
-    if run.eval_records is None or not run.main:
+    """The periodic evaluation on the held-out lines, kept and written (main process).
+
+    Unsharded, the main process evaluates alone. Sharded (FSDP), every process evaluates the
+    same lines inside the module's forward, where the weights are gathered whole; the results
+    are the same on all, the main one keeps them."""
+    if run.eval_records is None:
         return
-    raw = run.raw
-    result = run.eval_fn(raw.model, run.tokenizer, raw.meta, raw.head, run.cfg, run.eval_records)
+    evaluate = lambda model, meta, head: run.eval_fn(model, run.tokenizer, meta, head, run.cfg, run.eval_records)
+    if is_sharded(run.accelerator):
+        with torch.no_grad():
+            result = run.module(inside=evaluate)
+    elif run.main:
+        result = evaluate(run.raw.model, run.raw.meta, run.raw.head)
+    if not run.main:
+        return
     run.evals.append({"step": step, **result})
     if run.run_dir.metrics is not None:
         append_jsonl(run.run_dir.metrics, {"kind": "eval", "step": step, **result})
 
 
 def save(run: Run, step: int) -> None:
-    """An atomic checkpoint of everything ``resume`` needs (all processes wait; main writes)."""
+    """An atomic checkpoint of everything ``resume`` needs (all processes wait; main writes).
+
+    Sharded (FSDP), the full tensors are first gathered on the main process: the checkpoint is
+    the one a single process would write, loadable by :func:`load_checkpoint` anywhere."""
     if run.run_dir.checkpoint is None:
         return
     run.accelerator.wait_for_everyone()
+    parts = _gathered_parts(run) if is_sharded(run.accelerator) else None   # every process takes part
+    rng = _rng_state(run.generator, run.accelerator)                          # (all) gathered too
     if run.main:
         raw = run.raw
-        save_checkpoint(run.run_dir.checkpoint, raw.model, run.tokenizer, raw.meta, raw.head, run.cfg,
-                        optimizer=run.optimizer, scheduler=run.scheduler, rng=_rng_state(run.generator),
+        model, meta, head, optimizer = parts or (raw.model, raw.meta, raw.head, run.optimizer)
+        save_checkpoint(run.run_dir.checkpoint, model, run.tokenizer, meta, head, run.cfg,
+                        optimizer=optimizer, scheduler=run.scheduler, rng=rng,
                         trainer_state={"step": step, "evals": run.evals, **run.settings})
+    run.accelerator.wait_for_everyone()     # no process reads the checkpoint before it is written
 
 
 # ============================================================================ the loop
