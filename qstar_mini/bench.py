@@ -32,7 +32,9 @@ Rows (all on one machine, in one run, medians of ``repeats`` timings after ``war
   the thread count restored after), eager attention on both (the official file patches eager
   Mistral; ours also with sdpa for the default ``attention``). One row per ``attention`` mode
   (``mask``, ``blocks`` and the config's default): ``median_s`` ours, ``baseline_median_s`` the
-  official step, ``ratio`` = official / ours, "how many times faster" ours is.
+  official step, ``ratio`` = official / ours, "how many times faster" ours is; the same from the
+  processes' CPU time in ``cpu_s``, ``baseline_cpu_s``, ``cpu_ratio`` (one thread: equal to the
+  wall time when the machine is idle, much less inflated than it when other jobs share the cores).
 
 JSON: ``{"machine": ..., "rows": [{"name", "params", "median_s", "baseline_median_s", "ratio",
 "passes", "overhead", ...}]}``; fields that do not apply are null. ``ratio`` reads "how many
@@ -494,6 +496,19 @@ def official_step_seconds(python: str, seq: int, batch: int, repeats: int, warmu
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def timeit_wall_and_cpu(fn, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """Medians of the wall time and of this process's CPU time of fn() in seconds (CPU only)."""
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+    return statistics.median(wall), statistics.median(cpu)
+
+
 def official_rows(venv: str, seqs=OFFICIAL_SEQS, batch: int = 4, repeats: int = 3, warmup: int = 1,
                   sdpa: bool = True) -> list[dict]:
     """Our training step against the official code's, one thread each, same model shape and batch.
@@ -501,7 +516,8 @@ def official_rows(venv: str, seqs=OFFICIAL_SEQS, batch: int = 4, repeats: int = 
     For each length: the official step (a subprocess in ``venv``), then ours in this process
     with ``official()`` settings (t = 11, n_true = 4, n_thoughts = 2) for each ``attention``
     mode (the default first, then ``mask``, ``blocks``), eager attention like the official code
-    (and sdpa for the default mode when ``sdpa``). CPU, float32. ratio = official / ours.
+    (and sdpa for the default mode when ``sdpa``). CPU, float32. ratio = official / ours, from
+    wall times; cpu_ratio the same from each process's CPU time (robust to a shared machine).
     """
     from .config import official
     from .models import tiny_config
@@ -520,14 +536,15 @@ def official_rows(venv: str, seqs=OFFICIAL_SEQS, batch: int = 4, repeats: int = 
         rows = []
         for seq in seqs:
             theirs = official_step_seconds(python, seq, batch, repeats, warmup, dims)
-            baseline = theirs["rows"][0]["median_s"]
+            baseline, baseline_cpu = theirs["rows"][0]["median_s"], theirs["rows"][0]["cpu_median_s"]
             ids, mask = random_batch(batch, seq, 85)
             for attention in attentions:
                 cfg = cfg0.replace(seq_len=seq, attention=attention)
                 default = attention == cfg0.attention
                 for impl in [i for i in models if i == "eager" or default]:
                     model, meta, head = models[impl]
-                    ours = timeit(lambda: _step(model, meta, head, ids, mask, cfg), repeats, warmup)
+                    ours, ours_cpu = timeit_wall_and_cpu(lambda: _step(model, meta, head, ids, mask, cfg),
+                                                         repeats, warmup)
                     label = f"attention={attention}{' (default)' if default else ''}, {impl}"
                     rows.append(dict(name=f"step: qstar_mini vs official code, {label}",
                                      params=dict(seq=seq, batch=batch, attention=attention, attn=impl,
@@ -535,6 +552,7 @@ def official_rows(venv: str, seqs=OFFICIAL_SEQS, batch: int = 4, repeats: int = 
                                                  n_thoughts=cfg.n_thoughts, threads=1, memory=cfg.memory),
                                      median_s=ours, baseline_median_s=baseline, ratio=baseline / ours,
                                      passes=step_passes(cfg), overhead=None,
+                                     cpu_s=ours_cpu, baseline_cpu_s=baseline_cpu, cpu_ratio=baseline_cpu / ours_cpu,
                                      baseline_times_s=theirs["rows"][0]["times_s"],
                                      baseline_versions=theirs["versions"]))
     finally:

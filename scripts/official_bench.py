@@ -4,7 +4,9 @@ What it times: the official ``MistralForCausalLM.forward`` with labels (the trai
 point of the released code, its loop of n_ahead + n_ahead_talk - 1 passes with the dense
 mask it grows each pass) followed by ``loss.backward()``, then the gradients are dropped.
 One timing = one step. Printed: the median of ``--repeats`` timings after ``--warmup``
-untimed steps, per sequence length, as JSON on stdout.
+untimed steps, per sequence length, as JSON on stdout: wall time (``median_s``) and the
+process's CPU time (``cpu_median_s``; with one thread it equals the wall time on an idle
+machine, and other processes on a shared machine inflate it far less).
 
 Settings are the official defaults (quiet-star-train.py): n_ahead 12 (t = 11 in qstar_mini's
 notation: start + 9 sampled + end), n_ahead_talk 4 (n_true), n_passes 2 (n_thoughts); the
@@ -157,12 +159,14 @@ def main():
 
         for _ in range(args.warmup):
             step()
-        times = []
+        times, cpu_times = [], []
         for _ in range(args.repeats):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step()
             times.append(time.perf_counter() - start)
-        rows.append(dict(seq=seq, batch=args.batch, median_s=statistics.median(times), times_s=times))
+            cpu_times.append(time.process_time() - cpu_start)
+        rows.append(dict(seq=seq, batch=args.batch, median_s=statistics.median(times), times_s=times,
+                         cpu_median_s=statistics.median(cpu_times), cpu_times_s=cpu_times))
     print(json.dumps({
         "what": "official Quiet-STaR training step (MistralForCausalLM.forward with labels + backward)",
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",

@@ -198,5 +198,6 @@ def test_official_rows_time_the_official_step_beside_ours():
         assert KEYS <= set(row) and row["name"].startswith("step: qstar_mini vs official code")
         assert row["median_s"] > 0 and row["baseline_median_s"] > 0
         assert row["ratio"] == pytest.approx(row["baseline_median_s"] / row["median_s"])
+        assert row["cpu_ratio"] == pytest.approx(row["baseline_cpu_s"] / row["cpu_s"]) and row["cpu_s"] > 0
         assert row["params"]["threads"] == 1 and row["params"]["t"] == 11 and row["params"]["n_true"] == 4
         assert row["baseline_versions"]["transformers"].startswith("4.37.")
