@@ -53,10 +53,15 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 
 from .block_attention import PASSIVE
 from .errors import ModelError
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
+except ImportError as e:                        # FlexAttention arrived in torch 2.5
+    raise ModelError(f"attention='flex' needs torch >= 2.5 (FlexAttention); this is torch {torch.__version__}: "
+                     f"upgrade torch or use attention='blocks' or 'mask'") from e
 
 NAME = "qstar_flex"
 

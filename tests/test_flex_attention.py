@@ -14,7 +14,9 @@ import sys
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import create_mask
+
+pytest.importorskip("torch.nn.attention.flex_attention", reason="FlexAttention needs torch >= 2.5")
+from torch.nn.attention.flex_attention import create_mask  # noqa: E402
 
 from qstar_mini.config import tiny
 from qstar_mini.errors import ModelError
@@ -140,7 +142,7 @@ def _gpu_check_script():
     return module
 
 
-def test_gpu_check_script_parses_and_plans_on_cpu(capsys):
+def test_gpu_check_script_parses_and_plans_on_cpu(capsys, monkeypatch):
     script = _gpu_check_script()
     args = script.parse_args(["--dry-run", "--sizes", "tiny,100m", "--dtypes", "bfloat16"])
     assert args.sizes == ["tiny", "100m"] and args.dtypes == ["bfloat16"]
@@ -149,4 +151,8 @@ def test_gpu_check_script_parses_and_plans_on_cpu(capsys):
     assert "100m" in plan and "flex" in plan and "blocks" in plan
     with pytest.raises(SystemExit):
         script.parse_args(["--sizes", "huge"])
-    assert script.main([]) == (0 if torch.cuda.is_available() else 2)     # refuses without CUDA
+    assert "'huge': choose a comma-separated list from tiny, 100m" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert script.main(["--skip", "kernel,step,timing"]) == 2                # refuses without CUDA, in one line
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--device cpu" in err
