@@ -108,12 +108,6 @@ class QuietStarModule(nn.Module):
         super().__init__()
         self.model, self.meta, self.head = model, meta, head
 
-    @property
-    def _no_split_modules(self):
-        """The LM's layer classes (``MistralDecoderLayer``, ...): what FSDP's transformer-layer
-        auto-wrap shards one by one when the config names none."""
-        return getattr(self.model, "_no_split_modules", None)
-
     def tie_weights(self, *args, **kwargs):
         """Re-tie the LM's input and output embeddings (a tied model). FSDP's low-memory loading
         moves every parameter to the meta device and back, which unties them; accelerate then
@@ -288,9 +282,8 @@ def make_accelerator(device: str | None = None, grad_accum: int = 1, find_unused
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
     if _fsdp_asked() and accelerator.distributed_type == DistributedType.MULTI_CPU:
         _shard_on_cpu(accelerator)
-    if is_sharded(accelerator) and accelerator.state.fsdp_plugin.fsdp_version != 2:
-        raise ConfigError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config "
-                          "(or pass --fsdp_version 2 to accelerate launch)")
+    if is_sharded(accelerator):
+        _check_fsdp_plugin(accelerator.state.fsdp_plugin)
     return accelerator
 
 
@@ -323,6 +316,23 @@ def _shard_on_cpu(accelerator) -> None:
     accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
     accelerator.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP    # as AcceleratorState does
+
+
+def _check_fsdp_plugin(plugin) -> None:
+    """What this loop can shard: FSDP2, the whole :class:`QuietStarModule` as one unit.
+
+    Per-layer units (``fsdp_auto_wrap_policy`` other than NO_WRAP, which FSDP's activation
+    checkpointing also needs) cannot work here: the talk pass backpropagates through the KV
+    cache into the *plain* pass of the same layer, after the layer's unit has resharded (freed)
+    its weights at the end of its own backward ("setStorage: ... storage of size 0")."""
+    if plugin.fsdp_version != 2:
+        raise ConfigError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config "
+                          "(or pass --fsdp_version 2 to accelerate launch)")
+    if plugin.auto_wrap_policy is not None or plugin.activation_checkpointing:
+        raise ConfigError("qstar-mini shards the whole model as one FSDP unit: set fsdp_auto_wrap_policy: "
+                          "NO_WRAP and fsdp_activation_checkpointing: false (gradients reach a layer through "
+                          "the KV cache after a per-layer unit has freed its weights); to save activation "
+                          "memory use --memory rescore_checkpointed")
 
 
 def _fsdp_options():
