@@ -155,6 +155,39 @@ def _check_same_as_one_process(root: Path, mode: str) -> list[dict]:
     return ranks
 
 
+def test_fsdp_settings_this_loop_cannot_use_are_refused():
+    """Per-layer FSDP units (and FSDP's activation checkpointing, which needs them) fail in the
+    backward ("setStorage: ... storage of size 0"): refused in one line, naming the fix."""
+    from accelerate.utils import FullyShardedDataParallelPlugin as Plugin
+
+    from qstar_mini.errors import ConfigError
+    from qstar_mini.train import _check_fsdp_plugin
+
+    for bad, says in [(dict(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                            transformer_cls_names_to_wrap=["MistralDecoderLayer"]), "NO_WRAP"),
+                      (dict(fsdp_version=2, auto_wrap_policy="no_wrap", activation_checkpointing=True),
+                       "rescore_checkpointed"),
+                      (dict(fsdp_version=1), "fsdp_version: 2")]:
+        with pytest.raises(ConfigError, match=says) as e:
+            _check_fsdp_plugin(Plugin(**bad))
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["fsdp_cpu_2proc.yaml", "fsdp_7b_8gpu.yaml"])
+def test_shipped_accelerate_configs_are_what_the_loop_runs(name):
+    import yaml
+    from accelerate.utils import FullyShardedDataParallelPlugin as Plugin
+
+    from qstar_mini.train import _check_fsdp_plugin
+
+    values = yaml.safe_load((REPO / "configs" / "accelerate" / name).read_text())
+    assert values["distributed_type"] == "FSDP" and values["use_cpu"] is False   # use_cpu: one process
+    fsdp = values["fsdp_config"]
+    assert fsdp["fsdp_reshard_after_forward"] is True                             # full shard
+    _check_fsdp_plugin(Plugin(fsdp_version=fsdp["fsdp_version"], auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower(),
+                              activation_checkpointing=fsdp["fsdp_activation_checkpointing"]))
+
+
 @slow
 def test_fsdp_two_processes_train_as_one(setup):
     from qstar_mini.checkpoint import load_checkpoint
