@@ -505,6 +505,112 @@ def search_row(name: str, changes: dict | None = None, seed: int = 0, steps: int
     return row
 
 
+@torch.no_grad()
+def reward_audit(model, tokenizer, meta, head, cfg: QuietStarConfig, records: list[dict], *, seed: int = 0,
+                 batch_size: int = 64) -> dict:
+    """Where REINFORCE's reward goes: one training step's rewards (Algorithm 1, line 2i; thinking
+    at the answer, ``cfg.n_thoughts`` thoughts a line, no update) on answer-only ``records``,
+    each thought judged by :func:`qstar_mini.evaluate.running_sum_agreement`.
+
+    The clamped reward max(r_j, 0) is what line 2j multiplies log p(T_j) by (with
+    ``cfg.clamp_negative_rewards``): its mass split by the kind of thought shows whether the
+    reward pays for right working or for thoughts that only end on the answer, or for neither.
+    returns: {"thoughts": {"all_right", "last_right_not_all", "last_wrong"} (fractions of the
+    thoughts), "positive_reward_share": the same three kinds' shares of the clamped reward mass,
+    "positive_reward_rate": per kind, the fraction of its thoughts with r_j > 0,
+    "groups_all_wrong_paid": the fraction of the clamped reward mass paid in groups (one line's
+    n_thoughts) where no thought is right, "n_thoughts", "n_lines"}.
+    """
+    from .evaluate import running_sum_agreement
+    from .generate import decode_thought
+    from .records import encode_records
+    from .step import quiet_star_step
+
+    records = [r for r in answer_only(records) if r.get("question")]
+    if not records:
+        raise ValueError("reward_audit needs answer-only lines with a 'question' (31415=4)")
+    enc = encode_records(tokenizer, records, cfg.seq_len)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    kinds, paid, positive, group_right = [], [], [], []
+    was = model.training
+    model.eval()
+    try:
+        for start in range(0, len(records), batch_size):
+            sl = slice(start, min(len(records), start + batch_size))
+            seq = int(enc.attention_mask[sl].sum(1).max())
+            ids, mask = enc.input_ids[sl, :seq].to(device), enc.attention_mask[sl, :seq].to(device)
+            out = quiet_star_step(model, meta, head, ids, mask, cfg, generator=generator,
+                                  positions=enc.think_pos[sl, None].to(device))
+            r = out.rewards[:, :, 0]                                           # (b, n): one position a line
+            for i, q in enumerate(enc.questions[sl]):
+                judged = [running_sum_agreement(q, decode_thought(tokenizer, out.thoughts[i, k, 0]))
+                          for k in range(r.shape[1])]
+                kinds += ["all_right" if j["all"] else "last_right_not_all" if j["last"] else "last_wrong"
+                          for j in judged]
+                paid += r[i].clamp(min=0).tolist()
+                positive += (r[i] > 0).tolist()
+                group_right += [any(j["all"] for j in judged)] * len(judged)
+    finally:
+        model.train(was)
+    total = sum(paid) or 1.0
+    names = ("all_right", "last_right_not_all", "last_wrong")
+    count = {k: sum(1 for x in kinds if x == k) for k in names}
+    return {"thoughts": {k: round(count[k] / len(kinds), 4) for k in names},
+            "positive_reward_share": {k: round(sum(p for p, x in zip(paid, kinds) if x == k) / total, 4)
+                                      for k in names},
+            "positive_reward_rate": {k: (round(sum(p for p, x in zip(positive, kinds) if x == k) / count[k], 4)
+                                         if count[k] else None) for k in names},
+            "groups_all_wrong_paid": round(sum(p for p, g in zip(paid, group_right) if not g) / total, 4),
+            "n_thoughts": cfg.n_thoughts, "n_lines": len(records)}
+
+
+def read_search_rows(out_dir=SEARCH_DIR) -> list[dict]:
+    """The rows :func:`search_row` appended to ``out_dir/rows.jsonl``, in order."""
+    path = Path(out_dir) / "rows.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def format_search_table(rows: list[dict]) -> str:
+    """A markdown table of search rows: setting, seed, steps, wall time, right thoughts on the
+    test lines (T = 1 / greedy), answer accuracy (after sampled / greedy thoughts), the command."""
+    lines = ["| setting | seed | steps | wall s | right thoughts T=1 | greedy | answer acc. (sampled / greedy thought) "
+             "| command |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    f = lambda v: "-" if v is None else f"{v:.3f}"                               # noqa: E731
+    for r in rows:
+        changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "tier 2 as in make reproduce"
+        note = f" ({r['note']})" if r.get("note") else ""
+        where = "" if r.get("think_where", "answer") == "answer" else f", thinking at {r['think_where']} positions"
+        lines.append(f"| {r['name']}: {changes}{where}{note} | {r['seed']} | {r['steps']} | {r['seconds']:.0f} | "
+                     f"{f(r['thought_correct'])} | {f(r['thought_correct_greedy'])} | "
+                     f"{f(r['answer_acc'])} / {f(r.get('answer_acc_greedy'))} | `{r['command']}` |")
+    return "\n".join(lines)
+
+
+def plot_search_curves(rows: list[dict], path, *, title: str = "", reference: dict | None = None) -> str:
+    """Right thoughts on the validation lines over training (T = 1 solid, greedy dashed), one
+    colour per row; ``reference``: {label: value} drawn as horizontal lines (the base's best)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, r in enumerate(rows):
+        colour = f"C{i % 10}"
+        steps = [c["step"] for c in r["curve"]]
+        ax.plot(steps, [c["thought_correct"] for c in r["curve"]], "-o", ms=3, color=colour,
+                label=f"{r['name']} seed {r['seed']}")
+        ax.plot(steps, [c["thought_correct_greedy"] for c in r["curve"]], "--", color=colour)
+    for j, (label, value) in enumerate((reference or {}).items()):
+        ax.axhline(value, color="k", ls=":" if j else "-.", lw=1, label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("right thoughts (validation); solid T=1, dashed greedy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return str(path)
+
+
 def parse_search_args(argv: list[str]) -> dict:
     """``NAME [field=value ...] [--seed N] [--steps N] [--think-where answer|all]`` -> the
     keyword arguments of :func:`search_row`; values are Python literals (``lr=2e-4``,

@@ -121,3 +121,23 @@ def test_search_row_writes_a_row(tmp_path):
     assert [c["step"] for c in row["curve"]] == [0, 1]
     assert 0 <= row["thought_correct"] <= 1 and 0 <= row["answer_acc_greedy"] <= 1
     assert row["command"] == "python -m qstar_mini.experiments search t lr=0.0002 --seed 0 --steps 1"
+
+
+def test_reward_audit_splits_the_reward(records):
+    from qstar_mini.experiments import reward_audit
+
+    cfg = tiny(n_thoughts=4)
+    model, tok = load_model(TINY_BASE_NOISY)
+    torch.manual_seed(0)
+    meta, head = prepare_model(model, tok, cfg)
+    res = reward_audit(model, tok, meta, head, cfg, records[:16], seed=0, batch_size=8)
+    assert res["n_lines"] == 16 and res["n_thoughts"] == 4
+    kinds = ("all_right", "last_right_not_all", "last_wrong")
+    assert set(res["thoughts"]) == set(kinds) == set(res["positive_reward_share"])
+    assert sum(res["thoughts"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert sum(res["positive_reward_share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert 0 <= res["groups_all_wrong_paid"] <= 1
+    # the same thoughts as thought_sum_agreement would judge: the base's are right about a third of the time
+    assert 0.1 < res["thoughts"]["all_right"] < 0.7
+    with pytest.raises(ValueError, match="answer-only"):
+        reward_audit(model, tok, meta, head, cfg, [r | {"has_working": True} for r in records[:2]])
