@@ -43,14 +43,16 @@ unless MPI is set up, so the spelling above is the one that works out of the box
 **Sharding (FSDP).** A 7B model's fp32 weights, gradients and AdamW moments (~116 GB) fit on no
 single GPU. ``accelerate launch --config_file configs/accelerate/fsdp_7b_8gpu.yaml`` (or
 ``--use_fsdp --fsdp_version 2``) shards all three across the processes with FSDP2
-(``torch.distributed.fsdp.fully_shard``): each process keeps 1/N of every tensor and gathers a
-layer's full weights only while it runs. The loop is the same; what changes is in
+(``torch.distributed.fsdp.fully_shard``): between steps each process keeps 1/N of every tensor;
+for a step the whole model is gathered (one FSDP unit: see :func:`_check_fsdp_plugin`) and the
+gradients are reduce-scattered after the backward. The loop is the same; what changes is in
 :func:`make_accelerator` (accelerate 1.15 silently falls back to DDP on a CPU-only machine:
 we switch it to FSDP, which torch runs on the CPU with gloo), :func:`evaluate_now` (every
 process evaluates, inside the sharded module's forward, where its weights are whole),
 :func:`save` (the full state is gathered on the main process, which writes the same checkpoint
 a single process would) and :func:`set_up` (a resumed optimiser state is sharded after
 wrapping). ``configs/accelerate/fsdp_cpu_2proc.yaml`` is the two-process CPU check.
+
 ``cfg.batch_size`` is the *global* batch of one optimiser step; with ``grad_accum`` > 1 it is
 split into that many micro-batches per process.
 
