@@ -25,18 +25,20 @@ MODES = ("mask", "blocks", "flex")
 
 
 def masked_step(model: nn.Module, attention: str, seq: int, m: int, step: int, attention_mask=None,
-                positions=None):
+                positions=None, cache=None):
     """Context for masked step ``step`` (1-based): keys = seq text keys, then ``step`` blocks of m.
 
     attention_mask: (rows, seq) the padding mask; positions: (rows, m) or None (every position
     thinks, m = seq). Only ``"flex"`` reads them (the others get the dense mask from the model).
+    cache: the step's KV cache; ``"blocks"`` writes into it in place when it is a
+    :func:`qstar_mini.block_attention.step_cache`.
     """
     if attention == "mask":
         return contextlib.nullcontext()
     if attention == "blocks":
         from .block_attention import structured
 
-        return structured(model, seq, m, step)
+        return structured(model, seq, m, step, cache)
     if attention == "flex":
         from .flex_attention import structured
 

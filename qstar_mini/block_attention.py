@@ -21,6 +21,21 @@ It is registered as a Hugging Face attention implementation and switched on only
 (``generate_thoughts(..., attention="blocks")``, ``QuietStarConfig.attention = "blocks"``).
 Everything else keeps the model's own attention. Tested equal to the masked sdpa/eager
 attention, values and gradients (``tests/test_block_attention.py``).
+
+**The cache without copies.** A ``DynamicCache`` grows by concatenation: step k copies the
+whole cache (seq + m * k keys per layer), so S steps copy O(S^2 * m) keys, and autograd keeps
+every copy's backward. :func:`step_cache` swaps each layer of the text's cache for a
+:class:`StepLayer`: the text keys stay as they are, and each step's m new keys are written in
+place into a buffer preallocated for all S steps, ``(rows, kv_heads, S, m, head_dim)``. Autograd
+cannot differentiate through in-place writes into a tensor that earlier steps read, so the
+step's attention is one :class:`_StepAttention` with a hand-written backward:
+
+* forward saves only q, the output and the softmax's log-normaliser (the probabilities are
+  recomputed in the backward, as FlashAttention does), not the ``m x seq`` probabilities;
+* the gradient of step i's keys collects from every later step that read them: each
+  backward adds its share into a gradient buffer of the same layout, and step i's backward,
+  which autograd runs after all later steps' (a chain of "link" outputs makes step i + 1
+  depend on step i), hands the finished slot to the key projection.
 """
 
 from __future__ import annotations
@@ -44,6 +59,7 @@ class Layout:
     seq: int
     m: int
     step: int
+    cache: object = None              # the StepCache when the step's keys live in preallocated buffers
 
 
 # Keyword arguments an attention function may receive that do not change its result here:
@@ -78,6 +94,8 @@ def block_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     seq, m, step = layout.seq, layout.m, layout.step
     batch, heads, q_len, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
+    if layout.cache is not None:
+        return _preallocated(module, query, key, value, attention_mask, dropout, scaling, layout)
     if q_len != m or keys != seq + m * step:
         raise ModelError(f"block attention expected {m} queries and {seq + m * step} keys "
                          f"(seq {seq} + {m} x step {step}), got {q_len} and {keys}")
@@ -118,18 +136,207 @@ def register() -> None:
 
 
 @contextlib.contextmanager
-def structured(model: nn.Module, seq: int, m: int, step: int):
+def structured(model: nn.Module, seq: int, m: int, step: int, cache=None):
     """Run the model's attention as block attention for one masked step with this layout.
 
+    cache: the step's cache; when it is a :func:`step_cache` (its layers are :class:`StepLayer`),
+    the new keys go into its preallocated buffers instead of being concatenated.
     Sets ``model.config._attn_implementation`` for the duration of the block and restores it.
     """
     register()
     config = model.config
     before = config._attn_implementation
-    token = _LAYOUT.set(Layout(seq, m, step))
+    steps = getattr(cache, "qstar_steps", None)
+    token = _LAYOUT.set(Layout(seq, m, step, steps))
     config._attn_implementation = NAME
     try:
         yield
     finally:
         config._attn_implementation = before
         _LAYOUT.reset(token)
+
+
+# ---------------------------------------------------------------- the cache without copies
+
+class _Steps:
+    """What the StepLayers of one cache share: which layer was updated last (the attention
+    function that follows reads it) and the number of steps the buffers hold."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.current = None
+
+
+def _dynamic_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    return DynamicLayer
+
+
+def attention_dropout(model: nn.Module) -> float:
+    """The largest attention-dropout probability set on the model's attention modules (applied
+    only while training): a float ``attention_dropout`` attribute
+    (Llama, Mistral, ...) or an ``nn.Dropout`` named ``attn_dropout`` / ``attention_dropout`` (GPT-2)."""
+    p = 0.0
+    for name, module in model.named_modules():
+        value = getattr(module, "attention_dropout", None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            p = max(p, float(value))
+        if isinstance(module, nn.Dropout) and name.rsplit(".", 1)[-1] in ("attn_dropout", "attention_dropout"):
+            p = max(p, float(module.p))
+    return p
+
+
+def step_cache(cache, steps: int, m: int, model: nn.Module | None = None):
+    """Make the text's ``DynamicCache`` hold the next ``steps`` masked steps of m keys each
+    in preallocated buffers (in place; returns the cache). Returned unchanged, growing by
+    concatenation (the same numbers, only slower), when its layers are not plain dynamic layers
+    (or transformers has no cache layers), and while ``model`` trains with attention dropout,
+    which only the concatenating path implements."""
+    layers = getattr(cache, "layers", None)
+    DynamicLayer = _dynamic_layer()
+    if not layers or not all(isinstance(layer, DynamicLayer) and getattr(layer, "is_initialized", False)
+                             for layer in layers):
+        return cache
+    if model is not None and model.training and attention_dropout(model) > 0:
+        return cache
+    shared = _Steps(steps)
+    cache.layers = [StepLayer(layer.keys, layer.values, m, shared) for layer in layers]
+    cache.qstar_steps = shared
+    return cache
+
+
+class StepLayer(_dynamic_layer()):
+    """One layer of :func:`step_cache`: the text keys/values, then buffers for S steps of m keys.
+
+    keys, values: (rows, kv_heads, seq, head_dim), the text (with their graph).
+    buffers (made at the first step): (rows, kv_heads, S, m, head_dim), no graph, written in place.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, m: int, shared: _Steps):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.device, self.dtype = keys.device, keys.dtype
+        self.is_initialized = True
+        self.m, self.shared, self.done = m, shared, 0
+        self.key_buffer = self.value_buffer = None
+        self.key_grad = self.value_grad = None
+        self.link = None                     # the previous step's link output (see _StepAttention)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Hands the new keys to the attention function that follows (nothing is concatenated)."""
+        if self.done >= self.shared.capacity:
+            raise ModelError(f"the preallocated thought cache holds {self.shared.capacity} steps; step "
+                             f"{self.done + 1} does not fit (pass extra_steps to generate_thoughts)")
+        if key_states.shape[-2] != self.m:
+            raise ModelError(f"a masked step feeds {self.m} tokens per row, got {key_states.shape[-2]}")
+        self.shared.current = self
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2] + self.m * self.done
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def buffers(self, key: torch.Tensor):
+        if self.key_buffer is None:
+            rows, kv_heads, _, dim = key.shape
+            shape = (rows, kv_heads, self.shared.capacity, self.m, dim)
+            self.key_buffer = key.new_empty(shape)
+            self.value_buffer = key.new_empty(shape)
+        return self.key_buffer, self.value_buffer
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise ModelError("a thought cache cannot be repeated; repeat the text's cache before step_cache()")
+
+
+def _work_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _StepAttention(torch.autograd.Function):
+    """Masked step k of block attention over preallocated buffers, with its own backward.
+
+    q: (b, g, r, m, d) queries times the scale; k_new, v_new: (b, g, m, d) this step's keys;
+    k_text, v_text: (b, g, seq, d); text_mask: (b, 1, 1, m, seq) additive or None.
+    returns out (b, g, r, m, d) and a link (0-dim) that the next step takes as ``link``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k_new, v_new, k_text, v_text, link, text_mask, layer: StepLayer, step: int):
+        kb, vb = layer.buffers(k_new)
+        kb[:, :, step - 1].copy_(k_new.detach())
+        vb[:, :, step - 1].copy_(v_new.detach())
+        k_own, v_own = kb[:, :, :step], vb[:, :, :step]                      # views, no copies
+        s_text = torch.einsum("bgrmd,bgsd->bgrms", q, k_text)
+        if text_mask is not None:
+            s_text = s_text + text_mask
+        s_own = torch.einsum("bgrmd,bgkmd->bgrmk", q, k_own)
+        lse = torch.logsumexp(torch.cat([s_text, s_own], -1), -1)            # (b, g, r, m)
+        p_text = torch.exp(s_text - lse[..., None])
+        p_own = torch.exp(s_own - lse[..., None])
+        out = torch.einsum("bgrms,bgsd->bgrmd", p_text, v_text) + torch.einsum("bgrmk,bgkmd->bgrmd", p_own, v_own)
+        ctx.save_for_backward(q, k_text, v_text, out, lse)
+        ctx.text_mask, ctx.layer, ctx.step = text_mask, layer, step
+        ctx.link_shape = None if link is None else link.shape
+        link_out = link.detach().clone() if link is not None else q.new_zeros(())
+        return out, link_out
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_link):
+        q, k_text, v_text, out, lse = ctx.saved_tensors
+        layer, step = ctx.layer, ctx.step
+        k_own, v_own = layer.key_buffer[:, :, :step], layer.value_buffer[:, :, :step]
+        s_text = torch.einsum("bgrmd,bgsd->bgrms", q, k_text)
+        if ctx.text_mask is not None:
+            s_text = s_text + ctx.text_mask
+        p_text = torch.exp(s_text - lse[..., None])                          # recomputed
+        p_own = torch.exp(torch.einsum("bgrmd,bgkmd->bgrmk", q, k_own) - lse[..., None])
+        row = (grad_out * out).sum(-1, keepdim=True)                         # (b, g, r, m, 1)
+        ds_text = p_text * (torch.einsum("bgrmd,bgsd->bgrms", grad_out, v_text) - row)
+        ds_own = p_own * (torch.einsum("bgrmd,bgkmd->bgrmk", grad_out, v_own) - row)
+        dq = torch.einsum("bgrms,bgsd->bgrmd", ds_text, k_text) + torch.einsum("bgrmk,bgkmd->bgrmd", ds_own, k_own)
+        dk_text = torch.einsum("bgrms,bgrmd->bgsd", ds_text, q)
+        dv_text = torch.einsum("bgrms,bgrmd->bgsd", p_text, grad_out)
+        if layer.key_grad is None:
+            layer.key_grad = torch.zeros_like(layer.key_buffer)
+            layer.value_grad = torch.zeros_like(layer.value_buffer)
+        layer.key_grad[:, :, :step] += torch.einsum("bgrmk,bgrmd->bgkmd", ds_own, q)
+        layer.value_grad[:, :, :step] += torch.einsum("bgrmk,bgrmd->bgkmd", p_own, grad_out)
+        # every later step has added its share by now (they consumed this step's link): hand the
+        # finished slot on, and clear it so that a second backward starts from zero
+        dk_new = layer.key_grad[:, :, step - 1].clone()
+        dv_new = layer.value_grad[:, :, step - 1].clone()
+        layer.key_grad[:, :, step - 1].zero_()
+        layer.value_grad[:, :, step - 1].zero_()
+        dlink = None if ctx.link_shape is None else grad_out.new_zeros(ctx.link_shape)
+        return dq, dk_new, dv_new, dk_text, dv_text, dlink, None, None, None
+
+
+def _preallocated(module, query, key, value, attention_mask, dropout, scaling, layout: Layout):
+    """Block attention for a :func:`step_cache`: ``key``/``value`` are this step's new keys only."""
+    layer = layout.cache.current
+    batch, heads, m, dim = query.shape
+    if layer is None or key.shape[2] != m or m != layout.m or layer.done != layout.step - 1:
+        raise ModelError(f"block attention expected this step's {layout.m} new keys after a StepLayer update "
+                         f"(step {layout.step}), got {key.shape[2]} keys; use attention='mask'")
+    if dropout > 0.0 and module.training:
+        raise ModelError(f"block attention does not implement attention dropout ({dropout}) of "
+                         f"{type(module).__name__}; use attention='mask'")
+    layout.cache.current = None
+    kv_heads, seq = key.shape[1], layout.seq
+    if (heads % kv_heads or key.shape[-1] != dim or value.shape[:3] != key.shape[:3]
+            or (attention_mask is not None and attention_mask.shape[1] != 1)):
+        raise ModelError(f"block attention cannot read the attention of {type(module).__name__} (queries "
+                         f"{tuple(query.shape)}, keys {tuple(key.shape)}, mask "
+                         f"{None if attention_mask is None else tuple(attention_mask.shape)}); use attention='mask'")
+    group = heads // kv_heads
+    work = _work_dtype(query.dtype)
+    scale = dim ** -0.5 if scaling is None else scaling
+    q = query.to(work).view(batch, kv_heads, group, m, dim) * scale
+    text_mask = None if attention_mask is None else attention_mask[:, :, None, :, :seq].to(work)
+    out, layer.link = _StepAttention.apply(q, key.to(work), value.to(work), layer.keys.to(work),
+                                           layer.values.to(work), layer.link, text_mask, layer, layout.step)
+    layer.done += 1
+    return out.to(query.dtype).reshape(batch, heads, m, dim).transpose(1, 2).contiguous(), None

@@ -43,7 +43,7 @@ from .errors import ConfigError
 MIXING_MODES = ("hidden", "logprob")  # official code / paper, see qstar_mini.mixing
 BASELINES = ("mean", "none")          # reward baseline: mean over the n_thoughts (official "trice")
 MEMORY_MODES = ("stepwise", "rescore", "rescore_checkpointed")  # see qstar_mini.rescore
-ATTENTION_MODES = ("mask", "blocks", "flex")  # thought steps: see qstar_mini.attention
+ATTENTION_MODES = ("auto", "mask", "blocks", "flex")  # thought steps: see qstar_mini.attention
 META_INITS = ("first", "mean")        # meta-token init: first token of the text (official) / mean of its tokens
 SCORING_VOCABS = ("all", "text")      # scoring softmax: every column (official) / meta-token columns removed
 REINFORCE_REDUCTIONS = ("mean", "sum")  # log p(T_j): mean over sampled tokens (official) / sum
@@ -108,9 +108,12 @@ class QuietStarConfig:
                                       # masked pass; "rescore_checkpointed": and recompute layers
 
     # --- attention of the thought steps (not in the official code) -----------------------
-    attention: str = "mask"           # "mask": the model's attention with the Figure 3 mask (as
-                                      # the paper); "blocks": the same numbers computed without
-                                      # the masked-out keys (qstar_mini.block_attention; faster)
+    attention: str = "auto"           # "mask": the model's attention with the Figure 3 mask (as
+                                      # the paper; what the notebooks teach); "blocks": the same
+                                      # numbers without the masked-out keys, the cache written in
+                                      # place (qstar_mini.block_attention; fastest on a CPU);
+                                      # "flex": FlexAttention with the mask as a predicate (for
+                                      # GPUs); "auto": blocks where the model allows it, else mask
 
     # --- optimiser (official quiet-star-train.py) ------------------------------------------
     lr: float = 1e-6

@@ -7,7 +7,10 @@ Why the step's memory grows so fast
 At step k every layer's attention saves its keys and values for the backward pass, and with a
 KV cache those are the *whole* cache so far: ``seq + m * k`` keys. Over
 S = t + n_true - 1 steps the saved keys add up to about ``seq * S + m * S^2 / 2`` per layer
-instead of ``seq + m * S``: memory quadratic in the thought length.
+instead of ``seq + m * S``: memory quadratic in the thought length. (This holds for the
+concatenating cache of ``attention="mask"``; ``"blocks"``, the default where the model allows
+it, writes each step's keys once into preallocated buffers and saves no attention
+probabilities, see :mod:`qstar_mini.block_attention`.)
 
 The alternative (``QuietStarConfig.memory``)
 --------------------------------------------

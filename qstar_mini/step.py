@@ -21,7 +21,7 @@ from .losses import (base_nll, check_finite, combined_loss, future_targets, gath
 from .meta_tokens import MetaTokens, add_meta_tokens
 from .mixing import MixingHead, mix_log_probs, mixing_weight
 from .rescore import rescore_thoughts
-from .support import check_model
+from .support import check_model, resolve_attention
 from .talk import talk_hidden
 from .thoughts import generate_thoughts, plain_forward
 
@@ -177,7 +177,7 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
             model, meta, input_ids, attention_mask, cache, cfg.thought_length, cfg.n_thoughts,
             extra_steps=n_true - 1 if stepwise else 0, thought_temperature=cfg.thought_temperature,
             reinforce_temperature=cfg.reinforce_temperature, greedy=greedy, noise=noise,
-            generator=generator, positions=index_positions, attention=cfg.attention)
+            generator=generator, positions=index_positions, attention=resolve_attention(model, meta, cfg))
 
     # 2d. h^thought_{j:j+n_true} <- hidden states of [X_{:j}; T_j; X_{j+1:j+n_true}] (teacher forcing)
     if stepwise:

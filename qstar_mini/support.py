@@ -99,23 +99,65 @@ def _probe(model: nn.Module, meta: MetaTokens, cfg: QuietStarConfig) -> None:
                          f"differ by {err:.2g} relative); this architecture is not supported")
 
     _, naive_lp = naive_thoughts(model, meta, ids, mask, 3, 1, greedy=True)
-    ways = ["mask"] + ([cfg.attention] if cfg.attention != "mask" else [])
+    ways = ["mask"] + ([cfg.attention] if cfg.attention not in ("mask", "auto") else [])
     for way in ways:
         if way != "mask":                            # the first way used up the text's cache
             _, cache = plain_forward(model, meta, ids, mask)
-        try:
-            thoughts = generate_thoughts(model, meta, ids, mask, cache, 3, 1, greedy=True, attention=way)
-        except ModelError:
-            raise
-        except Exception as e:
-            raise ModelError(f"{name} fails in qstar_mini's parallel thought step ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:120] if str(e) else ''}); this architecture is not "
-                             f"supported") from None
-        # The greedy token's log-prob (the max) is continuous in the logits, so near-ties between
-        # two tokens cannot make this comparison flaky the way comparing the ids would.
-        err = _rel(thoughts.logprobs[:, 0][real].cpu(), naive_lp[:, 0][real.cpu()].to(thoughts.logprobs.dtype).cpu())
+        err = _parallel_error(model, meta, ids, mask, cache, naive_lp, way)
         if err > tol:
             how = f"attention={way!r}" if way != "mask" else "the Figure 3 mask"
             raise ModelError(f"{name}'s thoughts generated in parallel with {how} differ from the same thoughts "
                              f"written into the text one position at a time (relative {err:.2g}); "
                              + ("use attention='mask'" if way != "mask" else "this architecture is not supported"))
+    if cfg.attention == "auto":
+        resolve_attention(model, meta, cfg)
+
+
+def _parallel_error(model, meta, ids, mask, cache, naive_lp, way: str) -> float:
+    """Relative difference between greedy parallel thoughts (attention ``way``) and the naive loop's."""
+    try:
+        thoughts = generate_thoughts(model, meta, ids, mask, cache, 3, 1, greedy=True, attention=way)
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"{type(model).__name__} fails in qstar_mini's parallel thought step ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''}); this architecture is not "
+                         f"supported") from None
+    # The greedy token's log-prob (the max) is continuous in the logits, so near-ties between
+    # two tokens cannot make this comparison flaky the way comparing the ids would.
+    real = mask.bool()
+    return _rel(thoughts.logprobs[:, 0][real].cpu(), naive_lp[:, 0][real.cpu()].to(thoughts.logprobs.dtype).cpu())
+
+
+AUTO_KEY = "_qstar_auto_attention"
+
+
+def resolve_attention(model: nn.Module, meta: MetaTokens, cfg: QuietStarConfig) -> str:
+    """The attention of the masked steps: ``cfg.attention``, with ``"auto"`` made concrete.
+
+    ``"auto"`` (the default) is ``"blocks"``, the fastest exact path on a CPU, when this model's
+    attention allows it and gives the naive loop's thoughts on a small probe, else ``"mask"``
+    (e.g. attention soft-caps or sinks, which block attention refuses). Both give the same
+    numbers. Decided once per model (remembered on the model object).
+    """
+    if cfg.attention != "auto":
+        return cfg.attention
+    chosen = getattr(model, AUTO_KEY, None)
+    if chosen is None:
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                ids, mask = probe_batch(model, meta, cfg)
+                _, naive_lp = naive_thoughts(model, meta, ids, mask, 3, 1, greedy=True)
+                _, cache = plain_forward(model, meta, ids, mask)
+                tol = TOLERANCE.get(model.get_input_embeddings().weight.dtype, 6e-2)
+                try:
+                    ok = _parallel_error(model, meta, ids, mask, cache, naive_lp, "blocks") <= tol
+                except ModelError:
+                    ok = False
+        finally:
+            model.train(training)
+        chosen = "blocks" if ok else "mask"
+        setattr(model, AUTO_KEY, chosen)
+    return chosen

@@ -60,7 +60,8 @@ def talk_hidden(model: nn.Module, meta: MetaTokens, thoughts: Thoughts, input_id
             token = shift_left(text, i)                                    # x_{j+i}: (rows, seq)
         else:
             token = text.gather(1, (thoughts.positions + i).clamp(max=seq - 1))  # (rows, m)
-        with masked_step(model, thoughts.attention, seq, m, k, thoughts.attention_mask, thoughts.positions):
+        with masked_step(model, thoughts.attention, seq, m, k, thoughts.attention_mask, thoughts.positions,
+                         thoughts.cache):
             h = forward_hidden(model, meta.embed(model, token), thoughts.masks[..., : seq + m * k],
                                step_position_ids(thoughts.attention_mask, k, thoughts.positions),
                                thoughts.cache)

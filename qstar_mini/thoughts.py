@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .attention import masked_step
+from .block_attention import step_cache
 from .lm import body, forward_hidden, lm_head, new_cache, text_log_probs
 from .masks import all_step_masks, causal_mask, check_right_padded, step_position_ids
 from .meta_tokens import MetaTokens
@@ -147,6 +148,8 @@ def generate_thoughts(model: nn.Module, meta: MetaTokens, input_ids: torch.Tenso
     pos_rows = None if positions is None else positions.repeat_interleave(n_thoughts, 0)  # (rows, m)
     dtype = model.get_input_embeddings().weight.dtype
     masks = all_step_masks(mask_rows, thought_length + extra_steps, dtype, pos_rows)  # built once
+    if attention == "blocks":               # the steps' keys go into preallocated buffers, not copies
+        cache = step_cache(cache, thought_length + extra_steps, m, model)
     if noise is not None:
         noise = noise.reshape(rows, m, n_sampled, -1)
 
@@ -154,7 +157,7 @@ def generate_thoughts(model: nn.Module, meta: MetaTokens, input_ids: torch.Tenso
     ids, logprobs = [token], []
     h = None
     for k in range(1, thought_length + 1):                     # step k feeds thought token k
-        with masked_step(model, attention, seq, m, k, mask_rows, pos_rows):
+        with masked_step(model, attention, seq, m, k, mask_rows, pos_rows, cache):
             h = forward_hidden(model, meta.embed(model, token), masks[..., : seq + m * k],
                                step_position_ids(mask_rows, k, pos_rows), cache)  # (rows, m, hidden)
         if k == thought_length:

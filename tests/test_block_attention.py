@@ -101,3 +101,55 @@ def test_block_attention_outside_a_thought_step_is_refused():
         with pytest.raises(ModelError, match="expected 3 queries and 9 keys"):
             block_attention_forward(None, q, q, q, None)            # 3 keys, not 3 + 3 * 2
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_blocks_write_the_steps_into_preallocated_buffers_and_backward_twice_gives_the_same_gradients():
+    """The fast path is the one taken (no concatenation), and its hand-written backward clears
+    its gradient buffers: a second backward of the same graph gives the same gradients."""
+    from qstar_mini.block_attention import StepLayer
+
+    model, meta = tiny_random_model("llama", "sdpa"), tiny_meta()          # llama: grouped-query attention
+    ids, mask = batch()
+    thoughts, h = think_and_talk(model, meta, ids, mask, None, True)
+    layers = thoughts.cache.layers
+    assert all(isinstance(layer, StepLayer) for layer in layers) and len(layers) > 1
+    assert all(layer.done == T + N_TRUE - 1 for layer in layers)            # every step went to the buffer
+    assert all(layer.keys.shape[-2] == ids.shape[1] for layer in layers)    # the text keys were not grown
+    loss = thoughts.logprobs.sum() + h.square().sum()
+    grads = []
+    for _ in range(2):
+        loss.backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)
+
+
+def test_a_step_past_the_preallocated_cache_is_refused():
+    model, meta = tiny_random_model("mistral", "sdpa"), tiny_meta()
+    ids, mask = batch()
+    _, cache = plain_forward(model, meta, ids, mask)
+    thoughts = generate_thoughts(model, meta, ids, mask, cache, T, N, greedy=True, attention="blocks")  # no extra_steps
+    with pytest.raises(ModelError, match="holds 5 steps"):
+        talk_hidden(model, meta, thoughts, ids, N_TRUE)
+
+
+def test_auto_attention_is_blocks_where_the_model_allows_it_and_mask_where_blocks_refuses():
+    """The default ``attention="auto"`` picks the fast path for an ordinary decoder and the dense
+    mask for one whose attention block attention does not implement (a soft-cap): never a refusal,
+    never a different number."""
+    from qstar_mini.support import resolve_attention
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    model, meta = tiny_random_model("mistral", "sdpa"), tiny_meta()
+    assert tiny().attention == "auto" and resolve_attention(model, meta, tiny()) == "blocks"
+    assert resolve_attention(model, meta, tiny(attention="mask")) == "mask"
+    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=50.0,
+                       sliding_window=64, attn_implementation="eager")
+    torch.manual_seed(0)
+    gemma = AutoModelForCausalLM.from_config(cfg).double()
+    assert resolve_attention(gemma, tiny_meta(), tiny()) == "mask"
+    with pytest.raises(ModelError, match="use attention='mask'"):             # asked for explicitly: refused
+        _, cache = plain_forward(gemma, tiny_meta(), *batch())
+        generate_thoughts(gemma, tiny_meta(), *batch(), cache, T, N, greedy=True, attention="blocks")
