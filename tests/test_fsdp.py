@@ -1,8 +1,8 @@
 """FSDP through ``accelerate launch``: two CPU processes (gloo) shard the parameters, gradients
 and AdamW state, and train exactly as one process does.
 
-Opt-in: it starts three Python runs, each with its own start-up (about 3 minutes on two busy
-cores; see the README's multi-process paragraph)::
+Opt-in: it starts three Python runs, each with its own start-up (76-105 s on two cores shared
+with other jobs; see the README's multi-process paragraph)::
 
     QSTAR_SLOW=1 python -m pytest tests/test_fsdp.py
 
