@@ -69,6 +69,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -286,6 +287,8 @@ def make_accelerator(device: str | None = None, grad_accum: int = 1, find_unused
         _shard_on_cpu(accelerator)
     if is_sharded(accelerator):
         _check_fsdp_plugin(accelerator.state.fsdp_plugin)
+        # FSDP2 warns at every forward that the returned dict holds views; the loop only reads them.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     return accelerator
 
 
