@@ -15,8 +15,13 @@ On one global batch (8 lines, same seed, two steps) it shows:
    one-process checkpoint and loads with :func:`qstar_mini.checkpoint.load_checkpoint`;
 3. an FSDP run stopped after step 1 and resumed with ``resume=True`` ends with the same
    checkpoint as the uninterrupted run (each process's thought generator included);
-4. the run was sharded: each process held half of every weight matrix as a DTensor (with a
-   plain ``--use_fsdp`` on a CPU-only machine accelerate 1.15 would have run DDP).
+4. the run was sharded: each process held its half of the embedding table as a DTensor (with
+   a plain ``--use_fsdp`` on a CPU-only machine accelerate 1.15 would have run DDP).
+
+The lines (answer-only, ``31415=4``) all have the same length. With lines of different lengths
+two processes are *not* one: each averages the loss over its own tokens and the processes'
+gradients are then weighted equally (as ``grad_accum`` weights its micro-batches); measured with
+``lines="all"``: losses 4.4625 against 4.4618 at step 1.
 
 Why the thoughts' noise is fixed per line in 1 and 2: each process samples thoughts with its
 own generator (seed * 1000 + rank), so one process and two draw different Gumbel noise for the
