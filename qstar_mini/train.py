@@ -40,8 +40,8 @@ gradients are averaged across processes (DDP). Two CPU processes on one machine:
 with the gloo backend; with accelerate 1.15 ``--cpu --num_processes 2`` starts *one* process
 unless MPI is set up, so the spelling above is the one that works out of the box).
 
-**Sharding (FSDP).** A 7B model's fp32 weights, gradients and AdamW moments (~116 GB) fit on no
-single GPU. ``accelerate launch --config_file configs/accelerate/fsdp_7b_8gpu.yaml`` (or
+**Sharding (FSDP).** A 7B model's fp32 weights, gradients and AdamW moments (~117 GB) fit on no
+80 GB GPU. ``accelerate launch --config_file configs/accelerate/fsdp_7b_8gpu.yaml`` (or
 ``--use_fsdp --fsdp_version 2``) shards all three across the processes with FSDP2
 (``torch.distributed.fsdp.fully_shard``): between steps each process keeps 1/N of every tensor;
 for a step the whole model is gathered (one FSDP unit: see :func:`_check_fsdp_plugin`) and the
