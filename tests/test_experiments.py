@@ -136,6 +136,7 @@ def test_reward_audit_splits_the_reward(records):
     assert set(res["thoughts"]) == set(kinds) == set(res["positive_reward_share"])
     assert sum(res["thoughts"].values()) == pytest.approx(1.0, abs=1e-3)
     assert sum(res["positive_reward_share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert all(0 <= v <= 1 for v in res["positive_reward_share"].values())    # the clamped reward only
     assert 0 <= res["groups_all_wrong_paid"] <= 1
     # the same thoughts as thought_sum_agreement would judge: the base's are right about a third of the time
     assert 0.1 < res["thoughts"]["all_right"] < 0.7
