@@ -210,7 +210,8 @@ class StepLayer(_dynamic_layer()):
     """One layer of :func:`step_cache`: the text keys/values, then buffers for S steps of m keys.
 
     keys, values: (rows, kv_heads, seq, head_dim), the text (with their graph).
-    buffers (made at the first step): (rows, kv_heads, S, m, head_dim), no graph, written in place.
+    buffers (made at the first step): (rows, kv_heads, m, S, head_dim), no graph, written in place
+    (a query's own keys of all steps lie together: the attention reads them without a copy).
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, m: int, shared: _Steps):
@@ -242,7 +243,7 @@ class StepLayer(_dynamic_layer()):
     def buffers(self, key: torch.Tensor):
         if self.key_buffer is None:
             rows, kv_heads, _, dim = key.shape
-            shape = (rows, kv_heads, self.shared.capacity, self.m, dim)
+            shape = (rows, kv_heads, self.m, self.shared.capacity, dim)
             self.key_buffer = key.new_empty(shape)
             self.value_buffer = key.new_empty(shape)
         return self.key_buffer, self.value_buffer
@@ -266,17 +267,21 @@ class _StepAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_new, v_new, k_text, v_text, link, text_mask, layer: StepLayer, step: int):
         kb, vb = layer.buffers(k_new)
-        kb[:, :, step - 1].copy_(k_new.detach())
-        vb[:, :, step - 1].copy_(v_new.detach())
-        k_own, v_own = kb[:, :, :step], vb[:, :, :step]                      # views, no copies
-        s_text = torch.einsum("bgrmd,bgsd->bgrms", q, k_text)
+        kb[:, :, :, step - 1].copy_(k_new.detach())
+        vb[:, :, :, step - 1].copy_(v_new.detach())
+        k_own, v_own = kb[:, :, :, :step], vb[:, :, :, :step]                # (b, g, m, step, d) views
+        s_text = torch.einsum("bgrmd,bgsd->bgrms", q, k_text)                # (b, g, r, m, seq)
         if text_mask is not None:
-            s_text = s_text + text_mask
-        s_own = torch.einsum("bgrmd,bgkmd->bgrmk", q, k_own)
-        lse = torch.logsumexp(torch.cat([s_text, s_own], -1), -1)            # (b, g, r, m)
-        p_text = torch.exp(s_text - lse[..., None])
-        p_own = torch.exp(s_own - lse[..., None])
-        out = torch.einsum("bgrms,bgsd->bgrmd", p_text, v_text) + torch.einsum("bgrmk,bgkmd->bgrmd", p_own, v_own)
+            s_text += text_mask
+        s_own = torch.einsum("bgrmd,bgmkd->bgrmk", q, k_own)                 # (b, g, r, m, step)
+        # one softmax over [text, own] without concatenating them
+        top = torch.maximum(s_text.amax(-1, keepdim=True), s_own.amax(-1, keepdim=True))
+        p_text, p_own = torch.exp(s_text.sub_(top)), torch.exp(s_own.sub_(top))  # (exp_ is slower on CPU)
+        z = p_text.sum(-1, keepdim=True) + p_own.sum(-1, keepdim=True)
+        p_text /= z
+        p_own /= z
+        lse = (top + z.log()).squeeze(-1)                                     # (b, g, r, m)
+        out = torch.einsum("bgrms,bgsd->bgrmd", p_text, v_text) + torch.einsum("bgrmk,bgmkd->bgrmd", p_own, v_own)
         ctx.save_for_backward(q, k_text, v_text, out, lse)
         ctx.text_mask, ctx.layer, ctx.step = text_mask, layer, step
         ctx.link_shape = None if link is None else link.shape
@@ -287,29 +292,31 @@ class _StepAttention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_link):
         q, k_text, v_text, out, lse = ctx.saved_tensors
         layer, step = ctx.layer, ctx.step
-        k_own, v_own = layer.key_buffer[:, :, :step], layer.value_buffer[:, :, :step]
+        k_own, v_own = layer.key_buffer[:, :, :, :step], layer.value_buffer[:, :, :, :step]
         s_text = torch.einsum("bgrmd,bgsd->bgrms", q, k_text)
         if ctx.text_mask is not None:
-            s_text = s_text + ctx.text_mask
-        p_text = torch.exp(s_text - lse[..., None])                          # recomputed
-        p_own = torch.exp(torch.einsum("bgrmd,bgkmd->bgrmk", q, k_own) - lse[..., None])
+            s_text += ctx.text_mask
+        lse = lse[..., None]
+        grad_out = grad_out.contiguous()
+        p_text = torch.exp(s_text.sub_(lse))                                 # recomputed
+        p_own = torch.exp(torch.einsum("bgrmd,bgmkd->bgrmk", q, k_own).sub_(lse))
         row = (grad_out * out).sum(-1, keepdim=True)                         # (b, g, r, m, 1)
-        ds_text = p_text * (torch.einsum("bgrmd,bgsd->bgrms", grad_out, v_text) - row)
-        ds_own = p_own * (torch.einsum("bgrmd,bgkmd->bgrmk", grad_out, v_own) - row)
-        dq = torch.einsum("bgrms,bgsd->bgrmd", ds_text, k_text) + torch.einsum("bgrmk,bgkmd->bgrmd", ds_own, k_own)
+        ds_text = torch.einsum("bgrmd,bgsd->bgrms", grad_out, v_text).sub_(row).mul_(p_text)
+        ds_own = torch.einsum("bgrmd,bgmkd->bgrmk", grad_out, v_own).sub_(row).mul_(p_own)
+        dq = torch.einsum("bgrms,bgsd->bgrmd", ds_text, k_text) + torch.einsum("bgrmk,bgmkd->bgrmd", ds_own, k_own)
         dk_text = torch.einsum("bgrms,bgrmd->bgsd", ds_text, q)
         dv_text = torch.einsum("bgrms,bgrmd->bgsd", p_text, grad_out)
         if layer.key_grad is None:
             layer.key_grad = torch.zeros_like(layer.key_buffer)
             layer.value_grad = torch.zeros_like(layer.value_buffer)
-        layer.key_grad[:, :, :step] += torch.einsum("bgrmk,bgrmd->bgkmd", ds_own, q)
-        layer.value_grad[:, :, :step] += torch.einsum("bgrmk,bgrmd->bgkmd", p_own, grad_out)
+        layer.key_grad[:, :, :, :step] += torch.einsum("bgrmk,bgrmd->bgmkd", ds_own, q)
+        layer.value_grad[:, :, :, :step] += torch.einsum("bgrmk,bgrmd->bgmkd", p_own, grad_out)
         # every later step has added its share by now (they consumed this step's link): hand the
         # finished slot on, and clear it so that a second backward starts from zero
-        dk_new = layer.key_grad[:, :, step - 1].clone()
-        dv_new = layer.value_grad[:, :, step - 1].clone()
-        layer.key_grad[:, :, step - 1].zero_()
-        layer.value_grad[:, :, step - 1].zero_()
+        dk_new = layer.key_grad[:, :, :, step - 1].clone()
+        dv_new = layer.value_grad[:, :, :, step - 1].clone()
+        layer.key_grad[:, :, :, step - 1].zero_()
+        layer.value_grad[:, :, :, step - 1].zero_()
         dlink = None if ctx.link_shape is None else grad_out.new_zeros(ctx.link_shape)
         return dq, dk_new, dv_new, dk_text, dv_text, dlink, None, None, None
 
@@ -334,7 +341,7 @@ def _preallocated(module, query, key, value, attention_mask, dropout, scaling, l
     group = heads // kv_heads
     work = _work_dtype(query.dtype)
     scale = dim ** -0.5 if scaling is None else scaling
-    q = query.to(work).view(batch, kv_heads, group, m, dim) * scale
+    q = (query.to(work).reshape(batch, kv_heads, group, m, dim) * scale).contiguous()
     text_mask = None if attention_mask is None else attention_mask[:, :, None, :, :seq].to(work)
     out, layer.link = _StepAttention.apply(q, key.to(work), value.to(work), layer.keys.to(work),
                                            layer.values.to(work), layer.link, text_mask, layer, layout.step)
