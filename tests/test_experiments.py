@@ -98,8 +98,8 @@ def test_visible_working_needs_questions():
 
 def test_parse_search_args():
     got = parse_search_args(["long", "clamp_negative_rewards=False", "lr=2e-4", "mixing=hidden",
-                             "--seed", "2", "--steps", "900", "--think-where", "all"])
-    assert got == {"name": "long", "seed": 2, "steps": 900, "think_where": "all",
+                             "--seed", "2", "--steps", "900", "--think-where", "all", "--shuffle-rewards"])
+    assert got == {"name": "long", "seed": 2, "steps": 900, "think_where": "all", "shuffle_rewards": True,
                    "changes": {"clamp_negative_rewards": False, "lr": 2e-4, "mixing": "hidden"}}
     with pytest.raises(SystemExit, match="unknown config field"):
         parse_search_args(["x", "n_thought=4"])
@@ -118,6 +118,7 @@ def test_search_row_writes_a_row(tmp_path):
     saved = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert saved == [row]
     assert row["changes"] == {"lr": 2e-4} and row["steps"] == 1 and row["n_thoughts"] == 2
+    assert row["shuffle_rewards"] is False
     assert [c["step"] for c in row["curve"]] == [0, 1]
     assert 0 <= row["thought_correct"] <= 1 and 0 <= row["answer_acc_greedy"] <= 1
     assert row["command"] == "python -m qstar_mini.experiments search t lr=0.0002 --seed 0 --steps 1"
