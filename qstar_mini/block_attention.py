@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from dataclasses import dataclass
 
 import torch
@@ -252,6 +253,17 @@ class StepLayer(_dynamic_layer()):
         raise ModelError("a thought cache cannot be repeated; repeat the text's cache before step_cache()")
 
 
+def _exp(s: torch.Tensor) -> torch.Tensor:
+    """exp(s) for s <= 0 (scores minus their row's maximum), overwriting s. Entries below
+    log(smallest normal number), the masked ones among them, give exactly 0: on a CPU, exp of a
+    huge negative number or one with a subnormal result takes a slow path (up to 10x), and
+    subnormal probabilities slow every product after it. What is dropped is below 1e-38 (float32)
+    of the row's largest probability, far under rounding."""
+    low = math.log(torch.finfo(s.dtype).tiny) + 1.0
+    p = torch.exp(s.clamp_(min=low))
+    return p.masked_fill_(s == low, 0.0)
+
+
 def _work_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -266,22 +278,25 @@ class _StepAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k_new, v_new, k_text, v_text, link, text_mask, layer: StepLayer, step: int):
+        b, g, r, m, d = q.shape
         kb, vb = layer.buffers(k_new)
         kb[:, :, :, step - 1].copy_(k_new.detach())
         vb[:, :, :, step - 1].copy_(v_new.detach())
         k_own, v_own = kb[:, :, :, :step], vb[:, :, :, :step]                # (b, g, m, step, d) views
-        s_text = torch.einsum("bgrmd,bgsd->bgrms", q, k_text)                # (b, g, r, m, seq)
+        # the text part as plain batched matmuls over (b, g) with the r * m queries as rows
+        s_text = (q.view(b, g, r * m, d) @ k_text.transpose(-1, -2)).view(b, g, r, m, -1)  # (b, g, r, m, seq)
         if text_mask is not None:
             s_text += text_mask
         s_own = torch.einsum("bgrmd,bgmkd->bgrmk", q, k_own)                 # (b, g, r, m, step)
         # one softmax over [text, own] without concatenating them
         top = torch.maximum(s_text.amax(-1, keepdim=True), s_own.amax(-1, keepdim=True))
-        p_text, p_own = torch.exp(s_text.sub_(top)), torch.exp(s_own.sub_(top))  # (exp_ is slower on CPU)
+        p_text, p_own = _exp(s_text.sub_(top)), _exp(s_own.sub_(top))
         z = p_text.sum(-1, keepdim=True) + p_own.sum(-1, keepdim=True)
         p_text /= z
         p_own /= z
         lse = (top + z.log()).squeeze(-1)                                     # (b, g, r, m)
-        out = torch.einsum("bgrms,bgsd->bgrmd", p_text, v_text) + torch.einsum("bgrmk,bgmkd->bgrmd", p_own, v_own)
+        out = ((p_text.view(b, g, r * m, -1) @ v_text).view(b, g, r, m, d)
+               + torch.einsum("bgrmk,bgmkd->bgrmd", p_own, v_own))
         ctx.save_for_backward(q, k_text, v_text, out, lse)
         ctx.text_mask, ctx.layer, ctx.step = text_mask, layer, step
         ctx.link_shape = None if link is None else link.shape
@@ -292,20 +307,23 @@ class _StepAttention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_link):
         q, k_text, v_text, out, lse = ctx.saved_tensors
         layer, step = ctx.layer, ctx.step
+        b, g, r, m, d = q.shape
         k_own, v_own = layer.key_buffer[:, :, :, :step], layer.value_buffer[:, :, :, :step]
-        s_text = torch.einsum("bgrmd,bgsd->bgrms", q, k_text)
+        q2 = q.view(b, g, r * m, d)
+        grad_out = grad_out.contiguous()
+        go2 = grad_out.view(b, g, r * m, d)
+        s_text = (q2 @ k_text.transpose(-1, -2)).view(b, g, r, m, -1)
         if ctx.text_mask is not None:
             s_text += ctx.text_mask
         lse = lse[..., None]
-        grad_out = grad_out.contiguous()
-        p_text = torch.exp(s_text.sub_(lse))                                 # recomputed
-        p_own = torch.exp(torch.einsum("bgrmd,bgmkd->bgrmk", q, k_own).sub_(lse))
+        p_text = _exp(s_text.sub_(lse)).view(b, g, r * m, -1)                # recomputed: (b, g, r*m, seq)
+        p_own = _exp(torch.einsum("bgrmd,bgmkd->bgrmk", q, k_own).sub_(lse))
         row = (grad_out * out).sum(-1, keepdim=True)                         # (b, g, r, m, 1)
-        ds_text = torch.einsum("bgrmd,bgsd->bgrms", grad_out, v_text).sub_(row).mul_(p_text)
+        ds_text = (go2 @ v_text.transpose(-1, -2)).sub_(row.view(b, g, r * m, 1)).mul_(p_text)
         ds_own = torch.einsum("bgrmd,bgmkd->bgrmk", grad_out, v_own).sub_(row).mul_(p_own)
-        dq = torch.einsum("bgrms,bgsd->bgrmd", ds_text, k_text) + torch.einsum("bgrmk,bgmkd->bgrmd", ds_own, k_own)
-        dk_text = torch.einsum("bgrms,bgrmd->bgsd", ds_text, q)
-        dv_text = torch.einsum("bgrms,bgrmd->bgsd", p_text, grad_out)
+        dq = (ds_text @ k_text).view(b, g, r, m, d) + torch.einsum("bgrmk,bgmkd->bgrmd", ds_own, k_own)
+        dk_text = ds_text.transpose(-1, -2) @ q2                             # (b, g, seq, d)
+        dv_text = p_text.transpose(-1, -2) @ go2
         if layer.key_grad is None:
             layer.key_grad = torch.zeros_like(layer.key_buffer)
             layer.value_grad = torch.zeros_like(layer.value_buffer)
