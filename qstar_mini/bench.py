@@ -138,9 +138,11 @@ def cached_loop_thoughts(model, meta, input_ids, thought_length: int):
 
 
 @torch.no_grad()
-def parallel_thoughts(model, meta, input_ids, mask, thought_length: int, n_thoughts: int = 1):
+def parallel_thoughts(model, meta, input_ids, mask, thought_length: int, n_thoughts: int = 1,
+                      attention: str = "mask"):
     _, cache = plain_forward(model, meta, input_ids, mask)
-    return generate_thoughts(model, meta, input_ids, mask, cache, thought_length, n_thoughts, greedy=True)
+    return generate_thoughts(model, meta, input_ids, mask, cache, thought_length, n_thoughts, greedy=True,
+                             attention=attention)
 
 
 def thought_rows(seqs, lengths, repeats: int, device: str, with_naive: bool = True, dtype=torch.float32):
@@ -618,6 +620,144 @@ def run(quick: bool = True, device: str | None = None, e2e: bool = False, dtype=
     return {"machine": machine(), "dtype": str(dtype).replace("torch.", ""), "quick": quick, "rows": rows}
 
 
+# ------------------------------------------------------------------------------ goals (#20)
+
+GOALS = (
+    # key, what, target, how it compares
+    ("vs_official", "default training step vs the official code's, l = 128, b = 4 (times faster)", 3.0, ">="),
+    ("overhead", "default step's overhead over its pass floor, b = 8, l = 128", 1.1, "<="),
+    ("thoughts", "parallel thoughts vs the per-position loop with a KV cache, l = 64, t = 8 (times faster)", 30.0, ">="),
+    ("memory", "peak memory of the default step vs the plain step, l = 64, b = 4", 10.0, "<="),
+)
+
+
+def cpu_timeit(fn, repeats: int, warmup: int = 1) -> float:
+    """Median CPU time of fn() in seconds (this process; with one thread, the work itself, which
+    other jobs on a shared machine disturb far less than wall time)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return statistics.median(times)
+
+
+def goal_rows(official_venv: str | None = None, repeats: int = 3) -> list[dict]:
+    """The rows behind :data:`GOALS`, on one CPU thread, timed by CPU time, official settings
+    (t = 11 = n_ahead - 1, n_true = 4, n_thoughts = 2) with the default attention and with the
+    dense-mask reference beside it. Without ``official_venv`` the first goal is not measured."""
+    from .config import official
+    from .support import resolve_attention
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, meta, head = bench_model()
+        cfg0 = QuietStarConfig(thought_length=11, n_true=4, n_thoughts=2, seq_len=128)
+        default = resolve_attention(model, meta, cfg0)
+        assert official().attention == cfg0.attention      # the preset trains with the default too
+        rows = []
+        # overhead at b = 8, l = 128
+        ids, mask = random_batch(8, 128, 85)
+        plain = cpu_timeit(lambda: _step(model, meta, head, ids, mask, cfg0.replace(think=False)), max(10, repeats))
+        for attention in dict.fromkeys([default, "mask"]):
+            cfg = cfg0.replace(attention=attention)
+            t = cpu_timeit(lambda: _step(model, meta, head, ids, mask, cfg), repeats)
+            rows.append(dict(name="goal overhead: step vs plain LM step", goal="overhead" if attention == default else None,
+                             params=dict(seq=128, batch=8, t=11, n_true=4, n_thoughts=2, attention=attention,
+                                         default=attention == default),
+                             median_s=t, baseline_median_s=plain, ratio=t / plain, passes=step_passes(cfg),
+                             overhead=t / plain / step_passes(cfg), value=t / plain / step_passes(cfg)))
+        # parallel thoughts at l = 64, t = 8
+        ids, mask = random_batch(1, 64, 85)
+        loop = cpu_timeit(lambda: cached_loop_thoughts(model, meta, ids, 8), repeats)
+        for attention in dict.fromkeys([default, "mask"]):
+            t = cpu_timeit(lambda: parallel_thoughts(model, meta, ids, mask, 8, attention=attention), max(5, repeats))
+            rows.append(dict(name="goal thoughts: parallel vs per-position loop with KV cache",
+                             goal="thoughts" if attention == default else None,
+                             params=dict(seq=64, t=8, batch=1, n_thoughts=1, attention=attention,
+                                         default=attention == default),
+                             median_s=t, baseline_median_s=loop, ratio=loop / t, passes=None, overhead=None,
+                             value=loop / t))
+        # peak memory at b = 4, l = 64
+        ids, mask = random_batch(4, 64, 85)
+        cfg64 = cfg0.replace(seq_len=64)
+        _step(model, meta, head, ids, mask, cfg64.replace(think=False))
+        plain_mib = peak_tensor_mib(lambda: _step(model, meta, head, ids, mask, cfg64.replace(think=False)))
+        for attention, memory in dict.fromkeys([(default, "stepwise"), ("mask", "stepwise"),
+                                                (default, "rescore_checkpointed")]):
+            cfg = cfg64.replace(attention=attention, memory=memory)
+            _step(model, meta, head, ids, mask, cfg)
+            peak = peak_tensor_mib(lambda: _step(model, meta, head, ids, mask, cfg))
+            t = cpu_timeit(lambda: _step(model, meta, head, ids, mask, cfg), repeats)
+            is_default = attention == default and memory == "stepwise"
+            rows.append(dict(name="goal memory: peak memory vs plain LM step", goal="memory" if is_default else None,
+                             params=dict(seq=64, batch=4, t=11, n_true=4, n_thoughts=2, attention=attention,
+                                         memory=memory, default=is_default),
+                             median_s=t, baseline_median_s=None, ratio=peak / plain_mib, passes=None, overhead=None,
+                             peak_mib=peak, baseline_peak_mib=plain_mib, value=peak / plain_mib))
+    finally:
+        torch.set_num_threads(threads)
+    if official_venv:
+        for row in official_rows(official_venv, sdpa=False):
+            if row["params"]["seq"] == 128 and row["params"]["default"]:
+                row["goal"], row["value"] = "vs_official", row["cpu_ratio"]
+            rows.append(row)
+    return rows
+
+
+def goal_summary(rows: list[dict]) -> list[dict]:
+    """Each goal of :data:`GOALS` with its measured value (None: not measured) and whether it is met."""
+    out = []
+    for key, what, target, op in GOALS:
+        found = [r for r in rows if r.get("goal") == key]
+        value = found[0]["value"] if found else None
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        out.append(dict(goal=key, what=what, target=f"{op} {target:g}", value=value, met=met))
+    return out
+
+
+def format_goals(summary: list[dict]) -> str:
+    """The goals as a markdown table (README's Performance section is this, from the JSON)."""
+    lines = ["| goal | target | measured | met |", "| --- | --- | --- | --- |"]
+    for g in summary:
+        value = "not measured" if g["value"] is None else f"{g['value']:.2f}"
+        met = "-" if g["met"] is None else ("yes" if g["met"] else "**no**")
+        lines.append(f"| {g['what']} | {g['target']} | {value} | {met} |")
+    return "\n".join(lines)
+
+
+def format_goal_rows(rows: list[dict]) -> str:
+    """Every row of a goals run as a markdown table: time (CPU s), baseline, ratio, memory."""
+    lines = ["| row | settings | CPU s | baseline CPU s | ratio | overhead | peak MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    skip = ("default", "t", "n_true", "n_thoughts", "threads", "memory", "attn")
+    for r in rows:
+        p = dict(r["params"])
+        settings = ", ".join(f"{k}={v}" for k, v in p.items() if k not in skip)
+        if p.get("memory", "stepwise") != "stepwise":
+            settings += f", memory={p['memory']}"
+        if p.get("default"):
+            settings += " (default)"
+        cpu = r.get("cpu_s", r["median_s"])
+        base = r.get("baseline_cpu_s", r["baseline_median_s"])
+        ratio = r.get("cpu_ratio", r["ratio"])
+        f = lambda v, spec: "-" if v is None else format(v, spec)
+        peak = "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f} / {r['baseline_peak_mib']:.0f}"
+        lines.append(f"| {r['name']} | {settings} | {f(cpu, '.3f')} | {f(base, '.3f')} | {f(ratio, '.2f')} | "
+                     f"{f(r.get('overhead'), '.2f')} | {peak} |")
+    return "\n".join(lines)
+
+
+def readme_section(result: dict) -> str:
+    """What README shows between its bench markers, made from a goals JSON only."""
+    return (f"Measured by `{result['command']}` on {result['machine']}, one thread, CPU time "
+            f"(medians; the JSON is [`{result['json']}`]({result['json']})).\n\n"
+            + format_goals(result["goals"]) + "\n\n" + format_goal_rows(result["rows"]) + "\n")
+
+
 def format_table(result: dict) -> str:
     lines = [f"machine: {result['machine']}, {result.get('dtype', 'float32')}",
              f"{'row':70s} {'params':44s} {'median s':>9s} {'baseline':>9s} {'ratio':>7s} {'passes':>6s} "
@@ -647,11 +787,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default=None,
                         help=f"model sizes for the throughput rows, comma-separated from {sorted(SIZES)} "
                              f"(default: tiny on CPU, tiny,100m on CUDA)")
-    parser.add_argument("--profile", choices=["mask", "blocks"], default=None,
+    parser.add_argument("--profile", choices=["mask", "blocks", "flex"], default=None,
                         help="instead of the table: where an official-shaped step's time goes (torch profiler, "
                              "l=128, b=8) with this attention")
     parser.add_argument("--e2e", action="store_true",
                         help="also time `make demo`'s job and nbval over all notebooks (about 10 minutes more)")
+    parser.add_argument("--goals", action="store_true",
+                        help="instead of the table: the rows behind the performance goals (README, Performance), "
+                             "one thread, CPU time; with --official-venv also the goal against the official code")
+    parser.add_argument("--readme", metavar="JSON", default=None,
+                        help="print README's Performance block made from a --goals JSON, and exit")
     parser.add_argument("--official-venv", metavar="DIR", default=None,
                         help="also time the official Quiet-STaR step (ezelikman/quiet-star) against ours, one CPU "
                              "thread, l=64 and 128, b=4; DIR: the venv scripts/official_env.sh builds (a few "
@@ -679,6 +824,21 @@ def run_bench(args) -> int:
         if args.profile:
             raise ConfigError("--official-venv adds rows to the table; --profile prints no table: give one of them")
         official_venv_python(official_venv)              # before minutes of timing, not after
+    if getattr(args, "readme", None):
+        with open(args.readme) as f:
+            print(readme_section(json.load(f)), end="")
+        return 0
+    if getattr(args, "goals", False):
+        rows = goal_rows(official_venv)
+        result = {"machine": machine(), "command": "qstar-mini bench --goals"
+                  + (" --official-venv DIR" if official_venv else "") + (f" --json {args.json}" if args.json else ""),
+                  "json": args.json, "rows": rows, "goals": goal_summary(rows)}
+        print(format_goals(result["goals"]))
+        print(format_goal_rows(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
     if args.profile:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         rows = profile_step(attention=args.profile, device=device,

@@ -201,3 +201,47 @@ def test_official_rows_time_the_official_step_beside_ours():
         assert row["cpu_ratio"] == pytest.approx(row["baseline_cpu_s"] / row["cpu_s"]) and row["cpu_s"] > 0
         assert row["params"]["threads"] == 1 and row["params"]["t"] == 11 and row["params"]["n_true"] == 4
         assert row["baseline_versions"]["transformers"].startswith("4.37.")
+
+
+def test_goal_summary_says_met_only_when_the_measured_value_is_on_the_right_side():
+    from qstar_mini.bench import GOALS, goal_summary
+
+    rows = [dict(goal="vs_official", value=3.2), dict(goal="overhead", value=1.25), dict(goal="thoughts", value=30.0),
+            dict(goal=None, value=99.0)]                     # a reference row is no goal
+    summary = {g["goal"]: g for g in goal_summary(rows)}
+    assert [g[0] for g in GOALS] == list(summary)
+    assert summary["vs_official"]["met"] is True and summary["overhead"]["met"] is False
+    assert summary["thoughts"]["met"] is True                # the bound itself counts as met
+    assert summary["memory"]["value"] is None and summary["memory"]["met"] is None   # not measured
+
+
+def test_readme_performance_block_is_the_committed_goals_json_rendered():
+    """README's goal tables are made from docs/results/bench_goals_cpu.json by
+    ``qstar-mini bench --readme``, not typed: a rerun of the bench updates both at once."""
+    from pathlib import Path
+
+    from qstar_mini.bench import readme_section
+
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "docs/results/bench_goals_cpu.json").read_text())
+    readme = (root / "README.md").read_text()
+    start, end = "<!-- bench-goals: start -->\n", "<!-- bench-goals: end -->"
+    assert start in readme and end in readme
+    block = readme.split(start, 1)[1].split(end, 1)[0]
+    assert block == readme_section(result)
+    assert {g["goal"] for g in result["goals"]} == {"vs_official", "overhead", "thoughts", "memory"}
+
+
+def test_cli_readme_prints_the_block_from_a_json(tmp_path, capsys):
+    from qstar_mini.bench import readme_section
+
+    result = {"machine": "m", "command": "qstar-mini bench --goals", "json": "x.json",
+              "rows": [dict(name="goal overhead: step vs plain LM step", goal="overhead", value=1.5,
+                            params=dict(seq=128, batch=8, attention="blocks", default=True), median_s=2.0,
+                            baseline_median_s=0.05, ratio=40.0, passes=29, overhead=1.5)],
+              "goals": [dict(goal="overhead", what="w", target="<= 1.1", value=1.5, met=False)]}
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(result))
+    assert cli.main(["bench", "--readme", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out == readme_section(result) and "| w | <= 1.1 | 1.50 | **no** |" in out
