@@ -474,11 +474,13 @@ SEARCH_FIGURES = ("thought_correct", "thought_correct_greedy", "answer_acc", "an
 
 
 def search_row(name: str, changes: dict | None = None, seed: int = 0, steps: int = 300, *,
-               think_where: str = "answer", shuffle_rewards: bool = False, tier: Tier = TIER2_REPRO,
+               think_where: str = "answer", shuffle_rewards: bool = False, lines: str = "answer_only",
+               tier: Tier = TIER2_REPRO,
                out_dir=SEARCH_DIR, progress: bool = False) -> dict:
     """One setting of tier 2 (``tier.cfg`` with ``changes``), one seed: trained, evaluated on the
     test lines, and appended as one JSON line to ``out_dir/rows.jsonl`` (issue #21's search).
-    ``shuffle_rewards``: the shuffled-reward control of that setting.
+    ``shuffle_rewards``: the shuffled-reward control of that setting; ``lines``: the training
+    lines (:func:`training_lines`; ``"answer_only+base_working"`` for the cannot-forget control).
 
     returns: {"name", "changes", "seed", "steps", "think_where", "thought_correct" (test, T = 1,
     4 thoughts a line), "thought_correct_greedy", "answer_acc" (after sampled thoughts),
@@ -487,11 +489,11 @@ def search_row(name: str, changes: dict | None = None, seed: int = 0, steps: int
     during training), "command"}.
     """
     changes = dict(changes or {})
-    arm = Arm(name, changes, think_where=think_where, shuffle_rewards=shuffle_rewards)
+    arm = Arm(name, changes, think_where=think_where, lines=lines, shuffle_rewards=shuffle_rewards)
     r = run_arm(tier, arm, seed, out_dir, progress=progress, steps=steps)
     ev = json.loads((Path(out_dir) / tier.name / f"{name}-seed{seed}" / "eval.json").read_text())["eval"]
     row = {"name": name, "changes": changes, "seed": seed, "steps": r["steps"], "think_where": think_where,
-           "shuffle_rewards": shuffle_rewards, "n_thoughts": tier.cfg.replace(**changes).n_thoughts}
+           "shuffle_rewards": shuffle_rewards, "lines": lines, "n_thoughts": tier.cfg.replace(**changes).n_thoughts}
     row.update({k: r.get(k) for k in SEARCH_FIGURES if k in r})
     row["answer_acc_greedy"] = ev["quiet_star"].get("answer_acc_greedy")
     row["curve"] = [{k: e.get(k) for k in ("step", "thought_correct", "thought_correct_greedy", "answer_acc")}
@@ -499,7 +501,8 @@ def search_row(name: str, changes: dict | None = None, seed: int = 0, steps: int
     args = " ".join(f"{k}={v!r}".replace(" ", "") for k, v in changes.items())
     row["command"] = (f"python -m qstar_mini.experiments search {name} {args} --seed {seed} --steps {steps}"
                       + (f" --think-where {think_where}" if think_where != "answer" else "")
-                      + (" --shuffle-rewards" if shuffle_rewards else "")).replace("  ", " ")
+                      + (" --shuffle-rewards" if shuffle_rewards else "")
+                      + (f" --lines {lines}" if lines != "answer_only" else "")).replace("  ", " ")
     out = Path(out_dir) / "rows.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:
@@ -583,6 +586,7 @@ def format_search_table(rows: list[dict]) -> str:
         changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "tier 2 as in make reproduce"
         note = f" ({r['note']})" if r.get("note") else ""
         note += ", rewards shuffled" if r.get("shuffle_rewards") else ""
+        note += f", lines {r['lines']}" if r.get("lines", "answer_only") != "answer_only" else ""
         where = "" if r.get("think_where", "answer") == "answer" else f", thinking at {r['think_where']} positions"
         lines.append(f"| {r['name']}: {changes}{where}{note} | {r['seed']} | {r['steps']} | {r['seconds']:.0f} | "
                      f"{f(r['thought_correct'])} | {f(r['thought_correct_greedy'])} | "
@@ -615,25 +619,25 @@ def plot_search_curves(rows: list[dict], path, *, title: str = "", reference: di
 
 
 def parse_search_args(argv: list[str]) -> dict:
-    """``NAME [field=value ...] [--seed N] [--steps N] [--think-where answer|all] [--shuffle-rewards]`` -> the
+    """``NAME [field=value ...] [--seed N] [--steps N] [--think-where answer|all] [--shuffle-rewards] [--lines L]`` -> the
     keyword arguments of :func:`search_row`; values are Python literals (``lr=2e-4``,
     ``clamp_negative_rewards=False``)."""
     import ast
 
     if not argv or argv[0].startswith("-"):
         raise SystemExit("usage: python -m qstar_mini.experiments search NAME [field=value ...] "
-                         "[--seed N] [--steps N] [--think-where answer|all] [--shuffle-rewards]")
+                         "[--seed N] [--steps N] [--think-where answer|all] [--shuffle-rewards] [--lines L]")
     kwargs, changes, rest = {"name": argv[0]}, {}, list(argv[1:])
     while rest:
         item = rest.pop(0)
         if item == "--shuffle-rewards":
             kwargs["shuffle_rewards"] = True
-        elif item in ("--seed", "--steps", "--think-where"):
+        elif item in ("--seed", "--steps", "--think-where", "--lines"):
             if not rest:
                 raise SystemExit(f"{item} needs a value")
             value = rest.pop(0)
             key = item[2:].replace("-", "_")
-            kwargs[key] = value if key == "think_where" else int(value)
+            kwargs[key] = value if key in ("think_where", "lines") else int(value)
         elif "=" in item:
             key, value = item.split("=", 1)
             try:

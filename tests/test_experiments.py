@@ -98,8 +98,10 @@ def test_visible_working_needs_questions():
 
 def test_parse_search_args():
     got = parse_search_args(["long", "clamp_negative_rewards=False", "lr=2e-4", "mixing=hidden",
-                             "--seed", "2", "--steps", "900", "--think-where", "all", "--shuffle-rewards"])
+                             "--seed", "2", "--steps", "900", "--think-where", "all", "--shuffle-rewards",
+                             "--lines", "answer_only+base_working"])
     assert got == {"name": "long", "seed": 2, "steps": 900, "think_where": "all", "shuffle_rewards": True,
+                   "lines": "answer_only+base_working",
                    "changes": {"clamp_negative_rewards": False, "lr": 2e-4, "mixing": "hidden"}}
     with pytest.raises(SystemExit, match="unknown config field"):
         parse_search_args(["x", "n_thought=4"])
