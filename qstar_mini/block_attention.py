@@ -241,12 +241,10 @@ class StepLayer(_dynamic_layer()):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
-    def buffers(self, key: torch.Tensor):
-        if self.key_buffer is None:
-            rows, kv_heads, _, dim = key.shape
-            shape = (rows, kv_heads, self.m, self.shared.capacity, dim)
-            self.key_buffer = key.new_empty(shape)
-            self.value_buffer = key.new_empty(shape)
+    def buffers(self, key: torch.Tensor, value: torch.Tensor):
+        if self.key_buffer is None:          # keys and values may differ in width (multi-head latent attention)
+            self.key_buffer = key.new_empty(key.shape[:2] + (self.m, self.shared.capacity, key.shape[-1]))
+            self.value_buffer = value.new_empty(value.shape[:2] + (self.m, self.shared.capacity, value.shape[-1]))
         return self.key_buffer, self.value_buffer
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -279,7 +277,8 @@ class _StepAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_new, v_new, k_text, v_text, link, text_mask, layer: StepLayer, step: int):
         b, g, r, m, d = q.shape
-        kb, vb = layer.buffers(k_new)
+        dv = v_new.shape[-1]
+        kb, vb = layer.buffers(k_new, v_new)
         kb[:, :, :, step - 1].copy_(k_new.detach())
         vb[:, :, :, step - 1].copy_(v_new.detach())
         k_own, v_own = kb[:, :, :, :step], vb[:, :, :, :step]                # (b, g, m, step, d) views
@@ -295,7 +294,7 @@ class _StepAttention(torch.autograd.Function):
         p_text /= z
         p_own /= z
         lse = (top + z.log()).squeeze(-1)                                     # (b, g, r, m)
-        out = ((p_text.view(b, g, r * m, -1) @ v_text).view(b, g, r, m, d)
+        out = ((p_text.view(b, g, r * m, -1) @ v_text).view(b, g, r, m, dv)
                + torch.einsum("bgrmk,bgmkd->bgrmd", p_own, v_own))
         ctx.save_for_backward(q, k_text, v_text, out, lse)
         ctx.text_mask, ctx.layer, ctx.step = text_mask, layer, step
@@ -311,7 +310,7 @@ class _StepAttention(torch.autograd.Function):
         k_own, v_own = layer.key_buffer[:, :, :, :step], layer.value_buffer[:, :, :, :step]
         q2 = q.view(b, g, r * m, d)
         grad_out = grad_out.contiguous()
-        go2 = grad_out.view(b, g, r * m, d)
+        go2 = grad_out.view(b, g, r * m, grad_out.shape[-1])
         s_text = (q2 @ k_text.transpose(-1, -2)).view(b, g, r, m, -1)
         if ctx.text_mask is not None:
             s_text += ctx.text_mask
@@ -352,6 +351,7 @@ def _preallocated(module, query, key, value, attention_mask, dropout, scaling, l
     layout.cache.current = None
     kv_heads, seq = key.shape[1], layout.seq
     if (heads % kv_heads or key.shape[-1] != dim or value.shape[:3] != key.shape[:3]
+            or layer.keys.shape[:2] != key.shape[:2] or layer.values.shape[:2] != value.shape[:2]
             or (attention_mask is not None and attention_mask.shape[1] != 1)):
         raise ModelError(f"block attention cannot read the attention of {type(module).__name__} (queries "
                          f"{tuple(query.shape)}, keys {tuple(key.shape)}, mask "
@@ -364,4 +364,4 @@ def _preallocated(module, query, key, value, attention_mask, dropout, scaling, l
     out, layer.link = _StepAttention.apply(q, key.to(work), value.to(work), layer.keys.to(work),
                                            layer.values.to(work), layer.link, text_mask, layer, layout.step)
     layer.done += 1
-    return out.to(query.dtype).reshape(batch, heads, m, dim).transpose(1, 2).contiguous(), None
+    return out.to(query.dtype).reshape(batch, heads, m, -1).transpose(1, 2).contiguous(), None

@@ -148,7 +148,7 @@ def generate_thoughts(model: nn.Module, meta: MetaTokens, input_ids: torch.Tenso
     pos_rows = None if positions is None else positions.repeat_interleave(n_thoughts, 0)  # (rows, m)
     dtype = model.get_input_embeddings().weight.dtype
     masks = all_step_masks(mask_rows, thought_length + extra_steps, dtype, pos_rows)  # built once
-    if attention == "blocks":               # the steps' keys go into preallocated buffers, not copies
+    if attention == "blocks" and preallocation_works(model, meta):   # keys written in place, not copied
         cache = step_cache(cache, thought_length + extra_steps, m, model)
     if noise is not None:
         noise = noise.reshape(rows, m, n_sampled, -1)
@@ -180,6 +180,44 @@ def generate_thoughts(model: nn.Module, meta: MetaTokens, input_ids: torch.Tenso
         h_end=h.view(batch, n_thoughts, m, -1),
         cache=cache, masks=masks, attention_mask=mask_rows, positions=pos_rows, steps_done=thought_length,
         attention=attention)
+
+
+PREALLOCATION_KEY = "_qstar_preallocation_works"
+
+
+def preallocation_works(model: nn.Module, meta: MetaTokens) -> bool:
+    """Whether block attention over the preallocated cache gives this model the numbers of block
+    attention over the concatenated cache: checked once per model (remembered on it) on two
+    random rows, three thought steps and one talk step. False when the model computes its
+    attention itself (outside the attention interface), or reads keys of other shapes: then the
+    cache grows by concatenation, the same numbers, only slower."""
+    works = getattr(model, PREALLOCATION_KEY, None)
+    if works is None:
+        vocab = model.get_input_embeddings().weight.shape[0]
+        device = model.get_input_embeddings().weight.device
+        allowed = torch.tensor([i for i in range(min(vocab, 512)) if i not in meta.ids])
+        g = torch.Generator().manual_seed(0)
+        ids = allowed[torch.randint(len(allowed), (2, 6), generator=g)].to(device)
+        mask = torch.ones_like(ids)
+        mask[1, 4:] = 0
+        training = model.training
+        model.eval()
+        setattr(model, PREALLOCATION_KEY, False)          # the reference run below must concatenate
+        try:
+            with torch.no_grad():
+                _, cache = plain_forward(model, meta, ids, mask)
+                ref = generate_thoughts(model, meta, ids, mask, cache, 3, 1, 1, greedy=True, attention="blocks")
+                setattr(model, PREALLOCATION_KEY, True)
+                _, cache = plain_forward(model, meta, ids, mask)
+                new = generate_thoughts(model, meta, ids, mask, cache, 3, 1, 1, greedy=True, attention="blocks")
+                real = mask.bool()[:, None, :]
+                works = bool(torch.allclose(new.h_end.float()[real], ref.h_end.float()[real], rtol=1e-3, atol=1e-4))
+        except Exception:
+            works = False
+        finally:
+            model.train(training)
+        setattr(model, PREALLOCATION_KEY, works)
+    return works
 
 
 @torch.no_grad()

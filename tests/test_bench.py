@@ -19,7 +19,13 @@ KEYS = {"name", "params", "median_s", "baseline_median_s", "ratio", "passes", "o
 
 def token_passes(model, meta, head, cfg, batch=2, seq=8) -> float:
     """Tokens through the first decoder layer during one step, per text token: counted, not computed."""
+    from qstar_mini.support import resolve_attention
+
     ids, mask = random_batch(batch, seq, 85)
+    from qstar_mini.thoughts import preallocation_works
+
+    resolve_attention(model, meta, cfg)     # "auto" probes once per model (prepare_model does it in training),
+    preallocation_works(model, meta)        # and so does block attention's preallocated cache
     counted = []
 
     def count(module, args, kwargs):
