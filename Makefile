@@ -65,9 +65,12 @@ reproduce: $(STAMP_RUN)
 
 # The real model (SmolLM2) is fetched like a user fetches it (once; later runs only verify it):
 # notebook 10 and tests/test_real_model.py use it.
+# Two pytest workers (pytest-xdist): the notebooks and the CLI matrix on one, in order (conftest.py),
+# the other tests shared out. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP_DEV)
 	$(PY) -m qstar_mini models fetch smollm2
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 data: $(STAMP_RUN)
 	$(PY) -m qstar_mini data --out $(DATA_DIR)

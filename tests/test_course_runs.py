@@ -88,3 +88,35 @@ def test_the_course_runs_share_one_setting_each():
     assert COURSE_RUNS["tier2_quiet_star"].cfg == TIER2.cfg.replace(steps=80, seed=0)
     assert COURSE_RUNS["tier2_no_policy"].cfg.policy_loss_weight == 0
     assert COURSE_RUNS["tier2_shuffled_reward"].shuffle_rewards
+
+
+def test_two_callers_at_once_train_the_run_once(small, tmp_path, monkeypatch):
+    """Notebooks 06-08 open side by side (or pytest workers) ask for the same run together: the
+    second waits for the first one's training and then loads it, instead of training it again
+    or being refused by the run folder's lock."""
+    import threading
+    import time
+
+    real_train, trained = course_runs._train, []
+
+    def slow_train(spec, run_dir, progress):
+        trained.append(run_dir)
+        time.sleep(0.5)                        # both callers are inside course_run by now
+        real_train(spec, run_dir, progress)
+
+    monkeypatch.setattr(course_runs, "_train", slow_train)
+    paths, errors = [], []
+
+    def ask():
+        try:
+            paths.append(course_run(small, root=tmp_path))
+        except Exception as error:             # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(trained) == 1
+    assert paths == [tmp_path / small / "checkpoint"] * 2

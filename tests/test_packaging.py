@@ -111,7 +111,8 @@ def test_ci_runs_make_test_and_nothing_else(tmp_path):
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_test_runs_pytest_and_make_demo_runs_the_demo(tmp_path):
     """``make -n`` (print, do not run) with the environment already set up: `make test` fetches the
-    real model as a user does (verified only, once it is there), then runs pytest; `make demo`
+    real model as a user does (verified only, once it is there), then runs pytest on two workers
+    (conftest.py keeps the notebooks on one); `make demo`
     runs the demo."""
     stamp = tmp_path / "stamp"
     stamp.touch()                                     # newer than pyproject.toml: no install step
@@ -123,7 +124,7 @@ def test_make_test_runs_pytest_and_make_demo_runs_the_demo(tmp_path):
         return [line for line in out.stdout.splitlines() if not line.startswith("make")]
 
     assert planned("test", "STAMP_DEV") == [f"{sys.executable} -m qstar_mini models fetch smollm2",
-                                            f"{sys.executable} -m pytest"]
+                                            f"{sys.executable} -m pytest -n 2"]
     assert planned("demo", "STAMP_RUN") == [f"{sys.executable} -m qstar_mini demo"]
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,10 +141,26 @@ def course_run(name: str, *, root: Path = COURSE_DIR, retrain: bool = False, pro
     if name not in COURSE_RUNS:
         raise KeyError(f"no course run {name!r}; choose one of {sorted(COURSE_RUNS)}")
     spec, run_dir = COURSE_RUNS[name], Path(root) / name
-    if retrain or not _stored(run_dir, spec):
-        (run_dir / SETTINGS_FILE).unlink(missing_ok=True)
-        _train(spec, run_dir, progress)
+    with _waiting_lock(Path(root) / f".{name}.lock"):   # two notebooks (or test workers) at once: one trains
+        if retrain or not _stored(run_dir, spec):
+            (run_dir / SETTINGS_FILE).unlink(missing_ok=True)
+            _train(spec, run_dir, progress)
     return run_dir / "checkpoint"
+
+
+@contextmanager
+def _waiting_lock(path: Path):
+    """Hold an exclusive ``flock`` on ``path``, waiting for whoever holds it (it trains the same
+    run: once it is done, the run is found stored and loaded). Without ``fcntl`` (Windows): no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)      # released when the file is closed
+        yield
 
 
 def course_evals(name: str, *, root: Path = COURSE_DIR) -> list[dict]:
