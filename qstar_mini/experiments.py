@@ -82,6 +82,7 @@ class Tier:
     arms: tuple[Arm, ...]
     eval_lines: int = 500                           # held-out answer-only test lines
     temperatures: tuple[float, ...] = ()            # the base's thought correctness at these
+    visible_working: bool = False                   # also the base's visible working at these
     gsm_limit: int = 0                              # GSM8K-format problems asked of quiet_star
 
 
@@ -103,6 +104,14 @@ TIER2 = Tier("tier2", TINY_BASE_NOISY, tiny(steps=300, n_thoughts=4, batch_size=
 TIER1_REPRO = dataclasses.replace(TIER1, arms=(QUIET_STAR, BASELINE, QUIET_STAR_ALL))
 TIER2_REPRO = dataclasses.replace(TIER2, cfg=TIER2.cfg.replace(n_thoughts=8),
                                   arms=(QUIET_STAR, NO_POLICY, SHUFFLED, NO_POLICY_MIXED, BASELINE))
+
+# Issue #21's best setting (docs/results/tier2_search.md): a smaller LM learning rate, a 10x policy
+# loss, three times the steps; with the three thought controls (thinking off has no thoughts to
+# compare). `python -m qstar_mini.experiments long --seed N` runs one seed, `... long --merge`
+# makes the 3-seed report README's table is rendered from.
+TIER2_LONG = dataclasses.replace(TIER2_REPRO, name="tier2_long",
+                                 cfg=TIER2_REPRO.cfg.replace(lr=5e-5, policy_loss_weight=10.0, steps=900),
+                                 arms=(QUIET_STAR, NO_POLICY, SHUFFLED, NO_POLICY_MIXED), visible_working=True)
 
 # Single-seed ablations on tier 2 (run_ablations): the choices the tiers rest on.
 ABLATIONS = (
@@ -196,6 +205,7 @@ def run_arm(tier: Tier, arm: Arm, seed: int, out_dir: Path, *, base_model=None, 
     if cfg.think:
         out.update(thought_correct=ev["quiet_star"]["thought_correct"],
                    thought_correct_greedy=ev["quiet_star"]["thought_correct_greedy"],
+                   answer_acc_greedy=ev["quiet_star"].get("answer_acc_greedy"),
                    w_answer=ev["quiet_star"]["w_answer"], w_by_position=ev["w_by_position"],
                    no_thought=ev["quiet_star_no_thought"])
     out["by_difficulty"] = ev["by_difficulty"]
@@ -227,6 +237,11 @@ def evaluate_untrained_base(tier: Tier, seed: int = 0, test_records=None) -> dic
                    thought_correct_best_temperature=temps["best"], best_temperature=temps["best_temperature"],
                    thought_correct=temps["by_temperature"].get("1"),
                    thought_correct_greedy=temps["by_temperature"]["greedy"])
+    if tier.visible_working and tier.temperatures:
+        from .evaluate import visible_working_accuracy
+
+        out["visible_working_by_temperature"] = visible_working_accuracy(
+            model, tokenizer, records, tier.temperatures, seed=seed)["by_temperature"]
     return out
 
 
@@ -243,7 +258,7 @@ def mean_std(values: list) -> dict:
 
 SCALARS = FIGURES + ("thought_correct_start", "thought_correct_end", "thought_correct_greedy_start",
                      "thought_correct_greedy_end", "thought_correct", "thought_correct_greedy", "w_answer",
-                     "seconds", "thought_correct_best_temperature", "gsm8k_accuracy")
+                     "seconds", "thought_correct_best_temperature", "gsm8k_accuracy", "answer_acc_greedy")
 
 
 def aggregate(per_seed: list[dict]) -> dict:
@@ -618,6 +633,126 @@ def plot_search_curves(rows: list[dict], path, *, title: str = "", reference: di
     return str(path)
 
 
+# ----------------------------------------------------------------------------- issue #21: the best setting, 3 seeds
+
+LONG_DIR = RUNS_DIR / "tier2_long"
+LONG_KEEP = ("answer_nll", "answer_acc", "answer_acc_greedy", "thought_correct", "thought_correct_greedy",
+             "thought_correct_start", "thought_correct_end", "w_answer", "seconds", "steps", "evals")
+
+
+def run_long_part(part: str, seed: int = 0, out_dir=LONG_DIR, *, progress: bool = False) -> dict:
+    """One piece of :data:`TIER2_LONG`, so that pieces can run side by side (one CPU thread each):
+    ``part`` = an arm's name (trained for ``seed`` and evaluated on the test lines) or ``"base"``
+    (the untrained base by temperature, hidden thought and visible working). Writes
+    ``out_dir/<part>-seed<seed>.json`` (the base: ``base.json``); :func:`merge_long` reads them."""
+    torch.set_num_threads(1)
+    out_dir = Path(out_dir)
+    arms = {arm.name: arm for arm in TIER2_LONG.arms}
+    if part == "base":
+        result, path = evaluate_untrained_base(TIER2_LONG, seed), out_dir / "base.json"
+    elif part in arms:
+        r = run_arm(TIER2_LONG, arms[part], seed, out_dir, progress=progress)
+        result, path = {k: r.get(k) for k in LONG_KEEP}, out_dir / f"{part}-seed{seed}.json"
+    else:
+        raise SystemExit(f"long: unknown part {part!r}; choose 'base' or one of {sorted(arms)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"part": part, "seed": seed, "result": result}, indent=2, default=str) + "\n")
+    return result
+
+
+def merge_long(out_dir=LONG_DIR, seeds=(0, 1, 2)) -> dict:
+    """The pieces :func:`run_long_part` wrote -> one report (``out_dir/report.json``): per arm,
+    every figure as {"mean", "std", "per_seed"} and the validation curves of each seed; the base
+    by temperature. A missing piece is named, never skipped."""
+    out_dir = Path(out_dir)
+    needed = [out_dir / "base.json"] + [out_dir / f"{arm.name}-seed{s}.json" for arm in TIER2_LONG.arms
+                                        for s in seeds]
+    missing = [p.name for p in needed if not p.exists()]
+    if missing:
+        raise SystemExit(f"long --merge: {len(missing)} piece(s) missing in {out_dir}: {', '.join(missing)}; "
+                         "run them with python -m qstar_mini.experiments long PART --seed N")
+    read = lambda p: json.loads(p.read_text())["result"]                      # noqa: E731
+    report = {"command": "python -m qstar_mini.experiments long PART --seed N (each arm and seed, and base), "
+                         "then long --merge", "seeds": list(seeds), "config": TIER2_LONG.cfg.to_dict(),
+              "base_model": str(TIER2_LONG.base.name), "base": read(out_dir / "base.json"), "arms": {}}
+    for arm in TIER2_LONG.arms:
+        per_seed = [read(out_dir / f"{arm.name}-seed{s}.json") for s in seeds]
+        entry = {k: mean_std([r.get(k) for r in per_seed]) for k in LONG_KEEP if k not in ("evals", "steps")}
+        entry["steps"] = per_seed[0]["steps"]
+        entry["curves"] = [[{k: e.get(k) for k in ("step", "thought_correct", "thought_correct_greedy",
+                                                    "answer_acc")} for e in r["evals"]] for r in per_seed]
+        entry["arm"] = dataclasses.asdict(arm)
+        report["arms"][arm.name] = entry
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+LONG_LABELS = {"quiet_star": "**Quiet-STaR** (lr 5e-5, policy loss weight 10, 900 steps)",
+               "no_policy": "control: policy loss off",
+               "shuffled_reward": "control: rewards shuffled among a line's thoughts",
+               "no_policy_mixed": "control: policy off, the base's working lines mixed in (cannot forget)"}
+
+
+def format_long_table(report: dict) -> str:
+    """README's table for issue #21, from :func:`merge_long`'s report: the base at every sampling
+    temperature (hidden thought; visible working, then its answer) and the arms over the seeds
+    (mean ± sample std, per seed in brackets). Figures on the test lines."""
+    def ms(v):
+        if not isinstance(v, dict) or v.get("mean") is None:
+            return "-"
+        per = ", ".join(f"{x:.3f}" for x in v["per_seed"] if x is not None)
+        return f"{v['mean']:.3f} ± {v['std']:.3f} ({per})" if len(v["per_seed"]) > 1 else f"{v['mean']:.3f}"
+
+    base = report["base"]
+    hidden, visible = base["thought_correct_by_temperature"], base.get("visible_working_by_temperature", {})
+    keys = list(hidden)
+    f = lambda x: "-" if x is None else f"{x:.3f}"                               # noqa: E731
+    head = " | ".join(("greedy" if k == "greedy" else f"T = {k}") for k in keys)
+    lines = [f"| the untrained base, by sampling temperature | {head} |",
+             "| --- |" + " --- |" * len(keys),
+             "| hidden thought after `=`: all running sums right | "
+             + " | ".join(f(hidden[k]) for k in keys) + " |"]
+    if visible:
+        lines.append("| visible working `q=(`...`)`: all sums right | "
+                     + " | ".join(f(visible[k]["working_correct"]) for k in keys) + " |")
+        lines.append("| visible working, then its answer: answer right | "
+                     + " | ".join(f(visible[k]["answer_acc"]) for k in keys) + " |")
+    lines += ["", f"| trained ({len(report['seeds'])} seeds) | right thoughts, T = 1 | right thoughts, greedy "
+              "| answer right after sampled thoughts | after the greedy thought |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, entry in report["arms"].items():
+        lines.append(f"| {LONG_LABELS.get(name, name)} | {ms(entry['thought_correct'])} | "
+                     f"{ms(entry['thought_correct_greedy'])} | {ms(entry['answer_acc'])} | "
+                     f"{ms(entry['answer_acc_greedy'])} |")
+    return "\n".join(lines)
+
+
+def plot_long(report: dict, path) -> str:
+    """Right thoughts on the validation lines over training, mean over seeds (band: min-max),
+    T = 1 solid, greedy dashed, one colour per arm; the base's greedy figure as a line."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (name, entry) in enumerate(report["arms"].items()):
+        colour = f"C{i}"
+        steps = [e["step"] for e in entry["curves"][0]]
+        for key, style in (("thought_correct", "-o"), ("thought_correct_greedy", "--")):
+            runs = [[e[key] for e in curve] for curve in entry["curves"]]
+            mean = [statistics.fmean(v) for v in zip(*runs)]
+            ax.plot(steps, mean, style, ms=3, color=colour,
+                    label=f"{name} ({'T = 1' if key == 'thought_correct' else 'greedy'})")
+            ax.fill_between(steps, [min(v) for v in zip(*runs)], [max(v) for v in zip(*runs)],
+                            color=colour, alpha=0.12)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"right thoughts (validation, mean of {len(report['seeds'])} seeds)")
+    ax.set_ylim(0, 1)
+    ax.set_title("tier 2, issue #21's best setting: the reward's sharpening stops below the base's greedy")
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return str(path)
+
+
 def parse_search_args(argv: list[str]) -> dict:
     """``NAME [field=value ...] [--seed N] [--steps N] [--think-where answer|all] [--shuffle-rewards] [--lines L]`` -> the
     keyword arguments of :func:`search_row`; values are Python literals (``lr=2e-4``,
@@ -659,6 +794,20 @@ if __name__ == "__main__":  # python -m qstar_mini.experiments [demo|reproduce|a
     if what == "search":
         torch.set_num_threads(1)
         print(json.dumps({k: v for k, v in search_row(**parse_search_args(sys.argv[2:])).items() if k != "curve"}))
+        sys.exit(0)
+    if what == "long":                     # long PART [--seed N] [--out DIR] | long --merge [--out DIR]
+        rest = sys.argv[2:]
+        out = Path(rest[rest.index("--out") + 1]) if "--out" in rest else LONG_DIR
+        if "--merge" in rest:
+            report = merge_long(out)
+            print(format_long_table(report))
+            print(plot_long(report, out / "tier2_long_thought_correct.png"))
+        elif rest and not rest[0].startswith("-"):
+            seed = int(rest[rest.index("--seed") + 1]) if "--seed" in rest else 0
+            print(json.dumps({k: v for k, v in run_long_part(rest[0], seed, out).items() if k != "evals"}))
+        else:
+            sys.exit("usage: python -m qstar_mini.experiments long PART [--seed N] [--out DIR] | long --merge "
+                     "[--out DIR]; PART: base, " + ", ".join(arm.name for arm in TIER2_LONG.arms))
         sys.exit(0)
     runs = {"demo": run_demo_pipeline, "reproduce": run_reproduction, "ablations": run_ablations,
             "differences": run_differences}

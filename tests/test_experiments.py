@@ -145,3 +145,51 @@ def test_reward_audit_splits_the_reward(records):
     assert 0.1 < res["thoughts"]["all_right"] < 0.7
     with pytest.raises(ValueError, match="answer-only"):
         reward_audit(model, tok, meta, head, cfg, [r | {"has_working": True} for r in records[:2]])
+
+
+# ----------------------------------------------------------------------------- issue #21's 3-seed table
+
+def _fake_long_pieces(out, seeds=(0, 1, 2)):
+    """Pieces as run_long_part writes them, with made-up figures (known means) and 2-point curves."""
+    from qstar_mini.experiments import TIER2_LONG
+
+    base = {"thought_correct_by_temperature": {"0.25": 0.7, "1": 0.3, "greedy": 0.77},
+            "visible_working_by_temperature": {k: {"working_correct": 0.5, "answer_acc": 0.8}
+                                               for k in ("0.25", "1", "greedy")}}
+    (out / "base.json").write_text(json.dumps({"part": "base", "seed": 0, "result": base}))
+    for i, arm in enumerate(TIER2_LONG.arms):
+        for s in seeds:
+            r = {"thought_correct": 0.1 * i + 0.01 * s, "thought_correct_greedy": 0.5, "answer_acc": 0.6,
+                 "answer_acc_greedy": None if arm.name == "no_policy" else 0.7, "steps": 900, "seconds": 10.0,
+                 "evals": [{"step": 0, "thought_correct": 0.3, "thought_correct_greedy": 0.7, "answer_acc": 0.1},
+                           {"step": 900, "thought_correct": 0.4 + s / 100, "thought_correct_greedy": 0.8,
+                            "answer_acc": 0.5}]}
+            (out / f"{arm.name}-seed{s}.json").write_text(json.dumps({"part": arm.name, "seed": s, "result": r}))
+
+
+def test_long_merge_averages_the_seeds_and_renders_the_readme_table(tmp_path):
+    from qstar_mini.experiments import format_long_table, merge_long, plot_long
+
+    _fake_long_pieces(tmp_path)
+    report = merge_long(tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    shuffled = report["arms"]["shuffled_reward"]["thought_correct"]            # 0.20, 0.21, 0.22
+    assert shuffled["mean"] == pytest.approx(0.21) and shuffled["std"] == pytest.approx(0.01)
+    assert shuffled["per_seed"] == pytest.approx([0.2, 0.21, 0.22])
+    assert [len(c) for c in report["arms"]["quiet_star"]["curves"]] == [2, 2, 2]
+    table = format_long_table(report)
+    assert "| hidden thought after `=`: all running sums right | 0.700 | 0.300 | 0.770 |" in table
+    assert "| visible working, then its answer: answer right | 0.800 | 0.800 | 0.800 |" in table
+    assert "0.210 ± 0.010 (0.200, 0.210, 0.220)" in table
+    no_policy = next(line for line in table.splitlines() if line.startswith("| control: policy loss off"))
+    assert no_policy.endswith("| - |")                                          # no figure: a dash, not 0
+    assert plot_long(report, tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_long_merge_names_a_missing_piece(tmp_path):
+    from qstar_mini.experiments import merge_long
+
+    _fake_long_pieces(tmp_path)
+    (tmp_path / "shuffled_reward-seed1.json").unlink()
+    with pytest.raises(SystemExit, match=r"1 piece\(s\) missing .*shuffled_reward-seed1.json"):
+        merge_long(tmp_path)
