@@ -125,6 +125,25 @@ def test_blocks_write_the_steps_into_preallocated_buffers_and_backward_twice_giv
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)
 
 
+def test_a_finished_step_leaves_nothing_behind():
+    """Once a step's outputs are dropped, its thought cache and buffers are freed. A cycle
+    through autograd's graph (an autograd node holding the layer that holds the node's output)
+    cannot be collected by Python: training kept every step's buffers (12 GB after 650 tier-2
+    steps) until the node was given only the buffers (_StepBuffers)."""
+    import gc
+    import weakref
+
+    model, meta = tiny_random_model("llama", "sdpa"), tiny_meta()
+    ids, mask = batch()
+    thoughts, h = think_and_talk(model, meta, ids, mask, None, True)
+    (thoughts.logprobs.sum() + h.square().sum()).backward()
+    watched = [weakref.ref(layer) for layer in thoughts.cache.layers]
+    watched += [weakref.ref(layer.state.key_buffer) for layer in thoughts.cache.layers]
+    del thoughts, h
+    gc.collect()
+    assert [ref() for ref in watched] == [None] * len(watched)
+
+
 def test_a_step_past_the_preallocated_cache_is_refused():
     model, meta = tiny_random_model("mistral", "sdpa"), tiny_meta()
     ids, mask = batch()
