@@ -370,9 +370,16 @@ def visible_working_accuracy(model, tokenizer, records, temperatures=TEMPERATURE
     records = [r for r in records if r.get("question")]
     if not records:
         raise DataError("visible_working_accuracy needs records with a 'question' (lines of the arithmetic corpus)")
+    from .meta_tokens import END_THOUGHT, START_THOUGHT
+
     device = _device(model)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     generator = torch.Generator().manual_seed(seed)
+    # A model prepared for Quiet-STaR has the meta-tokens, initialised from text tokens (`(` / `)`):
+    # left in, a sample takes <|endofthought|> for `)` as often as `)` itself. Visible working is
+    # the plain model's, so they are taken out of its distribution, as in the Quiet-STaR step.
+    vocab = tokenizer.get_vocab()
+    meta_ids = [vocab[t] for t in (START_THOUGHT, END_THOUGHT) if t in vocab]
     was = model.training
     model.eval()
     try:
@@ -391,6 +398,7 @@ def visible_working_accuracy(model, tokenizer, records, temperatures=TEMPERATURE
                 n_work = task.n_digits + 1                                   # running sums and ")"
                 for k in range(n_work + 1):                                  # the last token: the answer
                     logits = model(input_ids=ids).logits[:, -1].float()      # (b, vocab)
+                    logits[:, meta_ids] = float("-inf")
                     if temperature == 0 or k == n_work:
                         nxt = logits.argmax(-1)
                     else:

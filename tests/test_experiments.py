@@ -88,6 +88,19 @@ def test_visible_working_greedy_agrees_with_evaluate_base(records):
     assert ours["working_correct"] < 1.0
 
 
+def test_visible_working_of_a_model_with_meta_tokens_is_the_plain_models(records):
+    """prepare_model adds the meta-tokens, initialised from `(` and `)`: sampled visible working
+    must not write <|endofthought|> where `)` belongs (it did, half the time: 0.35 instead of
+    0.74 right at T = 0.25 on the noisy base)."""
+    plain, tok = load_model(TINY_BASE)
+    prepared, tok2 = load_model(TINY_BASE)
+    prepare_model(prepared, tok2, tiny(meta_init="first", start_init="(", end_init=")"))
+    assert len(tok2) == len(tok) + 2
+    a = visible_working_accuracy(plain, tok, records, temperatures=(1.0,), seed=3)["by_temperature"]
+    b = visible_working_accuracy(prepared, tok2, records, temperatures=(1.0,), seed=3)["by_temperature"]
+    assert a == b and a["1"]["working_correct"] == 1.0
+
+
 def test_visible_working_needs_questions():
     model, tok = load_model(TINY_BASE)
     with pytest.raises(DataError, match="question"):
@@ -193,3 +206,18 @@ def test_long_merge_names_a_missing_piece(tmp_path):
     (tmp_path / "shuffled_reward-seed1.json").unlink()
     with pytest.raises(SystemExit, match=r"1 piece\(s\) missing .*shuffled_reward-seed1.json"):
         merge_long(tmp_path)
+
+
+def test_readme_tier2_long_table_is_the_committed_report_rendered():
+    """README's issue-#21 table is made from docs/results/tier2_long_report.json by
+    format_long_table (``python -m qstar_mini.experiments long --merge`` prints it), not typed."""
+    from qstar_mini.experiments import TIER2_LONG, format_long_table
+    from qstar_mini.paths import REPO_ROOT
+
+    report = json.loads((REPO_ROOT / "docs/results/tier2_long_report.json").read_text())
+    readme = (REPO_ROOT / "README.md").read_text()
+    start, end = "<!-- tier2-long: start -->\n", "\n<!-- tier2-long: end -->"
+    assert start in readme and end in readme
+    assert readme.split(start, 1)[1].split(end, 1)[0] == format_long_table(report)
+    assert report["seeds"] == [0, 1, 2] and set(report["arms"]) == {arm.name for arm in TIER2_LONG.arms}
+    assert report["config"] == TIER2_LONG.cfg.to_dict()
