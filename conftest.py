@@ -7,7 +7,6 @@ works when started from a subfolder (``cd tests && pytest``).
 
 from pathlib import Path
 
-
 REPO_ROOT = Path(__file__).resolve().parent
 
 # Jupyter's autosaves are never tests, wherever they are.

@@ -379,7 +379,7 @@ def visible_working_accuracy(model, tokenizer, records, temperatures=TEMPERATURE
     # left in, a sample takes <|endofthought|> for `)` as often as `)` itself. Visible working is
     # the plain model's, so they are taken out of its distribution, as in the Quiet-STaR step.
     vocab = tokenizer.get_vocab()
-    meta_ids = [vocab[t] for t in (START_THOUGHT, END_THOUGHT) if t in vocab]
+    meta_ids = tuple(vocab[t] for t in (START_THOUGHT, END_THOUGHT) if t in vocab)
     was = model.training
     model.eval()
     try:
@@ -398,11 +398,10 @@ def visible_working_accuracy(model, tokenizer, records, temperatures=TEMPERATURE
                 n_work = task.n_digits + 1                                   # running sums and ")"
                 for k in range(n_work + 1):                                  # the last token: the answer
                     logits = model(input_ids=ids).logits[:, -1].float()      # (b, vocab)
-                    logits[:, meta_ids] = float("-inf")
                     if temperature == 0 or k == n_work:
-                        nxt = logits.argmax(-1)
+                        nxt = text_log_probs(logits, meta_ids).argmax(-1)
                     else:
-                        probs = torch.softmax(logits / temperature, dim=-1).cpu()
+                        probs = text_log_probs(logits, meta_ids, temperature).exp().cpu()
                         nxt = torch.multinomial(probs, 1, generator=generator)[:, 0].to(device)
                     ids = torch.cat([ids, nxt[:, None]], dim=1)
                 new = ids[:, len(prompts[0]):].cpu()                         # (b, n_work + 1)

@@ -677,7 +677,7 @@ def merge_long(out_dir=LONG_DIR, seeds=(0, 1, 2)) -> dict:
               "base_model": str(TIER2_LONG.base.name), "base": read(out_dir / "base.json"), "arms": {}}
     for arm in TIER2_LONG.arms:
         per_seed = [read(out_dir / f"{arm.name}-seed{s}.json") for s in seeds]
-        entry = {k: mean_std([r.get(k) for r in per_seed]) for k in LONG_KEEP if k not in ("evals", "steps")}
+        entry = aggregate(per_seed)                           # every figure of LONG_KEEP is one of SCALARS
         entry["steps"] = per_seed[0]["steps"]
         entry["curves"] = [[{k: e.get(k) for k in ("step", "thought_correct", "thought_correct_greedy",
                                                     "answer_acc")} for e in r["evals"]] for r in per_seed]
