@@ -35,7 +35,7 @@ from torch import nn
 
 from .config import QuietStarConfig
 from .errors import CheckpointError
-from .files import write_dir_atomic, write_json
+from .files import make_portable, write_dir_atomic, write_json
 from .meta_tokens import MetaTokens
 from .mixing import MixingHead
 
@@ -122,6 +122,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, tokenizer, met
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        make_portable(tmp)
         save_file({"stored": meta.stored.detach().cpu().contiguous()}, str(tmp / META_FILE),
                   metadata={"start_id": str(meta.start_id), "end_id": str(meta.end_id),
                             "scale": repr(meta.scale)})

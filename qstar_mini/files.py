@@ -49,3 +49,32 @@ def append_jsonl(path: Path, record: dict) -> None:
     """Add one JSON line (keys sorted) to ``path``."""
     with open(path, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+# Hugging Face folders that every transformers version we support can read. transformers 5 saves
+# a fast tokenizer as class "TokenizersBackend" and the RoPE base inside "rope_parameters";
+# transformers 4.57 knows neither: it fails on the first and silently uses its default base
+# (10000) without the second. Both versions read the names written here.
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def make_portable(folder: str | os.PathLike) -> None:
+    """Rewrite a ``save_pretrained`` folder's tokenizer_config.json and config.json so that
+    transformers 4.57 and 5.x load the same tokenizer and model from it."""
+    folder = Path(folder)
+    tok_path = folder / "tokenizer_config.json"
+    if tok_path.is_file():
+        tok = json.loads(tok_path.read_text())
+        if tok.get("tokenizer_class") == "TokenizersBackend":
+            tok["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+        tok.pop("backend", None)
+        write_json(tok_path, tok)
+    cfg_path = folder / "config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        rope = cfg.get("rope_parameters") or {}
+        if "rope_theta" in rope:
+            cfg["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default":           # e.g. llama3 or yarn scaling
+            cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        write_json(cfg_path, cfg)

@@ -39,7 +39,7 @@ import torch
 
 from .data import (CONFIG_FILE, WORK_CLOSE, WORK_OPEN, CorpusConfig, answer_index, generate_splits,
                    get_task, read_jsonl, split_prompt, task_for_question, working_is_correct)
-from .files import write_dir_atomic
+from .files import make_portable, write_dir_atomic
 from .errors import ModelError
 from .paths import DATA_DIR, TINY_BASE, looks_local
 from .records import encode_lines  # the one encoder; also qstar_mini.models.encode_lines for the notebooks
@@ -376,6 +376,7 @@ def pretrain(out_dir, data_dir=DATA_DIR, corpus: CorpusConfig | None = None, ste
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        make_portable(tmp)
         (tmp / "pretrain_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
     write_dir_atomic(out_dir, write)

@@ -520,21 +520,15 @@ def _convert(spec: RealModel, gguf_path: Path, out: Path, source: dict) -> dict:
 
 
 def _portable_tokenizer_config(out: Path, config) -> None:
-    """Name the generic fast tokenizer class (readable by transformers 4.57 as well as 5), give
-    the model's real context length, and drop the loader's bookkeeping keys."""
+    """Readable by transformers 4.57 as well as 5 (``files.make_portable``), with the model's real
+    context length and without the loader's bookkeeping keys."""
+    files.make_portable(out)
     path = out / "tokenizer_config.json"
     data = json.loads(path.read_text())
-    data["tokenizer_class"] = "PreTrainedTokenizerFast"
     data["model_max_length"] = int(getattr(config, "max_position_embeddings", 8192))
-    for key in ("is_local", "local_files_only", "backend"):
+    for key in ("is_local", "local_files_only"):
         data.pop(key, None)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    cfg_path = out / "config.json"           # transformers < 5 reads rope_theta, not rope_parameters
-    cfg = json.loads(cfg_path.read_text())
-    theta = (cfg.get("rope_parameters") or {}).get("rope_theta")
-    if theta is not None and "rope_theta" not in cfg:
-        cfg["rope_theta"] = theta
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    files.write_json(path, data)
 
 
 def _verify_reload(spec, tokenizer, tok2, model2, ids, reference_logits, reference) -> None:
