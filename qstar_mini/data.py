@@ -62,11 +62,11 @@ import math
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
+from .files import write_file_atomic
 from .paths import DATA_DIR
 
 WORK_OPEN = "("      # visible working starts after this character
@@ -451,20 +451,6 @@ def _config_bytes(cfg: CorpusConfig) -> bytes:
     return (json.dumps(values, sort_keys=True, indent=2) + "\n").encode("ascii")
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)                   # mkstemp makes it private; data is for everyone
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_corpus(out_dir: str | os.PathLike, cfg: CorpusConfig | None = None) -> dict[str, Path]:
     """Generate the corpus and write it; returns ``{"train", "validation", "test",
     "gsm8k_format", "config"}`` -> path.
@@ -485,9 +471,9 @@ def write_corpus(out_dir: str | os.PathLike, cfg: CorpusConfig | None = None) ->
     paths = {}
     for name, payload in payloads.items():
         paths[name] = out / f"{name}.jsonl"
-        _write_atomic(paths[name], payload)
+        write_file_atomic(paths[name], payload)
     paths["config"] = out / CONFIG_FILE
-    _write_atomic(paths["config"], config_payload)
+    write_file_atomic(paths["config"], config_payload)
     return paths
 
 

@@ -1,16 +1,25 @@
-"""Files a run writes: folders replaced atomically, JSON and JSON-lines records.
+"""Files a run writes: folders replaced atomically, their manifests, JSON and JSON-lines records.
 
 Nothing here knows about models or Quiet-STaR; ``checkpoint`` (a trained run) and ``models``
 (a pretrained base) both save through :func:`write_dir_atomic`.
+
+A *manifest* (``manifest.json``) lists every file of a folder with its size and sha256. It is
+written last, inside the temporary folder, so it is replaced atomically with the files it
+describes; :func:`check_files` then tells a damaged or edited file from a good one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
 
 
 def write_dir_atomic(out_dir: str | os.PathLike, write) -> Path:
@@ -24,7 +33,13 @@ def write_dir_atomic(out_dir: str | os.PathLike, write) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as e:  # noqa: BLE001 - libraries report a full disk in their own types
+            disk = as_os_error(e, out_dir)
+            if disk is None or disk is e:
+                raise
+            raise disk from None
         os.chmod(tmp, 0o755)                                 # mkdtemp makes it private
         if out_dir.exists():
             os.replace(out_dir, old)
@@ -38,6 +53,22 @@ def write_dir_atomic(out_dir: str | os.PathLike, write) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def write_file_atomic(path: str | os.PathLike, payload: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename it over ``path``: a full disk
+    or a kill leaves the old file whole."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.chmod(tmp, 0o644)                   # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def write_json(path: Path, value) -> None:
@@ -78,3 +109,83 @@ def make_portable(folder: str | os.PathLike) -> None:
         if rope.get("rope_type", "default") != "default":           # e.g. llama3 or yarn scaling
             cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
         write_json(cfg_path, cfg)
+
+
+def as_os_error(error: BaseException, where) -> OSError | None:
+    """The OSError that ``error`` stands for, or None when it is no file-system error.
+
+    safetensors and tokenizers (Rust) report a full disk as their own exception types whose
+    message ends in ``(os error 28)``; that number becomes an OSError about ``where``.
+    """
+    if isinstance(error, OSError):
+        return error
+    found = re.search(r"os error (\d+)", str(error))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), os.fspath(where))
+
+
+# ----------------------------------------------------------------------------- manifests
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (read 1 MiB at a time), as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_table(folder: str | os.PathLike) -> dict[str, dict]:
+    """{name: {"bytes", "sha256"}} of every file in ``folder`` but the manifest."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def write_manifest(folder: str | os.PathLike, **extra) -> dict:
+    """Write ``folder/manifest.json``: the format, ``extra`` fields and :func:`file_table`."""
+    manifest = {"format": MANIFEST_FORMAT, **extra, "files": file_table(folder)}
+    write_json(Path(folder) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike) -> dict | None:
+    """``folder/manifest.json`` if it is there and well formed (a "files" table of sizes and
+    sha256), None if there is none; ValueError naming the problem if it is damaged."""
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    ok = (manifest.get("format") == MANIFEST_FORMAT if isinstance(manifest, dict) else False) and \
+        isinstance(files, dict) and all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values())
+    if not ok:
+        raise ValueError(f"{path} is not a manifest of this version of qstar_mini (format "
+                         f"{MANIFEST_FORMAT}, a size and sha256 per file)")
+    return manifest
+
+
+def check_files(folder: str | os.PathLike, files: dict[str, dict], *, full: bool = True) -> str | None:
+    """The first file of ``files`` (a manifest's table) that ``folder`` does not hold as listed,
+    in a few words ("model.safetensors differs from the manifest (sha256)"), or None when all match.
+
+    full: compare every file's sha256 (reads every byte); False compares only the sizes (a
+    ``stat`` per file: catches a truncated or half-copied file, not a flipped byte).
+    """
+    folder = Path(folder)
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} differs from the manifest ({size} bytes, not {expected['bytes']})"
+        if full and sha256_file(path) != expected["sha256"]:
+            return f"{name} differs from the manifest (sha256)"
+    return None

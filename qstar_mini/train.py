@@ -82,7 +82,7 @@ from .checkpoint import load_checkpoint, load_training_state, save_checkpoint
 from .config import QuietStarConfig
 from .errors import ConfigError, DataError
 from .evaluate import quick_eval
-from .files import append_jsonl
+from .files import append_jsonl, write_file_atomic
 from .generate import decode_thought, thought_is_correct
 from .losses import combined_loss, masked_mean, reinforce_loss
 from .meta_tokens import MetaTokens
@@ -533,12 +533,19 @@ def _start_metrics(run_dir: RunDir, start_step: int) -> None:
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep only the lines of steps <= last_step (a resumed run rewrites what came after)."""
+    """Keep only the lines of steps <= last_step (a resumed run rewrites what came after); a line
+    that is no JSON object (cut short by a full disk or a kill) goes too."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            keep.append(line)
+    write_file_atomic(path, "".join(line + "\n" for line in keep).encode())
 
 
 # ============================================================================ setting up
