@@ -41,7 +41,9 @@ from dataclasses import dataclass, field
 from .errors import ConfigError
 
 MIXING_MODES = ("hidden", "logprob")  # official code / paper, see qstar_mini.mixing
-BASELINES = ("mean", "none")          # reward baseline: mean over the n_thoughts (official "trice")
+BASELINES = ("mean", "base", "none")  # reward baseline: mean over the n_thoughts (official "trice"),
+                                      # the base prediction (official with one pass), none
+HEAD_INITS = ("official", "default")  # mixing-head init: N(0, 0.02) weights, 0 biases (official) / PyTorch's
 MEMORY_MODES = ("stepwise", "rescore", "rescore_checkpointed")  # see qstar_mini.rescore
 ATTENTION_MODES = ("auto", "mask", "blocks", "flex")  # thought steps: see qstar_mini.attention
 META_INITS = ("first", "mean")        # meta-token init: first token of the text (official) / mean of its tokens
@@ -83,9 +85,15 @@ class QuietStarConfig:
     mixer_bias_init: float | None = None  # bias of the head's last layer (weights start at 0);
                                       # None = no bias (official)
     mixer_sigmoid: bool = False       # "hidden" mode only: bound w to [0, 1] (official: no)
+    mixer_init: str = "official"      # the head's layers before training: "official" = every weight
+                                      # N(0, 0.02), every bias 0 (transformers' _init_weights);
+                                      # "default" = PyTorch's nn.Linear init. Either way the last
+                                      # layer's weight starts at 0 (official: zeroed at the first call)
 
     # --- losses ----------------------------------------------------------------------------
-    reward_baseline: str = "mean"     # official `trice_mode`: subtract the mean over thoughts
+    reward_baseline: str = "mean"     # official `trice_mode`: subtract the mean over thoughts;
+                                      # "base": r_j = log p^talk - log p^init, the improvement over
+                                      # the base prediction (official with n_passes = 1); "none"
     clamp_negative_rewards: bool = True  # official `remove_negative_rewards`
     base_loss_weight: float = 0.5     # official `original_loss_weight` (first_and_last_mode)
     policy_loss_weight: float = 1e6   # official `policy_loss_beta`
@@ -163,6 +171,8 @@ class QuietStarConfig:
             if not ok:
                 raise ConfigError(msg)
 
+        check_field_types(self)
+
         for name in ("thought_length", "n_true", "n_thoughts", "seq_len", "batch_size", "steps",
                      "warmup_steps", "seed", "mixer_depth", "lr_decay_steps"):
             value = getattr(self, name)
@@ -181,7 +191,8 @@ class QuietStarConfig:
              f"reward_baseline must be one of {BASELINES} (got {self.reward_baseline!r})")
         need(not (self.think and self.reward_baseline == "mean" and self.n_thoughts < 2),
              f"n_thoughts must be >= 2 with reward_baseline='mean' (got {self.n_thoughts}): with one "
-             f"thought its reward minus the mean is always 0; use more thoughts or reward_baseline='none'")
+             f"thought its reward minus the mean is always 0; use more thoughts or reward_baseline='base' "
+             f"(the improvement over the base prediction, as the official code does with n_passes = 1)")
         need(self.attention in ATTENTION_MODES,
              f"attention must be one of {ATTENTION_MODES} (got {self.attention!r})")
         need(self.memory in MEMORY_MODES, f"memory must be one of {MEMORY_MODES} (got {self.memory!r})")
@@ -189,7 +200,7 @@ class QuietStarConfig:
         for name, choices in (("meta_init", META_INITS), ("scoring_vocab", SCORING_VOCABS),
                               ("reinforce_reduction", REINFORCE_REDUCTIONS),
                               ("talk_nll_pooling", TALK_NLL_POOLINGS), ("policy_positions", POLICY_POSITIONS),
-                              ("lr_schedule", LR_SCHEDULES)):
+                              ("lr_schedule", LR_SCHEDULES), ("mixer_init", HEAD_INITS)):
             need(getattr(self, name) in choices, f"{name} must be one of {choices} (got {getattr(self, name)!r})")
         need(self.mixer_depth >= 1, f"mixer_depth must be >= 1 hidden layer (got {self.mixer_depth})")
         need(self.mixer_bias_init is None or isinstance(self.mixer_bias_init, (int, float)),
@@ -228,8 +239,9 @@ class QuietStarConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "QuietStarConfig":
         """The config saved by :meth:`to_dict`; every field must be there (a missing one would
-        silently take the official default)."""
+        silently take the official default), except those of :data:`ADDED_FIELDS`."""
         names = {f.name for f in dataclasses.fields(cls)}
+        values = {**{k: v for k, v in ADDED_FIELDS.items() if k not in values}, **values}
         unknown, missing = set(values) - names, names - set(values)
         if unknown:
             raise ConfigError(f"unknown config field(s) {sorted(unknown)}; see QuietStarConfig")
@@ -238,6 +250,9 @@ class QuietStarConfig:
                               f"add them to its config.json with the values the run used, or retrain")
         return cls(**values)
 
+
+# Fields added after runs had been saved, with the value those runs were made with.
+ADDED_FIELDS = {"mixer_init": "default"}    # the head's init matters only before training
 
 OFFICIAL_NAMES = {"n_ahead": "thought_length", "n_ahead_talk": "n_true", "n_passes": "n_thoughts"}
 
@@ -248,6 +263,10 @@ def official(**changes) -> QuietStarConfig:
     Takes the official names too: ``official(n_ahead=8)`` is ``official(thought_length=7)``
     (n_ahead counts the plain pass, see the module docstring), ``n_ahead_talk`` is n_true,
     ``n_passes`` is n_thoughts.
+
+    With one thought per position (``n_passes=1``) the official code has no mean to subtract
+    (its ``trice_mode`` needs n_passes > 1) and rewards the improvement over the base
+    prediction instead: so does this preset (``reward_baseline="base"``), unless told otherwise.
     """
     for name, ours in OFFICIAL_NAMES.items():
         if name in changes:
@@ -255,6 +274,8 @@ def official(**changes) -> QuietStarConfig:
                 raise ConfigError(f"give {name} or {ours}, not both")
             value = changes.pop(name)
             changes[ours] = value - 1 if name == "n_ahead" and isinstance(value, int) else value
+    if changes.get("n_thoughts") == 1:
+        changes.setdefault("reward_baseline", "base")
     return QuietStarConfig(**changes)
 
 
@@ -267,7 +288,8 @@ def tiny(**changes) -> QuietStarConfig:
     embeddings of ``(`` and ``)``, the characters that open and close the visible working.
 
     It also takes qstar_mini's side of every switchable difference from the official code
-    (``docs/differences.md``): a one-hidden-layer mixing head with a bias, bounded w, the
+    (``docs/differences.md``): a one-hidden-layer mixing head with a bias and PyTorch's
+    default init, bounded w, the
     meta-tokens out of the scoring softmax, the summed log p(T_j), one pooled talk NLL,
     REINFORCE over every real position, the warmup-then-hold schedule and no decay on the
     meta-tokens.
@@ -280,7 +302,7 @@ def tiny(**changes) -> QuietStarConfig:
         mixing="hidden", mixer_sigmoid=True, mixer_bias_init=-3.0, mixer_depth=1,
         scoring_vocab="text", reinforce_reduction="sum", talk_nll_pooling="pooled",
         policy_positions="real", lr_schedule="constant", decay_meta_tokens=False,
-        decay_bias_and_norm=True,
+        decay_bias_and_norm=True, mixer_init="default",
     )
     values.update(changes)
     return QuietStarConfig(**values)
@@ -293,3 +315,23 @@ def preset(name: str, **changes) -> QuietStarConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name](**changes)
+
+
+# What a field's annotation accepts, and its name in an error: an int is a float too; a bool is neither.
+FIELD_TYPES = {"int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+               "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+               "bool": (lambda v: isinstance(v, bool), "true or false"),
+               "str": (lambda v: isinstance(v, str), "a string"),
+               "None": (lambda v: v is None, "null")}
+
+
+def check_field_types(cfg: QuietStarConfig) -> None:
+    """Every field of ``cfg`` of its annotated type (``float | None``: a number or None), else a
+    one-line ConfigError naming the field: ``"lr": "fast"`` in a saved config is refused here,
+    before a comparison fails on it far away."""
+    for f in dataclasses.fields(cfg):
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        value = getattr(cfg, f.name)
+        if all(k in FIELD_TYPES for k in kinds) and not any(FIELD_TYPES[k][0](value) for k in kinds):
+            wanted = " or ".join(FIELD_TYPES[k][1] for k in kinds)
+            raise ConfigError(f"config field {f.name} must be {wanted}, not {value!r}")

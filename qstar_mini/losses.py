@@ -22,7 +22,10 @@ positions of a sequence have fewer than n_true true tokens after them).
 the n_thoughts thoughts of the same position (official ``trice_mode``). The mean baseline
 cancels everything the thoughts share, the base prediction included. With the official clamp
 (``remove_negative_rewards``) only thoughts better than average are reinforced; with two
-thoughts the centred rewards are opposite, so only the better one.
+thoughts the centred rewards are opposite, so only the better one. With a single thought there
+is no mean to take: the official code then rewards the improvement over the base prediction,
+log p^talk - log p^init (``reward_baseline="base"``), so a thought is reinforced when the
+mixed prediction beats the model without it.
 """
 
 from __future__ import annotations
@@ -103,16 +106,30 @@ def talk_nll(log_p_talk: torch.Tensor, valid: torch.Tensor, pooling: str = "pool
     return nll, torch.stack(per_offset).mean()
 
 
-def rewards(log_p_talk: torch.Tensor, valid: torch.Tensor, baseline: str = "mean") -> torch.Tensor:
+def rewards(log_p_talk: torch.Tensor, valid: torch.Tensor, baseline: str = "mean",
+            log_p_init: torch.Tensor | None = None) -> torch.Tensor:
     """Algorithm 1, line 2i: r_j, one reward per thought, carrying no gradient.
 
     log_p_talk: (batch, n_thoughts, seq, n_true).  valid: (batch, seq, n_true).
+    log_p_init: (batch, seq, n_true) log p^init of the same true tokens; needed for "base".
     returns: r (batch, n_thoughts, seq): the thought's total log p^talk of the true tokens,
-    minus the mean over the thoughts of the same position when baseline == "mean".
+    minus a baseline:
+      "mean": the mean over the thoughts of the same position (official ``trice_mode``);
+      "base": the base prediction's total, sum_i (log p^talk - log p^init): the improvement
+              the thought brings (the official code with one pass, ``n_passes = 1``, where
+              there is no mean to take);
+      "none": nothing.
     """
     score = log_p_talk.detach().masked_fill(~valid[:, None], 0.0).sum(-1)    # (batch, n_thoughts, seq)
     if baseline == "mean":
-        score = score - score.mean(dim=1, keepdim=True)
+        return score - score.mean(dim=1, keepdim=True)
+    if baseline == "base":
+        if log_p_init is None:
+            raise ValueError("reward baseline 'base' needs log_p_init (batch, seq, n_true)")
+        base = log_p_init.detach().masked_fill(~valid, 0.0).sum(-1)         # (batch, seq)
+        return score - base[:, None]
+    if baseline != "none":
+        raise ValueError(f"unknown reward baseline {baseline!r}; choose 'mean', 'base' or 'none'")
     return score
 
 

@@ -48,6 +48,9 @@ from .errors import ConfigError
 from .lm import text_log_probs
 
 
+OFFICIAL_INIT_STD = 0.02   # transformers' ``initializer_range``: the official head's N(0, 0.02)
+
+
 class MixingHead(nn.Module):
     """Shallow MLP ``[h_init; h_thought] -> scalar``, last layer zero-initialised.
 
@@ -55,11 +58,13 @@ class MixingHead(nn.Module):
     each. Official code (``use_complex_talk_head``): depth 2, no bias on the last layer,
     ``Linear(2h, h) -> ReLU -> Linear(h, h) -> ReLU -> Linear(h, 1, bias=False)``.
     ``bias_init``: None for no last-layer bias (official), else its starting value.
+    ``init``: the other layers' start, "official" (:func:`official_init`, what ``official()``'s
+    ``mixer_init`` asks :func:`~qstar_mini.step.prepare_model` for) or "default" (PyTorch's).
     h_init, h_thought: (..., hidden).  returns: (...,) the raw score a.
     """
 
     def __init__(self, hidden: int, mixer_hidden: int | None = None, bias_init: float | None = None,
-                 depth: int = 2):
+                 depth: int = 2, init: str = "default"):
         super().__init__()
         width = mixer_hidden or hidden
         layers: list[nn.Module] = []
@@ -67,6 +72,10 @@ class MixingHead(nn.Module):
             layers += [nn.Linear(2 * hidden if i == 0 else width, width), nn.ReLU()]
         layers.append(nn.Linear(width, 1, bias=bias_init is not None))
         self.net = nn.Sequential(*layers)
+        if init == "official":
+            official_init(self.net)
+        elif init != "default":
+            raise ConfigError(f"unknown mixing-head init {init!r}; choose 'official' or 'default'")
         nn.init.zeros_(self.net[-1].weight)
         if bias_init is not None:
             nn.init.constant_(self.net[-1].bias, bias_init)
@@ -74,6 +83,19 @@ class MixingHead(nn.Module):
     def forward(self, h_init: torch.Tensor, h_thought: torch.Tensor) -> torch.Tensor:
         x = torch.cat([h_init, h_thought], dim=-1).to(self.net[0].weight.dtype)
         return self.net(x)[..., 0]
+
+
+@torch.no_grad()
+def official_init(net: nn.Sequential) -> None:
+    """The official head's start: the model's ``_init_weights`` gives every ``nn.Linear`` of it
+    weights N(0, 0.02) and biases 0 (PyTorch's own init would give U(+-1/sqrt(fan_in)) to
+    both); the official forward then zeroes the last layer's weight on its first call, which
+    :class:`MixingHead` does at once."""
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            layer.weight.normal_(0.0, OFFICIAL_INIT_STD)
+            if layer.bias is not None:
+                layer.bias.zero_()
 
 
 def _unknown_mode(mode: str) -> ConfigError:

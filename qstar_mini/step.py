@@ -51,7 +51,7 @@ def prepare_model(model: nn.Module, tokenizer, cfg: QuietStarConfig) -> tuple[Me
         raise ModelError(f"{type(model).__name__} does not run on qstar_mini's path ({type(e).__name__}: {first}); "
                          f"this architecture is not supported (README, 'Supported models')") from None
     weight = model.get_input_embeddings().weight
-    head = MixingHead(weight.shape[1], cfg.mixer_hidden, cfg.mixer_bias_init, cfg.mixer_depth)
+    head = MixingHead(weight.shape[1], cfg.mixer_hidden, cfg.mixer_bias_init, cfg.mixer_depth, cfg.mixer_init)
     return meta, head.to(weight.device, weight.dtype)
 
 
@@ -208,7 +208,9 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
     nll, talk = talk_nll(log_p_talk, talk_valid, cfg.talk_nll_pooling)
 
     # 2i. r_j <- log p^talk(true tokens) - mean over the thoughts of the same position
-    r = rewards(log_p_talk, talk_valid, cfg.reward_baseline)                # (b, n, l)
+    #     (or - log p^init(true tokens): reward_baseline="base", the official one-pass reward)
+    r = rewards(log_p_talk, talk_valid, cfg.reward_baseline,
+                log_p_init=at_positions(log_p_init, positions))             # (b, n, m)
 
     # 2j. L^REINFORCE_j <- -r_j * 1[r_j > 0] * log p(T_j | X_{:j}, <|startofthought|>)
     reinforce, policy = reinforce_loss(r, thought_logprobs, policy_trained, cfg.clamp_negative_rewards,

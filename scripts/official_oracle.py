@@ -73,6 +73,9 @@ DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 BATCH, SEQ, ROW1_REAL = 2, 20, 14          # row 1 is right-padded after 14 real tokens
 N_AHEAD_TALK, N_PASSES = 4, 2
 N_AHEAD_VALUES = (6, 12)
+# One more step with a single thought per position (official n_passes = 1): the official code
+# then skips the mean baseline and rewards the improvement over the base prediction.
+ONE_PASS_N_AHEAD = 12
 
 MODEL_SEED = 0             # torch.manual_seed before building (and resizing) the model
 BATCH_SEED = 1
@@ -81,6 +84,7 @@ META_ROW_STD = 0.02        # the model's initializer_range
 HEAD_SEED = 3
 HEAD_STD = 0.1             # every weight and bias of the mixing head
 NOISE_SEED_BASE = 1000     # the Gumbel noise of run n_ahead=N uses seed NOISE_SEED_BASE + N
+ONE_PASS_NOISE_SEED = 2000 + ONE_PASS_N_AHEAD   # ... and of the n_passes = 1 run this one
 
 # Config switches, as quiet-star-train.py sets them for the 7B run.
 OFFICIAL_CONFIG_SWITCHES = dict(
@@ -152,7 +156,7 @@ def seeded_normal(gen, shape, std):
     return torch.randn(shape, generator=gen, dtype=torch.float64) * std
 
 
-def build_model(n_ahead, tokenizer):
+def build_model(n_ahead, tokenizer, n_passes=N_PASSES):
     """The official MistralForCausalLM, configured like quiet-star-train.py's model_init."""
     torch.manual_seed(MODEL_SEED)
     config = official_cfg.MistralConfig(
@@ -186,7 +190,7 @@ def build_model(n_ahead, tokenizer):
     model.use_end_thought_token = True
     model.n_ahead = n_ahead
     model.n_ahead_talk = N_AHEAD_TALK
-    model.n_passes = N_PASSES
+    model.n_passes = n_passes
     model.gumbel_temperature = 1
     model.original_mode = False
     model.wandb_enabled = False
@@ -213,10 +217,19 @@ def head_state(model):
             for k, v in model.state_dict().items() if k.startswith("talk_head.0.")}
 
 
-def gumbel_noise(n_ahead):
+def noise_seed(n_ahead, n_passes):
+    return NOISE_SEED_BASE + n_ahead if n_passes == N_PASSES else ONE_PASS_NOISE_SEED
+
+
+def case_name(n_ahead, n_passes):
+    """Fixture file stem of one step: n_ahead_12, or n_ahead_12_n_passes_1."""
+    return f"n_ahead_{n_ahead}" + ("" if n_passes == N_PASSES else f"_n_passes_{n_passes}")
+
+
+def gumbel_noise(n_ahead, n_passes=N_PASSES):
     """Standard Gumbel noise (batch, n_passes, seq, n_ahead - 3, vocab), float64."""
-    g = torch.Generator().manual_seed(NOISE_SEED_BASE + n_ahead)
-    shape = (BATCH, N_PASSES, SEQ, n_ahead - 3, len(TEXT_VOCAB) + 2)
+    g = torch.Generator().manual_seed(noise_seed(n_ahead, n_passes))
+    shape = (BATCH, n_passes, SEQ, n_ahead - 3, len(TEXT_VOCAB) + 2)
     exp1 = torch.empty(shape, dtype=torch.float64).exponential_(generator=g)
     return -exp1.log()
 
@@ -281,17 +294,18 @@ class OfficialStepRecorder:
         return False
 
 
-def by_row(t):
+def by_rows(t, n_passes=N_PASSES):
     """(batch * n_passes, ...) with rows b * n_passes + n  ->  (batch, n_passes, ...)."""
-    return t.reshape(BATCH, N_PASSES, *t.shape[1:])
+    return t.reshape(-1, n_passes, *t.shape[1:])
 
 
-def run_step(n_ahead, tokenizer, input_ids, attention_mask):
-    model = build_model(n_ahead, tokenizer)
+def run_step(n_ahead, tokenizer, input_ids, attention_mask, n_passes=N_PASSES):
+    model = build_model(n_ahead, tokenizer, n_passes)
     weights = stock_state(model)
     head = head_state(model)
-    noise = gumbel_noise(n_ahead)
-    m, rows = n_ahead - 3, BATCH * N_PASSES   # sampled thought tokens, official batch rows
+    noise = gumbel_noise(n_ahead, n_passes)
+    m, rows = n_ahead - 3, BATCH * n_passes   # sampled thought tokens, official batch rows
+    by_row = lambda t: by_rows(t, n_passes)   # noqa: E731
 
     # transformers 4.37 builds its causal mask with torch.full(..., finfo(float64).min) in the
     # DEFAULT dtype, which recent torch refuses for float32; a float64 default for the step
@@ -344,13 +358,15 @@ def run_step(n_ahead, tokenizer, input_ids, attention_mask):
         assert ce.shape == (rows, SEQ - 1 - i)
         log_p_talk[:, :SEQ - 1 - i, i] = -ce + 0.0       # + 0.0: no -0.0 at ignored targets
     base = loss_list[0].detach()
-    assert torch.equal(base[0::N_PASSES], base[1::N_PASSES])
+    assert all(torch.equal(base[0::n_passes], base[k::n_passes]) for k in range(n_passes))
 
     rewards = loc["train_policy_reward"].detach()        # after centring, before the clamp
     clamped = loc["fixed_policy_reward"].detach()
     assert torch.equal(clamped, rewards.clamp(min=0))
     n_reward = SEQ - 1 - N_AHEAD_TALK
     assert rewards.shape == (rows, n_reward)
+    if n_passes == 1:     # no mean baseline: the reward is the improvement over the base itself
+        assert torch.equal(rewards, loc["policy_reward"].detach())
 
     loss = out.loss.detach()
     talk_loss = model.log_dict["loss_talk"].detach()     # the official logged talk loss
@@ -370,7 +386,7 @@ def run_step(n_ahead, tokenizer, input_ids, attention_mask):
         "thought_logprobs": by_row(logprobs),
         "w": by_row(w),
         "log_p_talk": by_row(log_p_talk),
-        "base_nll": base[0::N_PASSES],
+        "base_nll": base[0::n_passes],
         "rewards": by_row(rewards),
         "rewards_raw": by_row(loc["policy_reward"].detach()),
         "loss": loss,
@@ -396,7 +412,8 @@ def run_step(n_ahead, tokenizer, input_ids, attention_mask):
         "n_sampled_tokens": m,
         "positive_clamped_reward_fraction": (clamped > 0).double().mean().item(),
         "w_abs_max": w.abs().max().item(),
-        "noise_seed": NOISE_SEED_BASE + n_ahead,
+        "n_passes": n_passes,
+        "noise_seed": noise_seed(n_ahead, n_passes),
         "max_thoughts": model.config.max_thoughts,
     }
     return weights, head, tensors, summary, model.config
@@ -486,8 +503,9 @@ def main():
     tokenizer = build_tokenizer()
     input_ids, attention_mask = build_batch()
 
-    results = {n: run_step(n, tokenizer, input_ids, attention_mask) for n in N_AHEAD_VALUES}
-    weights, head, _, _, config = results[N_AHEAD_VALUES[0]]
+    cases = [(n, N_PASSES) for n in N_AHEAD_VALUES] + [(ONE_PASS_N_AHEAD, 1)]
+    results = {case_name(n, p): run_step(n, tokenizer, input_ids, attention_mask, p) for n, p in cases}
+    weights, head, _, _, config = results[case_name(N_AHEAD_VALUES[0], N_PASSES)]
     for n, (w_n, h_n, *_rest) in results.items():     # every run started from the same weights
         assert w_n.keys() == weights.keys() and h_n.keys() == head.keys()
         assert all(torch.equal(w_n[k], weights[k]) for k in weights)
@@ -502,10 +520,10 @@ def main():
     save_file({k: v.contiguous() for k, v in head.items()},
               os.path.join(args.out, "head.safetensors"), metadata={"format": "pt"})
 
-    for n, (_w, _h, tensors, summary, _c) in results.items():
-        save_file(tensors, os.path.join(args.out, f"n_ahead_{n}.safetensors"),
+    for name, (_w, _h, tensors, summary, _c) in results.items():
+        save_file(tensors, os.path.join(args.out, f"{name}.safetensors"),
                   metadata={"format": "pt"})
-        with open(os.path.join(args.out, f"n_ahead_{n}.json"), "w") as f:
+        with open(os.path.join(args.out, f"{name}.json"), "w") as f:
             json.dump(summary, f, indent=2)
             f.write("\n")
 
@@ -538,6 +556,9 @@ def main():
                      sliding_window=None, tie_word_embeddings=False),
         "n_ahead_values": list(N_AHEAD_VALUES),
         "n_ahead_talk": N_AHEAD_TALK, "n_passes": N_PASSES,
+        # the same step with one thought per position (its files: case_name(12, 1))
+        "one_pass": {"n_ahead": ONE_PASS_N_AHEAD, "n_passes": 1,
+                     "files": case_name(ONE_PASS_N_AHEAD, 1) + ".{safetensors,json}"},
         "embedding_scale": model.embedding_scale,
         "reinforce_temperature": model.reinforce_temperature,
         "policy_loss_beta": model.policy_loss_beta,
@@ -552,7 +573,8 @@ def main():
             "use_end_thought_token", "optimize_lm_head_only_at_start", "original_mode")},
         "seeds": {"model": MODEL_SEED, "batch": BATCH_SEED, "meta_rows": META_ROW_SEED,
                   "head": HEAD_SEED, "noise": {str(n): NOISE_SEED_BASE + n
-                                               for n in N_AHEAD_VALUES}},
+                                               for n in N_AHEAD_VALUES},
+                  "noise_one_pass": ONE_PASS_NOISE_SEED},
         "init": {
             "model": "official MistralForCausalLM built under torch.manual_seed(0), "
                      "resize_token_embeddings(24), then .double(); model/ holds these weights "
@@ -571,6 +593,9 @@ def main():
                                 "bias), ReLU between; official talk_head[0]",
             "n_ahead_N.safetensors": "tensors below, float64 (ids int64)",
             "n_ahead_N.json": "loss, talk_loss, policy_loss and a few counts",
+            "n_ahead_N_n_passes_1.*": "the same for the one-pass step (n_passes = 1): there the "
+                                      "official code skips the trice centring, so rewards equals "
+                                      "rewards_raw (the improvement over the base)",
         },
         "tensors": TENSOR_DOCS,
         "captures": {
@@ -590,8 +615,8 @@ def main():
     }
     write_json(os.path.join(args.out, "setup.json"), setup)
 
-    for n, (*_x, summary, _c) in results.items():
-        print(f"n_ahead={n}: loss={summary['loss']:.6g} talk_loss={summary['talk_loss']:.6g} "
+    for name, (*_x, summary, _c) in results.items():
+        print(f"{name}: loss={summary['loss']:.6g} talk_loss={summary['talk_loss']:.6g} "
               f"policy_loss={summary['policy_loss']:.6g} positive_rewards="
               f"{summary['positive_clamped_reward_fraction']:.3f} |w|max={summary['w_abs_max']:.3g}")
     print(f"wrote {args.out}")

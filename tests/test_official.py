@@ -2,8 +2,9 @@
 
 The fixture in ``tests/fixtures/official_step/`` was written by ``scripts/official_oracle.py``:
 the released ``modeling_mistral.py`` of ezelikman/quiet-star (on transformers 4.37.2), run
-forward and backward on a tiny seeded Mistral with fixed Gumbel noise, for n_ahead = 6 and 12
-(README, "Checking against the official code", says how to rerun it). Here the same weights are
+forward and backward on a tiny seeded Mistral with fixed Gumbel noise, for n_ahead = 6 and 12, and
+for n_ahead = 12 with one thought per position (n_passes = 1, where the official reward is the
+improvement over the base) (README, "Checking against the official code", says how to rerun it). Here the same weights are
 loaded into a *stock* transformers Mistral and run through :func:`qstar_mini.step.quiet_star_step`
 with :func:`qstar_mini.config.official`; every per-entry tensor, the loss and every gradient
 must agree. The last tests switch each departure of qstar_mini on, one at a time, and check
@@ -60,21 +61,23 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(s["input_ids"]), torch.tensor(s["attention_mask"])
 
 
-def official_tensors(n_ahead: int) -> dict:
-    return load_file(FIXTURE / f"n_ahead_{n_ahead}.safetensors")
+def official_tensors(n_ahead: int, n_passes: int = 2) -> dict:
+    """The official step's tensors: n_ahead_12.safetensors, or n_ahead_12_n_passes_1 for one pass."""
+    suffix = "" if n_passes == setup()["n_passes"] else f"_n_passes_{n_passes}"
+    return load_file(FIXTURE / f"n_ahead_{n_ahead}{suffix}.safetensors")
 
 
-def run_ours(n_ahead: int, dtype=torch.float64, attn="eager", load_head=True, **changes) -> dict:
+def run_ours(n_ahead: int, dtype=torch.float64, attn="eager", load_head=True, n_passes=2, **changes) -> dict:
     """One official() step of qstar_mini on the fixture; its tensors and gradients."""
     ids, mask = batch()
-    sizes = {"seq_len": ids.shape[1], "batch_size": ids.shape[0]}
+    sizes = {"seq_len": ids.shape[1], "batch_size": ids.shape[0], "n_passes": n_passes}
     if "thought_length" not in changes:
         sizes["n_ahead"] = n_ahead
     cfg = official(**sizes, **changes)
     model = load_model(dtype, attn)
     tok = tokenizer()
     meta, head = prepare_model(model, tok, cfg)
-    theirs = official_tensors(n_ahead)
+    theirs = official_tensors(n_ahead, n_passes)
     init = meta.embeddings().detach().clone()
     if load_head:
         head.load_state_dict({k: v.to(dtype) for k, v in load_file(FIXTURE / "head.safetensors").items()})
@@ -94,7 +97,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def errors(n_ahead: int, ours: dict) -> dict[str, float]:
     """Relative error of every compared quantity, at the entries the official code defines."""
-    theirs, out = official_tensors(n_ahead), ours["out"]
+    theirs, out = official_tensors(n_ahead, ours["cfg"].n_passes), ours["out"]
     ids, mask = batch()
     seq, n_true = ids.shape[1], ours["cfg"].n_true
     real = mask.bool()[:, None, :].expand(-1, out.thoughts.shape[1], -1)            # (b, n, l)
@@ -157,6 +160,34 @@ def test_official_step_equals_the_official_code_float32(n_ahead):
     assert err["thought_ids"] == 0.0
     worst = {k: v for k, v in err.items() if v > F32_TOL}
     assert not worst, f"float32 differs from the official code: {worst}"
+
+
+def test_one_pass_fixture_rewards_the_improvement_over_the_base():
+    """With n_passes = 1 the official code skips its mean baseline: the reward it trains on is the
+    raw one, sum_i (log p^talk - log p^init), and some of it is positive (so a policy loss)."""
+    theirs = official_tensors(12, n_passes=1)
+    assert theirs["thought_ids"].shape[1] == 1
+    assert torch.equal(theirs["rewards"], theirs["rewards_raw"])
+    assert float((theirs["rewards"] > 0).double().mean()) > 0.1 and float(theirs["policy_loss"]) > 0
+    s = setup()["one_pass"]
+    assert (s["n_ahead"], s["n_passes"]) == (12, 1)
+
+
+def test_official_one_pass_step_equals_the_official_code():
+    """official(n_passes=1) takes reward_baseline="base" and then equals the official one-pass step:
+    thoughts, rewards, policy loss, loss and every gradient."""
+    ours = run_ours(12, torch.float64, n_passes=1)
+    assert ours["cfg"].reward_baseline == "base" and ours["cfg"].n_thoughts == 1
+    err = errors(12, ours)
+    worst = {k: v for k, v in err.items() if v > F64_TOL}
+    assert not worst, f"differs from the official one-pass step: {worst}"
+
+
+def test_one_pass_without_the_base_is_caught():
+    """reward_baseline="none" (the sum of log p^talk, always <= 0) leaves no positive reward: the
+    policy loss is 0 against the official one's, and the fixture sees it."""
+    err = errors(12, run_ours(12, torch.float64, n_passes=1, reward_baseline="none"))
+    assert err["policy_loss"] > 0.99 and err["loss"] > 0.5, err
 
 
 # Each of qstar_mini's departures, switched on alone, must move something the fixture checks.
