@@ -655,20 +655,22 @@ HINTS: dict[str, tuple[str, ...]] = {
     ),
     "check_position_ids": (
         "a position id says where the token would sit in the text, not where it sits in the KV cache",
-        "x_j is at position j; the token fed at step k after x_j comes k places later",
-        "(torch.arange(seq) + step).expand(batch, seq), a long tensor",
+        "picture the thought written into the text right after its position: each of its tokens takes the next "
+        "place; padding does not change the positions of real tokens",
+        "(torch.arange(seq) + step).expand(batch, seq), a long tensor: token k of the thought after x_j is at j + k",
     ),
     "check_meta_init": (
         "a meta-token starts from the embeddings of the characters of its text, without the <s> the "
         "tokenizer adds",
-        "tokenizer(text, add_special_tokens=False)['input_ids'] gives the ids; read their rows of "
-        "model.get_input_embeddings().weight",
-        "model.get_input_embeddings().weight[ids].mean(0).detach().clone() (how='first': the row of ids[0])",
+        "the tokenizer gives the ids of the characters when asked not to add special tokens; each id is a row of "
+        "the model's input-embedding table; the start is a fixed copy of their average, outside the graph",
+        "model.get_input_embeddings().weight[tokenizer(text, add_special_tokens=False)['input_ids']].mean(0)"
+        ".detach().clone() (how='first': the row of ids[0])",
     ),
     "check_mix_hidden": (
         "mix the two hidden states with w (w weights the thought), then turn the mixed state into log-probs",
-        "w has no hidden axis (add one with w[..., None]); the LM head maps hidden states to logits; "
-        "log-probs over the vocabulary come from log_softmax on the last axis",
+        "w is one number per position while the states have a hidden axis, so it must broadcast over that axis; "
+        "mix the states first, then map the mixed state to the vocabulary with the LM head and normalise there",
         "torch.log_softmax(lm_head((1 - w[..., None]) * h_init + w[..., None] * h_thought), dim=-1)",
     ),
     "check_future_targets": (
@@ -682,15 +684,17 @@ HINTS: dict[str, tuple[str, ...]] = {
     "check_rewards": (
         "a thought's reward is how much better it predicts the true tokens than the other thoughts of the "
         "same position",
-        "score each thought by its log p^talk summed over the valid offsets (valid has no thought axis); the "
-        "baseline is the mean score of the thoughts of the same position; no gradient",
+        "a thought is scored by how likely it makes the whole true continuation (only the offsets that exist "
+        "and are not padding count); its reward compares that score with the other thoughts of the same "
+        "position; a reward is a fixed number, outside the graph",
         "score = log_p_talk.detach().masked_fill(~valid[:, None], 0).sum(-1); "
         "r = score - score.mean(dim=1, keepdim=True)",
     ),
     "check_reinforce_loss": (
         "REINFORCE makes thoughts with a positive reward more likely; the reward is a fixed weight",
-        "only rewards above zero count (the clamp); log p(T_j) is the sum over the thought's sampled tokens; "
-        "positions that do not think get no loss; the scalar averages over every (thought, thinking position)",
+        "the official code ignores thoughts that did worse than average; the probability of a thought is that "
+        "of all its sampled tokens together; only positions that think count, and the loss must not grow with "
+        "the batch",
         "per = (-r.detach().clamp(min=0) * thought_logprobs.sum(-1)).masked_fill(~think[:, None], 0); "
         "scalar = per.sum() / think[:, None].expand_as(per).sum()",
     ),
@@ -916,7 +920,7 @@ def _diagnose_mask(got: torch.Tensor, exp: torch.Tensor, am: torch.Tensor, step:
     sel = extra & text & (k[None, :] > j)
     if sel.any():
         problems.append(f"{int(sel.sum())} entries where a thought sees FUTURE text (i > j), e.g. {first(sel)}")
-        hints.append("the text part must be lower-triangular (torch.ones(seq, seq).tril())")
+        hints.append("the text part must be lower-triangular: query j sees the text keys 0..j only")
     if not problems:
         sel = missing | extra
         problems.append(f"{int(sel.sum())} entries differ, e.g. {first(sel)}")
@@ -945,7 +949,7 @@ def check_thought_mask(fn: Callable, seed: int = 0) -> None:
                 _fail(name, f"you returned an additive {got.dtype} mask (0 / large negative)", case=case,
                       hint="return the boolean form (True = may attend); masks.to_additive converts it")
             _fail(name, f"the mask has dtype {got.dtype}, expected torch.bool (True = may attend)", case=case,
-                  hint="build it from boolean tensors (torch.eye(seq, dtype=torch.bool), ...) or call .bool()")
+                  hint="build it from boolean tensors, or turn the result into bool")
         batch = am.shape[0]
         expected_shape = (batch, 1, seq, seq * (1 + step))
         if tuple(got.shape) == (batch, seq, seq * (1 + step)):
@@ -994,7 +998,7 @@ def check_position_ids(fn: Callable, seed: int = 0) -> None:
                        "drop the dtype= argument (torch.arange gives long) or call .long()")
         if tuple(got.shape) == (seq,):
             _fail(name, f"position ids have shape {(seq,)}, expected {tuple(am.shape)}", case=case,
-                  hint="one row per sequence: .expand(batch, seq)")
+                  hint="one row per sequence of the batch: the ids have the shape of attention_mask")
         _need_shape(name, got, am.shape, "the position ids", case)
         real = am.bool()
         if torch.equal(got[real], exp[real]):
@@ -1004,12 +1008,12 @@ def check_position_ids(fn: Callable, seed: int = 0) -> None:
         if torch.equal(got[real], (seq * step + j)[real]) and step > 0:
             _fail(name, "you gave thought tokens their index in the KV cache (seq * step + j)", case=case,
                   hint="the position id says where the token would sit in the TEXT: thought token k of "
-                       "position j comes right after x_j and its k - 1 predecessors, at j + k")
+                       "position j comes right after x_j and the thought tokens before it")
         if bool((diff == diff[0]).all()):
             _fail(name, f"every position id is off by {int(diff[0]):+d} (got {_fmt(got[0])}, expected {_fmt(exp[0])} "
                         f"for row 0)", case=case,
-                  hint="x_j is at position j; the token fed at step k after x_j is at j + k "
-                       "(the first thought token <|startofthought|> at j + 1)")
+                  hint="x_j itself is at position j, and the first thought token, <|startofthought|>, comes "
+                       "right after it in the text")
         b, pos = (got != exp).logical_and(real).nonzero()[0].tolist()
         _fail(name, f"position ids differ, first at batch row {b}, position {pos}: got {int(got[b, pos])}, "
                     f"expected {int(exp[b, pos])}", case=case,
@@ -1071,7 +1075,7 @@ def check_meta_init(fn: Callable, seed: int = 0, model=None, tokenizer=None, how
         hidden = table.shape[1]
         if tuple(got.shape) == (len(ids), hidden) and len(ids) > 1:
             _fail(name, f"you returned one row per token, shape {tuple(got.shape)}; expected ({hidden},)", case=case,
-                  hint="average over the tokens: .mean(0)" if how == "mean" else "keep the first token's row: [ids[0]]")
+                  hint="average over the tokens (the first axis)" if how == "mean" else "keep the first token's row only")
         if tuple(got.shape) == (1, hidden):
             _fail(name, f"shape (1, {hidden}), expected ({hidden},)", case=case, hint="drop the extra axis: [0] or .squeeze(0)")
         _need_shape(name, got, (hidden,), "the embedding", case)
@@ -1084,32 +1088,32 @@ def check_meta_init(fn: Callable, seed: int = 0, model=None, tokenizer=None, how
                   hint=".clone() it: otherwise changing one changes the other")
         if not torch.equal(table.detach(), before):
             _fail(name, "your function changed the model's embedding table", case=case,
-                  hint="only read the table (table[ids]); add_meta_tokens writes the new rows later")
+                  hint="only read the table; add_meta_tokens writes the new rows later")
         if _same(got, exp):
             continue
         bos = tokenizer.bos_token_id
         rows = before[ids]
         if bos is not None and _same(got, torch.cat([before[[bos]], rows]).mean(0)):
             _fail(name, "your mean includes the <s> token the tokenizer adds at the start", case=case,
-                  hint="tokenizer(text, add_special_tokens=False)['input_ids'] gives the characters only")
+                  hint="the tokenizer adds <s> by itself unless you ask it not to add special tokens")
         if bos is not None and how == "first" and _same(got, before[bos]):
             _fail(name, "you took the <s> token the tokenizer adds at the start", case=case,
-                  hint="tokenizer(text, add_special_tokens=False)['input_ids'] gives the characters only")
+                  hint="the tokenizer adds <s> by itself unless you ask it not to add special tokens")
         if how == "mean" and len(ids) > 1 and _same(got, rows[0]):
             _fail(name, f"you used only the first token of {text!r} ({len(ids)} tokens): that is the official "
                         f"code's rule (how='first'), not the mean this exercise asks for", case=case,
-                  hint="average the embeddings of ALL its tokens: table[ids].mean(0)")
+                  hint="average the embeddings of ALL its tokens")
         if how == "first" and len(ids) > 1 and _same(got, rows.mean(0)):
             _fail(name, f"you averaged the {len(ids)} tokens of {text!r}; the official code takes the first only",
-                  case=case, hint="table[ids[0]]: the official initial_start_token rule")
+                  case=case, hint="the official initial_start_token rule keeps the first token's embedding only")
         if len(ids) > 1 and _same(got, rows[-1]):
             _fail(name, f"you used only the last token of {text!r} ({len(ids)} tokens)", case=case,
-                  hint="average the embeddings of ALL its tokens: table[ids].mean(0)" if how == "mean"
-                  else "the official code takes the FIRST token: table[ids[0]]")
+                  hint="average the embeddings of ALL its tokens" if how == "mean"
+                  else "the official code takes the FIRST token")
         if len(ids) > 1 and _same(got, rows.sum(0)):
             _fail(name, "you summed the token embeddings", case=case,
-                  hint="the mean keeps the size of an ordinary embedding: .mean(0), not .sum(0)" if how == "mean"
-                  else "the official code takes the first token's row: table[ids[0]]")
+                  hint="the mean keeps the size of an ordinary embedding; a sum grows with the number of tokens" if how == "mean"
+                  else "the official code takes the first token's row only")
         rule = "the mean embedding of the tokens" if how == "mean" else "the embedding of the first of the tokens"
         _fail(name, f"the embedding differs from {rule} {ids} of {text!r} "
                     f"(max difference {float((got.detach().double() - exp.double()).abs().max()):.3g})", case=case,
@@ -1142,10 +1146,10 @@ def check_mix_hidden(fn: Callable, seed: int = 0) -> None:
         ins = [t.clone().requires_grad_(True) for t in (h0, h1, w)]
         got = _need_tensor(name, _call(name, fn, (head, *ins), case,
                                        "fn(lm_head, h_init (..., hidden), h_thought (..., hidden), w (...)) -> (..., vocab)",
-                                       "w has no hidden axis: broadcast it against the states with w[..., None]"),
+                                       "w has one axis fewer than the states (no hidden axis): give it a trailing axis of size 1 so that it broadcasts"),
                            "log p^talk", case)
         _need_shape(name, got, (*lead, vocab), "log p^talk", case,
-                    hint="w has no hidden axis: broadcast it with w[..., None]; apply lm_head to the mixed hidden state")
+                    hint="w has no hidden axis: give it a trailing axis of size 1; apply lm_head to the mixed hidden state")
         ref_ins = [t.clone().requires_grad_(True) for t in (h0, h1, w)]
         exp = mix_log_probs(head, *ref_ins, "hidden")
         single = got.dtype != torch.float64          # computed in float32: judged at float32's precision
@@ -1159,18 +1163,18 @@ def check_mix_hidden(fn: Callable, seed: int = 0) -> None:
                 mix = head((1 - wv) * h0 + wv * h1)
                 alternatives = [
                     (torch.log_softmax(head(wv * h0 + (1 - wv) * h1), -1),
-                     "you weighted the BASE state with w", "in the official code w weights the thought: "
-                     "(1 - w) * h_init + w * h_thought (the paper's w, on log-probs, weights the base: opposite sides)"),
+                     "you weighted the BASE state with w", "in the official code w weights the thought and "
+                     "1 - w the base state (the paper's w, on log-probs, weights the base: opposite sides)"),
                     ((1 - wv) * lp0 + wv * lp1, "you mixed log-probabilities (the paper's formula)",
                      "the official code mixes the HIDDEN states, then applies lm_head and log_softmax"),
                     (wv * lp0 + (1 - wv) * lp1, "you mixed log-probabilities, w on the base (the paper's formula)",
-                     "here: the official code, (1 - w) * h_init + w * h_thought, then lm_head and log_softmax"),
+                     "here the official code mixes the hidden states, w on the thought, then applies lm_head and log_softmax"),
                     (torch.log_softmax(head((1 - torch.sigmoid(wv)) * h0 + torch.sigmoid(wv) * h1), -1),
                      "you applied a sigmoid to w", "w is the mixing weight as given (the official code uses the raw, "
                      "unbounded score of the mixing head): use w itself, not torch.sigmoid(w)"),
                     (torch.log_softmax(head(torch.sigmoid(wv) * h0 + (1 - torch.sigmoid(wv)) * h1), -1),
                      "you applied a sigmoid to w and weighted the BASE state with it",
-                     "use w itself, no sigmoid, and let it weight the thought: (1 - w) on h_init, w on h_thought"),
+                     "use w itself, no sigmoid, and let it weight the thought"),
                     (mix, "you returned logits", "finish with torch.log_softmax(..., dim=-1)"),
                     (torch.softmax(mix, -1), "you returned probabilities", "use log_softmax, not softmax"),
                 ]
@@ -1312,7 +1316,7 @@ def _probe_rewards(fn: Callable) -> Callable[[BaseException], tuple[str, str] | 
             return None
         return ("valid has no thought axis: (batch, seq, n_true) against log_p_talk (batch, n_thoughts, seq, "
                 "n_true) fails here and, when batch == n_thoughts, silently masks thought n with sequence n's "
-                "validity", "add the thought axis to valid before masking: valid[:, None] (batch, 1, seq, n_true)")
+                "validity", "give valid a thought axis of size 1 right after the batch axis, so that it broadcasts over the thoughts")
     return diagnose
 
 
@@ -1338,7 +1342,7 @@ def check_rewards(fn: Callable, seed: int = 0) -> None:
         if got.requires_grad:
             _fail(name, "the reward carries gradient (requires_grad=True)", case=case,
                   hint="a reward is a number that weights log p(T_j), not something to optimise: "
-                       "start from log_p_talk.detach()")
+                       "cut it from the graph")
         exp = rewards(lp, valid, "mean")
         if _same(got, exp):
             continue
@@ -1350,18 +1354,18 @@ def check_rewards(fn: Callable, seed: int = 0) -> None:
              "subtract a baseline, the mean score of the thoughts of the same position (the thought axis)"),
             (-exp, "the sign is flipped", "the reward is log p^talk (higher = better), not the NLL"),
             (lp.sum(-1) - lp.sum(-1).mean(1, keepdim=True), "invalid entries (past the end, padding) were summed",
-             "zero them first: log_p_talk.masked_fill(~valid[:, None], 0) (valid has no thought axis)"),
+             "leave out the entries where valid is False before summing (valid has no thought axis: it is the same for every thought)"),
             (masked.mean(-1) - masked.mean(-1).mean(1, keepdim=True), "you averaged over the n_true offsets",
-             "sum over the offsets (the log-prob of the whole continuation): .sum(-1)"),
+             "sum over the offsets: the log-prob of the whole continuation is the sum of its tokens' log-probs"),
             (score - score.mean(2, keepdim=True), "the baseline is a mean over POSITIONS (dim 2)",
-             "the baseline is the mean over the n_thoughts thoughts of the same position: dim=1"),
+             "the baseline is the mean over the n_thoughts thoughts of the same position: the thought axis"),
             (score - score.mean(0, keepdim=True), "the baseline is a mean over the BATCH (dim 0)",
-             "the baseline is the mean over the n_thoughts thoughts of the same position: dim=1"),
+             "the baseline is the mean over the n_thoughts thoughts of the same position: the thought axis"),
             (score - score.mean((1, 2), keepdim=True), "the baseline is one global mean over all thoughts AND "
-             "positions of a sequence", "take the baseline per position: the mean over the thoughts only (dim=1), "
+             "positions of a sequence", "take the baseline per position: the mean over the thoughts only (the thought axis), "
              "so each position's thoughts compete among themselves"),
             (score - score.mean(), "the baseline is one global mean over the whole batch (all sequences, thoughts "
-             "and positions)", "take the baseline per position: the mean over the thoughts only (dim=1), so each "
+             "and positions)", "take the baseline per position: the mean over the thoughts only (the thought axis), so each "
              "position's thoughts compete among themselves"),
             (loo, "you used a leave-one-out baseline (the mean of the OTHER thoughts)",
              "the official baseline is the plain mean over all thoughts, the thought itself included"),
@@ -1402,7 +1406,7 @@ def _probe_reinforce(fn: Callable) -> Callable[[BaseException], tuple[str, str] 
             return None
         return ("think has no thought axis: (batch, seq) against the per-thought loss (batch, n_thoughts, seq) "
                 "fails here and, when batch == n_thoughts, silently uses sequence n's think for thought n",
-                "add the thought axis: think[:, None] (batch, 1, seq)")
+                "give think a thought axis of size 1 right after the batch axis, so that it broadcasts over the thoughts")
     return diagnose
 
 
@@ -1437,13 +1441,13 @@ def check_reinforce_loss(fn: Callable, seed: int = 0) -> None:
             logp = lp.sum(-1)
             alternatives = [
                 (unclamped, "negative rewards were not clamped: worse-than-average thoughts are pushed down too",
-                 "the official code keeps only r > 0: r.clamp(min=0) (with two thoughts, only the better one learns)"),
+                 "the official code keeps only positive rewards; a negative one counts as 0 (with two thoughts, only the better one learns)"),
                 (-exp_per, "the sign is flipped: minimising your loss makes good thoughts LESS likely",
-                 "loss = -r * log p(T_j)"),
+                 "minimising the loss must make a thought with a positive reward MORE likely"),
                 ((-r.clamp(min=0) * logp), "positions where think is False got a loss",
-                 "zero the loss where think is False (padding, no target): think[:, None]"),
+                 "a position where think is False (padding, no target) gets no loss"),
                 ((-(r > 0).double() * logp).masked_fill(~mask, 0), "you used only the indicator 1[r > 0]",
-                 "multiply by the reward itself: -r * 1[r > 0] * log p(T_j) = -r.clamp(min=0) * log p(T_j)"),
+                 "weight each thought by its reward itself (clamped at 0), not only by whether it is positive"),
                 ((-r.clamp(min=0) * lp.mean(-1)).masked_fill(~mask, 0), "log p(T_j) is a mean of token log-probs",
                  "the log-probability of the thought is the SUM over its sampled tokens"),
             ]
@@ -1458,7 +1462,7 @@ def check_reinforce_loss(fn: Callable, seed: int = 0) -> None:
         if not _same(scalar, exp_scalar):
             if _same(scalar, exp_per.mean()):
                 _fail(name, "the scalar is the mean over ALL entries, non-thinking positions included", case=case,
-                      hint="average over thinking positions (and all thoughts) only: sum / mask.sum()")
+                      hint="average over the entries of thinking positions only (every thought of each)")
             if _same(scalar, exp_per.sum()):
                 _fail(name, "the scalar is a sum", case=case,
                       hint="take the mean over thinking positions and thoughts, so it does not grow with the batch")
@@ -1475,7 +1479,7 @@ def check_reinforce_loss(fn: Callable, seed: int = 0) -> None:
         scalar.backward()
         if r_in.grad is not None and bool(r_in.grad.abs().sum() > 0):
             _fail(name, "gradient flows into the reward r", case=case,
-                  hint="detach the reward (r = r.detach()): REINFORCE differentiates only log p(T_j)")
+                  hint="the reward is a fixed weight: cut it from the graph; REINFORCE differentiates only log p(T_j)")
         lp_ref = lp.clone().requires_grad_(True)
         reinforce_loss(r, lp_ref, think)[1].backward()
         if lp_in.grad is None or not _same(lp_in.grad, lp_ref.grad, atol=1e-9, single=per.dtype != torch.float64):
@@ -1504,13 +1508,14 @@ def _as_package_fn(fn: Callable, label: str, calls: list[str], qualname: str,
     def from_student(attention_mask, step, positions=None):
         __tracebackhide__ = True
         if active:                                     # the student's code called the package's function
-            calls.append(qualname)
+            calls.append(_reference_message(qualname))
             raise _ReferenceUsed(_reference_message(qualname))
         if positions is not None:
             raise _StudentPiece(f"{label} was asked for thinking positions only (an internal error of the check)")
         active.append(True)
         try:
-            got = fn(attention_mask.clone(), step)
+            with _watched(calls):
+                got = fn(attention_mask.clone(), step)
         except NotImplementedError:
             raise _NotImplementedPiece(f"{label} is not implemented yet") from None
         except (_ReferenceUsed, _StudentPiece):
@@ -1520,8 +1525,8 @@ def _as_package_fn(fn: Callable, label: str, calls: list[str], qualname: str,
         finally:
             active.clear()
         dtype, shape = expected(attention_mask, step)
-        if not isinstance(got, torch.Tensor) or got.dtype != dtype or tuple(got.shape) != shape:
-            what = (f"a {type(got).__name__}" if not isinstance(got, torch.Tensor)
+        if type(got) is not torch.Tensor or got.dtype != dtype or tuple(got.shape) != shape:
+            what = (f"a {type(got).__name__} (the generation needs a plain torch.Tensor)" if type(got) is not torch.Tensor
                     else f"dtype {got.dtype}, shape {tuple(got.shape)}")
             raise _StudentPiece(f"{label} returned {what} at step {step}; the generation needs {dtype} of shape "
                                 f"{shape} (run {first} first)")
@@ -1597,8 +1602,12 @@ def check_end_to_end(visibility_fn: Callable, position_ids_fn: Callable, seed: i
             problem, unimplemented = str(e), isinstance(e, _NotImplementedPiece)
         except _ReferenceUsed:
             pass
+        tampered = _GUARD[0]()
+        if tampered is not None:
+            calls.append(f"while your functions ran, {tampered.replace(' in this notebook', '')}")
         if calls:
-            _fail(name, _reference_message(calls[0]), "write both functions with torch operations yourself", case)
+            _fail(name, calls[0] if calls[0].startswith("this exercise") else _integrity_message(calls[0]),
+                  "write both functions with torch operations yourself", case)
         if unimplemented:          # worded as every check's stub message ("check_...: not implemented yet")
             raise CheckFailed(f"{name}: not implemented yet ({problem}). Write both exercises above, run their "
                               f"cells, then this one.") from None
