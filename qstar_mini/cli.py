@@ -283,7 +283,11 @@ def add_assignments_command(subparsers) -> None:
         "`raise NotImplementedError()`, hidden tests are removed, the outputs of exercise and check "
         "cells cleared, nbgrader metadata added where missing. Same sources, byte-identical files.",
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for the student notebooks, e.g. release/")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--out", metavar="DIR", help="folder for the student notebooks, e.g. release/")
+    what.add_argument("--check", metavar="SUBMISSION",
+                      help="instead: name the missing or altered graded cells of a submitted notebook (or folder) "
+                           "and code that reaches around the checks; run before autograde (exit 1 if any)")
     p.add_argument("--notebooks", default=None, metavar="DIR",
                    help="instructor notebooks to read (default: the repo's notebooks/)")
     p.add_argument("--all", dest="include_all", action="store_true",
@@ -296,8 +300,15 @@ def add_assignments_command(subparsers) -> None:
     def run_assignments(args: argparse.Namespace) -> int:
         import nbformat
 
-        from .teaching.assignments import NOTEBOOKS_DIR, solution_cells, write_assignments
+        from .teaching.assignments import NOTEBOOKS_DIR, check_submission, solution_cells, write_assignments
 
+        if args.check is not None:
+            problems = check_submission(args.check, Path(args.notebooks or NOTEBOOKS_DIR))
+            for line in problems:
+                print(line)
+            print(f"{args.check}: {len(problems)} problem(s) found" if problems else f"{args.check}: every graded "
+                  f"cell is in place, nothing reaches around the checks")
+            return 1 if problems else 0
         written = write_assignments(_existing_dir_or_new(args.out), Path(args.notebooks or NOTEBOOKS_DIR),
                                     include_all=args.include_all, clear_all_outputs=args.clear_outputs,
                                     overwrite=args.overwrite)

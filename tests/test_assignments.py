@@ -529,3 +529,124 @@ def test_cli_names_the_notebook_and_cell_of_a_broken_marker(sources, tmp_path, c
     assert err.count("\n") == 1 and "12_broken.ipynb, cell 1" in err
     assert cli.main(["assignments"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+# ---- a submission, checked before autograde ------------------------------------------------------
+
+from qstar_mini.teaching.assignments import audit_code, check_submission  # noqa: E402
+
+
+@pytest.fixture
+def submission(real, tmp_path):
+    """The instructor notebooks 02-05 as one student's submission (solutions in, hidden tests in,
+    as nbgrader's autograded copy holds them)."""
+    folder = tmp_path / "submitted"
+    folder.mkdir()
+    for name in real:
+        if name[:2] in ("02", "03", "04", "05"):
+            (folder / name).write_bytes((NOTEBOOKS_DIR / name).read_bytes())
+    return folder
+
+
+def edit(folder, name, change):
+    path = folder / name
+    nb = nbformat.read(path, as_version=4)
+    change(nb)
+    nbformat.write(nb, path)
+
+
+def graded(nb, grade_id):
+    return next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == grade_id)
+
+
+NB05 = "05_losses_nll_vs_reinforce.ipynb"
+
+
+def test_a_complete_submission_and_the_release_have_no_problem(submission, real, tmp_path):
+    assert check_submission(submission) == []
+    release = tmp_path / "release"
+    write_assignments(release)
+    assert check_submission(release) == []
+
+
+def test_a_deleted_check_cell_is_named(submission):
+    edit(submission, NB05, lambda nb: nb.cells.remove(graded(nb, "check05-rewards")))
+    [problem] = check_submission(submission)
+    assert problem.startswith(f"{NB05}: check cell 'check05-rewards' is missing")
+
+
+def test_removed_metadata_and_a_renamed_grade_id_are_named(submission):
+    def change(nb):
+        graded(nb, "check05-future-targets").metadata.pop("nbgrader")
+        graded(nb, "check05-reinforce").metadata["nbgrader"]["grade_id"] = "mine"
+        graded(nb, "answer05-1").metadata["nbgrader"]["points"] = 30
+    edit(submission, NB05, change)
+    problems = "\n".join(check_submission(submission))
+    assert "check cell 'check05-future-targets' lost its nbgrader metadata" in problems
+    assert "check cell 'check05-reinforce' was renamed to 'mine'" in problems
+    assert "answer cell 'answer05-1' has other nbgrader metadata than the release (points: 30 instead of 3)" in problems
+
+
+def test_a_duplicated_grade_id_and_an_edited_locked_cell_are_named(submission):
+    def change(nb):
+        graded(nb, "check05-rewards").source = "print('check_rewards: passed')"
+        extra = copy.deepcopy(graded(nb, "answer05-1"))
+        extra["id"] = "a-copy"
+        nb.cells.append(extra)
+    edit(submission, NB05, change)
+    problems = "\n".join(check_submission(submission))
+    assert "the source of locked check cell 'check05-rewards' was changed" in problems
+    assert "grade_id 'answer05-1' is also cell" in problems
+
+
+def test_code_that_reaches_around_the_checks_is_named_with_its_cell_and_line(submission):
+    def change(nb):
+        graded(nb, "ex05-rewards").source += ("\nimport torch\ntorch.allclose = lambda *a, **k: True\n"
+                                              "checks.check_rewards = print\n")
+    edit(submission, NB05, change)
+    problems = check_submission(submission)
+    assert any(re.search(r"cell \d+, line \d+: sets torch\.allclose", p) for p in problems), problems
+    assert any("sets checks.check_rewards" in p for p in problems), problems
+
+
+AUDITED = [
+    ("f = lambda lp, v, _r=rewards: _r(lp, v)\nfrom qstar_mini.losses import rewards", "imports from qstar_mini.losses"),
+    ("import types\ng = types.FunctionType(rewards.__code__, {})", "uses rewards.__code__"),
+    ("import inspect\nexec(inspect.getsource(rewards))", "calls exec"),
+    ("import importlib\nimportlib.reload(qstar_mini.losses)", "calls importlib.reload"),
+    ("spec = importlib.util.spec_from_file_location('x', path)", "loads a module from a file"),
+    ("import functools\nr = functools.lru_cache(rewards)", "calls functools.lru_cache"),
+    ("checks.REFERENCES.clear()", "uses checks.REFERENCES"),
+    ("class Always(torch.Tensor):\n    pass", "defines a subclass of torch.Tensor"),
+    ("setattr(torch, 'allclose', f)", "calls setattr"),
+    ("from qstar_mini.flex_attention import figure3_visible", "imports qstar_mini.flex_attention"),
+    ("m = create_mask(figure3_visible(4, 4), 1, None, 4, 8)", "calls create_mask"),
+    ("answers = torch.load('answers.pt')", "calls torch.load"),
+    ("import sys\nsys.modules['qstar_mini.losses'] = fake", "uses sys.modules"),
+    ("checks = Fake()", "rebinds the name checks"),
+    ("checks._same = lambda *a, **k: True", "sets checks._same"),
+]
+
+
+@pytest.mark.parametrize("source, finding", AUDITED)
+def test_the_audit_names_each_way_around(source, finding):
+    assert any(finding in what for _, what in audit_code(source)), audit_code(source)
+
+
+def test_the_audit_leaves_the_instructor_solutions_alone(real):
+    for name, (source, _) in real.items():
+        for i in solution_cells(source):
+            cell = source.cells[i]
+            if cell.cell_type == "code":
+                assert audit_code(cell.source) == [], (name, i, audit_code(cell.source))
+
+
+def test_cli_check_exit_1_with_the_problems_0_without(submission, capsys):
+    assert cli.main(["assignments", "--check", str(submission)]) == 0
+    assert "every graded cell is in place" in capsys.readouterr().out
+    edit(submission, NB05, lambda nb: nb.cells.remove(graded(nb, "check05-rewards")))
+    assert cli.main(["assignments", "--check", str(submission / NB05)]) == 1
+    out = capsys.readouterr().out
+    assert "check cell 'check05-rewards' is missing" in out and "1 problem(s) found" in out
+    assert cli.main(["assignments", "--check", str(submission / "nothing.txt")]) == 2
+    assert "neither a notebook nor a folder" in capsys.readouterr().err

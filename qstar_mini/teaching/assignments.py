@@ -330,3 +330,203 @@ def _check_out_dir(out_dir: Path, notebooks_dir: Path) -> None:
                     f"output folder {out_dir} is inside {root}, where pytest would collect the student "
                     f"copies as tests (and fail on their NotImplementedError); write them elsewhere "
                     f"(e.g. release/) or under a folder named {', '.join(NOT_COLLECTED)}")
+
+
+# ---- a submission, before autograde ------------------------------------------------------------
+
+def check_submission(submission, notebooks_dir=NOTEBOOKS_DIR) -> list[str]:
+    """What would make autograde give points silently wrong, one line each (empty: nothing found).
+
+    ``submission`` is a student's notebook or a folder of them (``submitted/<student>/<assignment>``);
+    each notebook is compared, by file name, with the student copy of the instructor notebook of
+    ``notebooks_dir``. Named: a graded cell (check or answer) that is missing, whose nbgrader metadata
+    was removed, whose ``grade_id`` was renamed (nbgrader then stops autograding the whole
+    submission), whose points, grading or locking changed, or whose source differs from the release;
+    a duplicated ``grade_id``; and, in every cell the student could edit, code that reaches around
+    the checks (see :func:`audit_code`). Raises :class:`~qstar_mini.errors.DataError` for a path that
+    holds no notebook or a notebook that is not one of the assignment's.
+    """
+    submission, notebooks_dir = Path(submission), Path(notebooks_dir)
+    if submission.is_dir():
+        paths = sorted(submission.glob("*.ipynb"))
+        if not paths:
+            raise DataError(f"no .ipynb notebooks in {submission}")
+    elif submission.suffix == ".ipynb" and submission.is_file():
+        paths = [submission]
+    else:
+        raise DataError(f"{submission} is neither a notebook nor a folder of notebooks")
+    problems = []
+    for path in paths:
+        source_path = notebooks_dir / path.name
+        if not source_path.is_file():
+            raise DataError(f"{path.name} is not one of the notebooks of {notebooks_dir}; pass --notebooks DIR "
+                            f"(the instructor notebooks the assignment was made from)")
+        release = make_student_notebook(_read(source_path), name=path.name)
+        problems += [f"{path.name}: {p}" for p in _compare(release, _read(path))]
+    return problems
+
+
+def _compare(release, submitted) -> list[str]:
+    problems = []
+    expected = {g: (i, c) for i, c in enumerate(release.cells) if (g := _nbgrader(c).get("grade_id"))
+                and (_nbgrader(c).get("grade") or _nbgrader(c).get("locked"))}
+    seen: dict[str, int] = {}
+    for number, cell in enumerate(submitted.cells, start=1):
+        grade_id = _nbgrader(cell).get("grade_id")
+        if grade_id:
+            if grade_id in seen:
+                problems.append(f"cell {number}: grade_id {grade_id!r} is also cell {seen[grade_id]}'s (nbgrader "
+                                f"refuses the whole notebook)")
+            seen.setdefault(grade_id, number)
+    release_sources = {_normal_source(c.source) for c in release.cells}
+    for grade_id, (index, want) in expected.items():
+        what = _graded_kind(want)
+        if grade_id not in seen:
+            twin = next((n for n, c in enumerate(submitted.cells, start=1)
+                         if _normal_source(c.source) == _normal_source(want.source) and c.cell_type == want.cell_type),
+                        None)
+            if twin is None:
+                problems.append(f"{what} {grade_id!r} is missing (deleted?): it scores 0 without a word from "
+                                f"nbgrader; put the cell back from the release")
+                continue
+            other = _nbgrader(submitted.cells[twin - 1]).get("grade_id")
+            if other:
+                problems.append(f"cell {twin}: {what} {grade_id!r} was renamed to {other!r} (nbgrader stops "
+                                f"autograding the whole submission); restore grade_id {grade_id!r}")
+            else:
+                problems.append(f"cell {twin}: {what} {grade_id!r} lost its nbgrader metadata (it scores 0 without "
+                                f"a word from nbgrader); restore the metadata from the release")
+            continue
+        number = seen[grade_id]
+        cell, meta = submitted.cells[number - 1], _nbgrader(submitted.cells[number - 1])
+        changed = [k for k in ("grade", "solution", "locked", "points") if meta.get(k) != _nbgrader(want).get(k)]
+        if changed:
+            problems.append(f"cell {number}: {what} {grade_id!r} has other nbgrader metadata than the release "
+                            f"({', '.join(f'{k}: {meta.get(k)!r} instead of {_nbgrader(want).get(k)!r}' for k in changed)})")
+        if _nbgrader(want).get("locked") and _normal_source(cell.source) != _normal_source(want.source):
+            problems.append(f"cell {number}: the source of locked {what} {grade_id!r} was changed (nbgrader puts "
+                            f"the instructor's back when it autogrades, but look at why)")
+    for number, cell in enumerate(submitted.cells, start=1):
+        if cell.cell_type != "code" or _normal_source(cell.source) in release_sources:
+            continue
+        problems += [f"cell {number}, line {line}: {what}" for line, what in audit_code(cell.source)]
+    return problems
+
+
+def _graded_kind(cell) -> str:
+    if cell.cell_type == "markdown":
+        return "answer cell"
+    return "check cell" if _nbgrader(cell).get("grade") else "locked cell"
+
+
+def _normal_source(source: str) -> str:
+    """The source without hidden tests (nbgrader's autograded copy has them back) and trailing blanks."""
+    try:
+        source, _ = _cut_regions(source, BEGIN_HIDDEN, END_HIDDEN, [], "a submitted cell")
+    except DataError:
+        pass
+    return "\n".join(line.rstrip() for line in source.strip().split("\n"))
+
+
+# ---- code that reaches around the checks ---------------------------------------------------------
+
+#: Modules whose attributes a student's cell has no reason to set: the checker, the package, torch
+#: and the interpreter.
+_GUARDED_ROOTS = frozenset({"checks", "torch", "sys", "builtins", "qstar_mini", "F", "nn", "importlib"})
+_SUSPECT_CALLS = {
+    "exec": "runs code from a string", "eval": "runs code from a string", "compile": "compiles code at run time",
+    "__import__": "imports by a computed name", "setattr": "sets an attribute by name",
+    "delattr": "deletes an attribute by name", "globals": "reads or changes the notebook's globals",
+    "vars": "reads or changes a namespace", "getsource": "reads a function's source",
+    "reload": "reloads a module", "import_module": "imports by a computed name",
+    "spec_from_file_location": "loads a module from a file", "module_from_spec": "loads a module from a file",
+    "exec_module": "loads a module from a file", "FunctionType": "builds a function from a code object",
+    "CodeType": "builds a code object", "setprofile": "turns the call monitor off or on",
+    "settrace": "turns a tracer off or on", "get_referrers": "walks the interpreter's objects",
+    "get_referents": "walks the interpreter's objects", "get_objects": "walks the interpreter's objects",
+    "lru_cache": "caches a function's results", "load": "loads saved data (answers computed elsewhere?)",
+    "create_mask": "builds a mask from a FlexAttention predicate", "create_block_mask": "builds a mask from a "
+    "FlexAttention predicate", "figure3_visible": "the package's Figure-3 predicate",
+    "system": "runs a shell command", "Popen": "runs another program", "check_output": "runs another program",
+}
+_SUSPECT_ATTRIBUTES = frozenset({
+    "__code__", "__globals__", "__closure__", "__defaults__", "__kwdefaults__", "__wrapped__", "__dict__",
+    "__class__", "__torch_function__", "__torch_dispatch__", "__builtins__", "__subclasses__", "__getattribute__",
+    "__setattr__", "cell_contents", "f_globals", "f_locals", "f_back", "REFERENCES", "HINTS",
+    "TorchFunctionMode", "TorchDispatchMode", "figure3_visible", "create_mask", "create_block_mask"})
+_SUSPECT_MODULES = frozenset({"importlib", "inspect", "gc", "ctypes", "subprocess", "types", "pickle", "marshal",
+                              "qstar_mini.flex_attention", "torch.overrides", "torch.utils._python_dispatch"})
+
+
+def audit_code(source: str) -> list[tuple[int, str]]:
+    """``(line, what)`` for each construct of ``source`` that reaches around the checks: setting an
+    attribute of the checker, the package, torch or the interpreter; rebinding ``checks`` or
+    ``torch``; a subclass of ``torch.Tensor``; the interpreter's introspection (``__code__``,
+    ``__closure__``, ``sys.modules``, ``gc``, ``inspect``, ``exec``, ``importlib``, ...); the
+    package's FlexAttention predicate; loading saved data; private names of the checks. Code that
+    ``ast`` cannot read (IPython magics aside) is reported as such. A finding is for the instructor
+    to read, not proof: the checks themselves fail on what they can see at run time."""
+    lines = ["" if line.lstrip().startswith(("%", "!")) else line for line in source.split("\n")]
+    try:
+        tree = ast.parse("\n".join(lines))
+    except SyntaxError as error:
+        return [(error.lineno or 1, "code that Python cannot parse (the checks cannot audit it)")]
+    found: list[tuple[int, str]] = []
+
+    def root(node) -> str | None:
+        while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+            node = node.value if not isinstance(node, ast.Call) else node.func
+        return node.id if isinstance(node, ast.Name) else None
+
+    def dotted(node) -> str:
+        try:
+            return ast.unparse(node)
+        except Exception:  # noqa: BLE001
+            return "?"
+
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", 1)
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+            for target in targets:
+                for t in ast.walk(target):
+                    if isinstance(t, (ast.Attribute, ast.Subscript)) and root(t) in _GUARDED_ROOTS:
+                        found.append((line, f"sets {dotted(t)} (changes the checker, the package, torch or the "
+                                            f"interpreter)"))
+                        break
+                    if isinstance(t, ast.Name) and t.id in ("checks", "torch") and isinstance(t.ctx, (ast.Store, ast.Del)):
+                        found.append((line, f"rebinds the name {t.id}"))
+                        break
+        elif isinstance(node, ast.ClassDef):
+            for base in node.bases:
+                text = dotted(base)
+                if text.endswith("Tensor") or "Mode" in text:
+                    found.append((line, f"defines a subclass of {text}"))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            if isinstance(node, ast.ImportFrom):
+                names += [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                if name in _SUSPECT_MODULES or name.split(".")[0] in _SUSPECT_MODULES:
+                    found.append((line, f"imports {name}"))
+                    break
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qstar_mini") \
+                    and node.module != "qstar_mini.teaching":
+                found.append((line, f"imports from {node.module} (the exercises ask for torch only)"))
+            if isinstance(node, ast.ImportFrom) and any(a.name == "*" for a in node.names):
+                found.append((line, f"imports everything from {node.module}"))
+        elif isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            why = _SUSPECT_CALLS.get(name)
+            if name == "run" and root(node.func) == "subprocess":
+                why = "runs another program"
+            if why:
+                found.append((line, f"calls {dotted(node.func)} ({why})"))
+        elif isinstance(node, ast.Attribute):
+            if node.attr in _SUSPECT_ATTRIBUTES or (node.attr == "modules" and root(node) == "sys"):
+                found.append((line, f"uses {dotted(node)}"))
+            elif root(node) == "checks" and node.attr.startswith("_"):
+                found.append((line, f"uses the checks' private {dotted(node)}"))
+        elif isinstance(node, ast.Name) and node.id in ("__builtins__", "__import__"):
+            found.append((line, f"uses {node.id}"))
+    return sorted(set(found))
