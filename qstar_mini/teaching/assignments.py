@@ -1,4 +1,4 @@
-"""Student copies of the notebooks: the solutions taken out, stubs put in (issue 6).
+"""Student copies of the notebooks: the solutions taken out, stubs put in; submissions checked.
 
 The notebooks in ``notebooks/`` are the instructor's versions: each exercise is a code cell whose
 solution sits between nbgrader's markers, and the cell after it runs a check from

@@ -1,4 +1,4 @@
-"""Checks for the "build it yourself" exercises of the notebooks (issue 6).
+"""Checks for the "build it yourself" exercises of the notebooks.
 
 Each exercise asks the student to write one function of Algorithm 1 again; the cell after it
 calls one check of this module, e.g. ``checks.check_thought_mask(my_thought_visibility)``.
@@ -6,23 +6,48 @@ A check runs the student's function and the package's reference on fresh random 
 (several sizes, right-padded batches), then either prints one line ending in ``passed`` or
 raises :class:`CheckFailed` (an ``AssertionError``) that says precisely what is wrong and
 gives a hint. A function that still raises ``NotImplementedError`` gets "not implemented yet".
+Every check runs twice: on ``seed`` (0 for the visible check, other values for the hidden tests),
+then on a seed drawn from ``os.urandom`` when it runs, so answers precomputed for known inputs
+cannot pass (``seed=None`` runs the drawn seed only; a failure there names the seed to repeat it).
 
-**Calling the reference scores 0.** While the student's function runs, the package functions
-that the exercise asks for (:data:`REFERENCES`) are replaced, in every loaded ``qstar_mini``
-module, in the function's globals (a notebook's ``from qstar_mini.losses import rewards``,
-renamed or not) and in its closure, by a stand-in that raises "this exercise asks you to write
-it with torch only; qstar_mini.losses.rewards is disabled while your function is checked".
-The check fails with that message even when the student's code catches the error, or passes
-the reference itself; everything is restored afterwards, also on failure.
+**The answer must be the student's own computation.** While the student's function runs:
 
-**Hints by level.** A failure names the mistake; when the check cannot name it, it says what to
-think about and points to :func:`hint`: ``checks.hint("check_rewards")`` shows one level more at
-each call (1: what to think about, 2: the tensors and axes, 3: the formula, see :data:`HINTS`).
+* the package functions the exercise asks for (:data:`REFERENCES`) are replaced, in every loaded
+  ``qstar_mini`` module, in the function's globals and closure, by a stand-in that raises "this
+  exercise asks you to write it with torch only; qstar_mini.losses.rewards is disabled ...";
+* a profile function (:class:`_Monitor`, ``sys.setprofile``, also for threads it starts) sees
+  every call: code from a file of the package (however it was reached: a default argument, a
+  dict, a class, a code object reused, ``functools.lru_cache``, a reloaded module, the module's
+  file loaded under another name, the FlexAttention predicate), code with the same bytecode as any
+  function of the package (``inspect.getsource`` + ``exec``), ``exec``/``eval``/``compile``,
+  ``importlib.reload``, ``sys.setprofile``/``settrace`` and ``gc``'s object walks;
+* a result must be a plain ``torch.Tensor`` (a subclass could make every comparison true).
+
+Before each check and after each call of the student's function, the check compares the tools it
+relies on with what they were when this module was imported (:func:`_make_guard`): its own
+functions and their code, defaults and closures, :data:`REFERENCES` and :data:`HINTS`, the
+package's functions, the torch functions it compares and builds with, ``torch.Tensor``'s methods,
+the builtins, ``sys.modules``; any function in torch's namespaces must be torch's own code, not a
+function written in a notebook; no torch function or dispatch mode may be left active. The public
+names of this module always give the functions defined here (the module's class sees to it), so a
+notebook that assigns ``checks.check_rewards = ...`` gets the real check, which then reports the
+assignment. Each of these failures says why and that the instructor sees the message. What stays
+possible in-process is listed in docs/grading.md ("What the checks cannot see").
+
+**Noise costs nothing.** nbgrader gives 0 to a check cell that writes to stderr. A check collects
+every warning and everything written to stderr (``sys.stderr``, logging handlers, file descriptor
+2) by the student's code and by itself, and prints it on stdout under the pass line. A float32
+result on float64 inputs is judged at float32's precision; half precision fails, naming the dtype.
+
+**Hints by level.** A failure says what is wrong (which shape, which entries, which rule) without
+the answer's code, and points to :func:`hint`: ``checks.hint("check_rewards")`` shows one level
+more at each call (1: a nudge, 2: the concept, 3: the formula, see :data:`HINTS`).
+tests/test_grading_messages.py fails where the answer's code appears below level 3.
 
 **Short failures.** A failure is one message: no chained cause, the check's frames marked
-``__tracebackhide__`` (pytest and IPython skip them), no torch warning; under IPython (Jupyter,
-Colab, nbgrader's autograder) a handler registered on import shows the message alone as the
-cell's error output. A crash of the student's code is reported with the line of their code.
+``__tracebackhide__`` (pytest and IPython skip them); under IPython (Jupyter, Colab, nbgrader's
+autograder) a handler registered on import shows the message alone as the cell's error output. A
+crash of the student's code is reported with the line of their code.
 
 ==========================  ===============================  =========================================
 check                       the student writes               what it catches (besides shapes, dtypes)
