@@ -9,7 +9,8 @@
 #
 # Usage:
 #   bash scripts/official_env.sh VENV_DIR OFFICIAL_CHECKOUT
-#   VENV_DIR/bin/python scripts/official_oracle.py --out tests/fixtures/official_step
+#   VENV_DIR/bin/python scripts/official_oracle.py --out tests/fixtures/official_step \
+#       --run-out tests/fixtures/official_run
 #
 # Extra pip options (an index URL for CPU-only torch wheels, a proxy) can be passed in
 # PIP_ARGS, e.g. PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu".
@@ -34,9 +35,10 @@ PY=${PYTHON:-python3}
 "$PY" -m venv "$VENV"
 # The official modeling file imports wandb, seaborn (and so pandas/matplotlib), termcolor,
 # tqdm and reportlab at module level, so they are needed even though nothing is logged.
+# accelerate: transformers 4.37's Trainer needs it (official_oracle.py --run-out trains with it).
 # shellcheck disable=SC2086
 "$VENV/bin/python" -m pip install ${PIP_ARGS:-} \
-    "torch==2.13.0" "transformers==4.37.2" "numpy<2" \
+    "torch==2.13.0" "transformers==4.37.2" "numpy<2" "accelerate==0.26.1" \
     wandb seaborn termcolor reportlab safetensors
 
 # Where this venv's transformers keeps its Mistral model files.

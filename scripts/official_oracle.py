@@ -11,7 +11,8 @@ Nothing from the official repository is copied here; the script only runs it. Th
 code is a replacement for two files inside transformers 4.37, so it needs its own venv:
 
     bash scripts/official_env.sh /tmp/qs-venv /path/to/quiet-star
-    /tmp/qs-venv/bin/python scripts/official_oracle.py --out tests/fixtures/official_step
+    /tmp/qs-venv/bin/python scripts/official_oracle.py --out tests/fixtures/official_step \
+        --run-out tests/fixtures/official_run
 
 (the checkout comes from ``git clone https://github.com/ezelikman/quiet-star``). It does not
 import qstar_mini: that package needs a newer transformers than the official code can run on.
@@ -29,6 +30,11 @@ What is made deterministic, and how
   script marks it initialised and gives every head layer seeded non-zero weights instead, so
   the fixture exercises a real mixing weight, real rewards and a real policy loss.
 * Single-threaded CPU float64, so two runs give byte-identical files.
+
+``--run-out`` writes a second fixture: the official model trained for three optimiser steps
+by the Hugging Face Trainer with quiet-star-train.py's TrainingArguments and model_init (see
+``run_training_arguments`` and ``run_model_init``), the weights after every step
+(``tests/test_official_run.py`` reads it).
 
 How the values are read (no recomputation)
 ------------------------------------------
@@ -492,15 +498,240 @@ def write_json(path, obj):
         f.write(to_json(obj) + "\n")
 
 
+# ---- the official training run (HF Trainer, quiet-star-train.py's arguments) -------------
+# A second, separate fixture (--run-out): the official model trained for RUN_STEPS optimiser
+# steps by transformers' Trainer with the TrainingArguments of quiet-star-train.py, the model
+# set up as its model_init does, on RUN_LINES lines of RUN_SEQ tokens. Only three things differ
+# from the script, none of them numbers of the algorithm: a tiny local Mistral instead of
+# Mistral-7B (loaded with from_pretrained all the same, so the head and the new token rows are
+# initialised as in the real run), float64 instead of float32, and no wandb / evaluation.
+RUN_DIMS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0,
+                rms_norm_eps=1e-6)
+RUN_N_AHEAD, RUN_N_AHEAD_TALK, RUN_N_PASSES = 12, 4, 2   # quiet-star-train.py's globals
+RUN_FULL_BATCH = 8                                        # its full_batch_size
+RUN_STEPS, RUN_SEQ = 3, 16
+RUN_LINES = RUN_FULL_BATCH * RUN_STEPS                    # one epoch = the RUN_STEPS steps
+RUN_MODEL_SEED, RUN_DATA_SEED, RUN_NOISE_SEED = 10, 11, 12
+RUN_LINE_TOKENS = [i for i, t in enumerate(TEXT_VOCAB) if t not in ("<pad>", "<unk>", "-", "--")]
+
+
+def run_training_arguments(output_dir):
+    """quiet-star-train.py's TrainingArguments, value for value, for RUN_N_PASSES; changed only:
+    evaluation off (no eval set), nothing reported (wandb), the CPU."""
+    batch_size = RUN_FULL_BATCH // RUN_N_PASSES
+    return transformers.TrainingArguments(
+        output_dir=output_dir, learning_rate=1e-6, optim="adamw_torch",
+        per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=RUN_FULL_BATCH // batch_size, max_grad_norm=1.0,
+        max_steps=100000, warmup_steps=20, auto_find_batch_size=True, weight_decay=0.001,
+        label_names=["labels"], include_inputs_for_metrics=True, logging_steps=10,
+        save_steps=100, evaluation_strategy="no", report_to=[], use_cpu=True, seed=42)
+
+
+def run_lines():
+    """(RUN_LINES, RUN_SEQ) token ids, every line full (no padding), no '-' that could merge."""
+    g = torch.Generator().manual_seed(RUN_DATA_SEED)
+    pick = torch.randint(len(RUN_LINE_TOKENS), (RUN_LINES, RUN_SEQ), generator=g)
+    return torch.tensor(RUN_LINE_TOKENS)[pick]
+
+
+def run_dataset(tokenizer, lines):
+    """Each line as quiet-star-train.py's preprocess_function leaves it: encode(text) (no special
+    tokens with this tokenizer), padded to the length (none needed), mask = ids != pad,
+    labels = ids."""
+    texts = ["".join(TEXT_VOCAB[i] for i in row) for row in lines.tolist()]
+    rows = []
+    for text, row in zip(texts, lines):
+        ids = torch.tensor(tokenizer.encode(text))
+        assert torch.equal(ids, row), (text, ids, row)
+        rows.append({"input_ids": ids, "attention_mask": (ids != PAD_ID).long(), "labels": ids.clone()})
+    return texts, rows
+
+
+def save_stock_base(path):
+    """A tiny seeded stock Mistral (22-token vocabulary) for from_pretrained, as Mistral-7B is."""
+    torch.manual_seed(RUN_MODEL_SEED)
+    config = transformers.MistralConfig(vocab_size=len(TEXT_VOCAB), sliding_window=None,
+                                        tie_word_embeddings=False, **RUN_DIMS)
+    model = transformers.MistralForCausalLM(config)       # the official class: keep the stock keys
+    stock = stock_state(model)
+    model.save_pretrained(path, state_dict=stock, safe_serialization=True)
+    return {k: v.double() for k, v in stock.items()}
+
+
+def run_model_init(base_path, tokenizer):
+    """quiet-star-train.py's model_init(None), for the tiny base: from_pretrained with its
+    switches, the meta tokens added and the embeddings resized, its attributes set."""
+    model = official.MistralForCausalLM.from_pretrained(
+        base_path, torch_dtype=torch.float64, device_map="auto",
+        max_thoughts=RUN_N_AHEAD + RUN_N_AHEAD_TALK + 1, **OFFICIAL_CONFIG_SWITCHES)
+    model.resize_token_embeddings(len(tokenizer))
+    model.tokenizer = tokenizer
+    accumulation = RUN_FULL_BATCH // (RUN_FULL_BATCH // RUN_N_PASSES)
+    for name, value in dict(gumbel_detach=True, include_policy_loss=True, use_end_thought_token=True,
+                            use_start_thought_token=True, n_ahead=RUN_N_AHEAD,
+                            n_ahead_talk=RUN_N_AHEAD_TALK, n_passes=RUN_N_PASSES,
+                            n_tokens_print=accumulation, gradient_accumulation_steps=accumulation,
+                            residual_think_head=False, optimize_lm_head_only_at_start=False,
+                            gumbel_temperature=1, wandb_enabled=False, original_mode=False,
+                            kill_after=100).items():
+        setattr(model, name, value)
+    model.train()
+    return model
+
+
+def run_noise():
+    """Gumbel noise of every micro-batch: (micro-batches, rows, n_passes, seq, n_ahead-3, vocab),
+    drawn in float64 and stored (and used) rounded to float32, so both sides add the same."""
+    g = torch.Generator().manual_seed(RUN_NOISE_SEED)
+    micro = RUN_STEPS * RUN_N_PASSES
+    shape = (micro, RUN_FULL_BATCH // RUN_N_PASSES, RUN_N_PASSES, RUN_SEQ, RUN_N_AHEAD - 3,
+             len(TEXT_VOCAB) + 2)
+    exp1 = torch.empty(shape, dtype=torch.float64).exponential_(generator=g)
+    return (-exp1.log()).float()
+
+
+class RunRecorder(transformers.TrainerCallback):
+    """Feeds the stored Gumbel noise to the official sampling (micro-batch by micro-batch), records
+    which lines each forward saw, and snapshots every parameter at the start and after each
+    optimiser step; stops the Trainer after RUN_STEPS steps."""
+
+    def __init__(self, noise, lines):
+        self.noise, self.lines = noise, lines
+        self.calls, self.order, self.snapshots, self.learning_rates = 0, [], [], []
+
+    def gumbel(self, logits, tau=1.0, hard=False, eps=1e-10, dim=-1):
+        assert hard and dim in (-1, logits.dim() - 1)
+        m = RUN_N_AHEAD - 3
+        micro, k = divmod(self.calls, m)
+        self.calls += 1
+        vocab = self.noise.shape[-1]
+        g = self.noise[micro][:, :, :, k, :].reshape(-1, vocab).double()
+        assert logits.shape == g.shape, (logits.shape, g.shape)
+        return F.one_hot((logits.detach() + g).argmax(dim=-1), vocab).to(logits.dtype)
+
+    def see_batch(self, module, args, kwargs):
+        ids = kwargs["input_ids"]
+        assert self.calls == len(self.order) * (RUN_N_AHEAD - 3)     # one micro-batch per forward
+        self.order.append([int((self.lines == row).all(-1).nonzero()) for row in ids])
+
+    def snapshot(self, model):
+        self.snapshots.append({k: v.detach().clone() for k, v in model.named_parameters()})
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.hook = model.register_forward_pre_hook(self.see_batch, with_kwargs=True)
+        self.snapshot(model)
+
+    def on_step_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        self.learning_rates.append(lr_scheduler.get_last_lr()[0])
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.snapshot(model)
+        control.should_training_stop = state.global_step >= RUN_STEPS
+
+
+def official_run(tokenizer, workdir):
+    """Train the official model RUN_STEPS steps with the official Trainer setup; its records."""
+    base = save_stock_base(os.path.join(workdir, "base"))
+    texts, rows = run_dataset(tokenizer, run_lines())
+    noise = run_noise()
+    recorder = RunRecorder(noise, torch.stack([r["input_ids"] for r in rows]))
+    trainer = transformers.Trainer(args=run_training_arguments(os.path.join(workdir, "trainer")),
+                                   train_dataset=rows, callbacks=[recorder],
+                                   model_init=lambda trial=None: run_model_init(os.path.join(workdir, "base"), tokenizer))
+    previous_default, real_gumbel = torch.get_default_dtype(), F.gumbel_softmax
+    torch.set_default_dtype(torch.float64)      # the 4.37 causal mask, as in run_step
+    F.gumbel_softmax = recorder.gumbel
+    try:
+        trainer.train()
+    finally:
+        F.gumbel_softmax = real_gumbel
+        torch.set_default_dtype(previous_default)
+    assert len(recorder.snapshots) == RUN_STEPS + 1 and trainer.state.global_step == RUN_STEPS
+    assert recorder.calls == len(recorder.order) * (RUN_N_AHEAD - 3) == RUN_STEPS * RUN_N_PASSES * (RUN_N_AHEAD - 3)
+    return base, texts, noise, recorder, trainer
+
+
+def write_run(out, tokenizer, official_commit):
+    import tempfile
+    with tempfile.TemporaryDirectory() as workdir:
+        base, texts, noise, rec, trainer = official_run(tokenizer, workdir)
+    start, steps = rec.snapshots[0], rec.snapshots[1:]
+    # the resized stock model as training starts (the meta rows drawn by resize_token_embeddings)
+    stock = {k: v for k, v in start.items() if not k.startswith(("talk_head.", "start_embedding", "end_embedding"))}
+    for k, v in base.items():                       # the loaded rows are the saved base's
+        assert torch.equal(stock[k][:v.shape[0]], v), k
+    os.makedirs(os.path.join(out, "model"), exist_ok=True)
+    save_file({k: v.contiguous() for k, v in stock.items()}, os.path.join(out, "model", "model.safetensors"),
+              metadata={"format": "pt"})
+    config = official_cfg.MistralConfig(vocab_size=len(TEXT_VOCAB), sliding_window=None,
+                                         tie_word_embeddings=False, **RUN_DIMS)
+    with open(os.path.join(out, "model", "config.json"), "w") as f:
+        json.dump(stock_config(config), f, indent=2, sort_keys=True)
+        f.write("\n")
+    tensors = {"noise": noise, "order": torch.tensor(rec.order)}
+    tensors |= {f"head_init.{k[len('talk_head.0.'):]}": v for k, v in start.items() if k.startswith("talk_head.0.")}
+    scale = 100.0
+    for i, snap in enumerate(steps, start=1):
+        for k, v in snap.items():
+            if k.startswith("talk_head.0."):
+                tensors[f"step{i}.head.net.{k[len('talk_head.0.'):]}"] = v
+            elif k in ("start_embedding", "end_embedding"):
+                continue
+            else:
+                tensors[f"step{i}.{k}"] = v
+        tensors[f"step{i}.meta.stored"] = torch.stack([snap["start_embedding"][0], snap["end_embedding"][0]])
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "run.safetensors"),
+              metadata={"format": "pt"})
+    setup = {
+        "description": f"{RUN_STEPS} optimiser steps of the official Quiet-STaR model driven by the HF Trainer "
+                       "with quiet-star-train.py's arguments; written by scripts/official_oracle.py --run-out",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "official_commit": official_commit, "python": platform.python_version()},
+        "vocab": TEXT_VOCAB, "merges": [list(m) for m in MERGES], "meta_tokens": META_TOKENS,
+        "texts": texts, "seq": RUN_SEQ, "steps": RUN_STEPS,
+        "n_ahead": RUN_N_AHEAD, "n_ahead_talk": RUN_N_AHEAD_TALK, "n_passes": RUN_N_PASSES,
+        "full_batch_size": RUN_FULL_BATCH, "dims": RUN_DIMS,
+        "training_arguments": {k: v for k, v in run_training_arguments("out").to_dict().items() if k in (
+            "learning_rate", "optim", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "max_grad_norm", "max_steps", "warmup_steps", "weight_decay", "seed", "lr_scheduler_type",
+            "adam_beta1", "adam_beta2", "adam_epsilon")},
+        "lines_per_micro_batch": rec.order,
+        "seeds": {"base_model": RUN_MODEL_SEED, "lines": RUN_DATA_SEED, "noise": RUN_NOISE_SEED,
+                  "trainer": 42},
+        "tensors": {
+            "noise": "(micro-batches, rows, n_passes, seq, n_ahead-3, vocab) float32 standard Gumbel noise; "
+                     "micro-batch i's sampling call k used noise[i][:, :, :, k].reshape(-1, vocab) in float64",
+            "order": "(micro-batches, rows) index into texts of the lines each official forward saw",
+            "head_init.*": "the mixing head (talk_head.0) as from_pretrained initialised it, before the "
+                           "first forward zeroed its last layer",
+            "stepN.<stock name>": "every stock parameter after optimiser step N (step 1 ran at learning rate 0)",
+            "stepN.head.net.*": "the mixing head after step N",
+            "stepN.meta.stored": "(2, hidden) start_embedding[0], end_embedding[0] after step N "
+                                 f"(stored / embedding_scale {scale:g})",
+            "model/": "the stock weights when training starts: the base loaded by from_pretrained, "
+                      "resized to 24 tokens (rows 22, 23 drawn by resize_token_embeddings)",
+        },
+        "learning_rate_of_each_step": rec.learning_rates,
+    }
+    write_json(os.path.join(out, "setup.json"), setup)
+    print(f"official run: {RUN_STEPS} steps, micro-batches {rec.order}; wrote {out}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output folder, e.g. tests/fixtures/official_step")
     ap.add_argument("--official-commit", default=OFFICIAL_COMMIT,
                     help="commit of the official checkout, recorded in setup.json")
+    ap.add_argument("--run-out", help="also train the official model with the official Trainer "
+                    "setup and write that run here, e.g. tests/fixtures/official_run")
     args = ap.parse_args()
 
     torch.set_num_threads(1)          # reductions in a fixed order: byte-identical reruns
     tokenizer = build_tokenizer()
+    if args.run_out:
+        write_run(args.run_out, tokenizer, args.official_commit)
     input_ids, attention_mask = build_batch()
 
     cases = [(n, N_PASSES) for n in N_AHEAD_VALUES] + [(ONE_PASS_N_AHEAD, 1)]
