@@ -469,9 +469,8 @@ def _quiet(noise: list[str]):
         for handler in _logging_handlers():
             if type(handler) is logging.StreamHandler and id(handler.stream) in streams:
                 stack.callback(handler.setStream, handler.setStream(buffer))
-        caught = stack.enter_context(warnings.catch_warnings(record=True))
-        warnings.simplefilter("always")
-        stack.enter_context(contextlib.redirect_stderr(buffer))
+        caught = stack.enter_context(warnings.catch_warnings(record=True))     # the filters in force stay:
+        stack.enter_context(contextlib.redirect_stderr(buffer))                # what would have been shown
         try:
             yield
         finally:
@@ -532,8 +531,7 @@ def _check(body: Callable) -> Callable:
                     raise CheckFailed(text) from None
                 details.append(current.pop(name, ""))
         verify(name)
-        extra = "; again on inputs drawn at random now" if seed is not None else f" drawn at random now (seed {drawn})"
-        out(f"{name}: passed ({details[0]}{extra})")
+        out(f"{name}: passed ({details[0]})" if seed is not None else f"{name}: passed ({details[0]}, seed {drawn})")
         if noise:
             shown = "; ".join(dict.fromkeys(noise))
             out(f"{name}: note: your code (or torch) wrote {len(noise)} warning or error line(s); the check kept "
@@ -1086,11 +1084,7 @@ def check_meta_init(fn: Callable, seed: int = 0, model=None, tokenizer=None, how
         model, tokenizer = _small_model_and_tokenizer(seed)
     table = model.get_input_embeddings().weight
     before = table.detach().clone()
-    g = torch.Generator().manual_seed(seed)
-    alphabet = "0123456789()=+-*"
-    drawn = "".join(alphabet[int(i)] for i in torch.randint(0, len(alphabet), (int(torch.randint(2, 6, (1,), generator=g)),),
-                                                             generator=g))
-    texts = ["---", "(", ")", "=(", "31415", drawn]
+    texts = ["---", "(", ")", "=(", "31415"]           # the model (from seed) is what a drawn seed changes
     for text in texts:
         case = f"text={text!r}, how={how!r}"
         exp, _ = init_embedding(model, tokenizer, text, how)
