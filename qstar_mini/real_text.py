@@ -51,7 +51,7 @@ from .thoughts import plain_forward
 # them leaves the base's predictions unchanged).
 REAL = official(thought_length=8, n_true=2, n_thoughts=2, seq_len=96, batch_size=4, steps=30,
                 lr=1e-5, mixer_lr=1e-3, mixer_depth=1, mixer_sigmoid=True, mixer_bias_init=-3.0,
-                policy_loss_weight=1.0, reinforce_reduction="sum", scoring_vocab="text",
+                mixer_init="default", policy_loss_weight=1.0, reinforce_reduction="sum", scoring_vocab="text",
                 policy_positions="real", lr_schedule="constant", warmup_steps=5, weight_decay=0.0,
                 decay_meta_tokens=False)
 HARD_PER_LINE = 4
