@@ -558,8 +558,7 @@ def _guard_module() -> None:
                 raise AttributeError("the class of the checks module cannot be changed")
             set_attribute(self, name, value)
 
-    if type(this) is types.ModuleType:
-        this.__class__ = GuardedModule
+    types.ModuleType.__setattr__(this, "__class__", GuardedModule)       # again on a reload: the new functions
 
 
 def _package_namespaces() -> Iterator[dict]:
