@@ -49,6 +49,7 @@ help:
 	@echo "make pretrain   pretrain the tiny base models into $(TINY_BASE)/ and $(TINY_BASE_NOISY)/ (CPU minutes)"
 	@echo "make smollm2    fetch the real SmolLM2-135M-Instruct once into the cache (qstar-mini models fetch smollm2)"
 	@echo "make real       Quiet-STaR vs the control on SmolLM2 at the hardest tokens of word problems (runs/real/)"
+	@echo "make compat     opt-in: the compatibility matrix, the whole suite on each declared stack (scripts/compat.py; ROWS=low,... for some)"
 	@echo "make colab-check    opt-in: every notebook, setup cell included, twice, in a Colab-like environment (ipywidgets 7.7.1, a google.colab stand-in, a local clone; scripts/colab_check.sh)"
 	@echo "make browser-check  opt-in: notebooks 01, 02, 08 in JupyterLab + headless Chromium, one control per explorer moved (scripts/browser_check.py; needs /usr/bin/chromium)"
 	@echo "make clean      remove caches and build output (keeps .venv, data/ and runs/)"
@@ -67,9 +68,13 @@ reproduce: $(STAMP_RUN)
 # notebook 10 and tests/test_real_model.py use it.
 # Two pytest workers (pytest-xdist): the notebooks and the CLI matrix on one, in order (conftest.py),
 # the other tests shared out. TEST_WORKERS=0 runs everything in one process.
+# The lowest transformers we declare is also fetched (pip --target, about 10 MB, once), so that
+# tests/test_compat.py loads everything we save with it.
 TEST_WORKERS ?= 2
+LOWEST_TRANSFORMERS := .compat/lowest-transformers
 test: $(STAMP_DEV)
 	$(PY) -m qstar_mini models fetch smollm2
+	$(PY) scripts/compat.py lowest-transformers $(LOWEST_TRANSFORMERS)
 	$(PY) -m pytest -n $(TEST_WORKERS)
 
 data: $(STAMP_RUN)
@@ -98,6 +103,13 @@ real: smollm2
 $(STAMP_REAL): pyproject.toml $(STAMP_RUN)
 	$(PY) -m pip install -e ".[real]"
 	@touch $@
+
+# The compatibility matrix (opt-in; README's "Compatibility" gives its cost): the whole suite in
+# one environment per declared stack, each built from a clone of HEAD (commit first) under .compat/.
+# ROWS=low,colab runs some rows; `python3 scripts/compat.py --list` names them.
+.PHONY: compat
+compat:
+	$(PYTHON3) scripts/compat.py $(if $(ROWS),--rows $(ROWS))
 
 # Opt-in checks (minutes, not part of `make test`): README's "Notebooks" section gives their times.
 # colab-check clones this checkout's HEAD (commit first); COLAB_CHECK_DIR says where it works.

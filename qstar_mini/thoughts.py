@@ -94,9 +94,15 @@ def plain_forward(model: nn.Module, meta: MetaTokens, input_ids: torch.Tensor,
 
 def gumbel_noise(shape, generator: torch.Generator | None = None, device=None,
                  dtype=torch.float32) -> torch.Tensor:
-    """Standard Gumbel noise g = -log(-log(u)), u ~ Uniform(0, 1), of the given shape."""
-    u = torch.rand(shape, generator=generator, device=device or (generator.device if generator else None),
-                   dtype=dtype)
+    """Standard Gumbel noise g = -log(-log(u)), u ~ Uniform(0, 1), of the given shape, on ``device``.
+
+    u is drawn where the generator lives and then moved, so a CPU generator gives the same noise
+    (and the same thoughts, wherever the logits agree) on a CPU and on a GPU; a generator on the
+    GPU draws there (faster for large vocabularies, but another random stream).
+    """
+    u = torch.rand(shape, generator=generator, device=generator.device if generator else device, dtype=dtype)
+    if device is not None:
+        u = u.to(device)
     tiny = torch.finfo(dtype).tiny
     return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))
 

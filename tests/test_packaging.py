@@ -50,8 +50,9 @@ def test_torch_is_a_range_never_a_pin(pyproject):
 
 
 def test_transformers_range_spans_4_57_to_5(pyproject):
+    """From the matrix's low row (tests/test_compat.py ties the floor to it) to every 5.x."""
     transformers = requirements(pyproject)["transformers"]
-    for version in ("4.57.0", "5.0.0", "5.24.0"):
+    for version in ("4.57.6", "5.0.0", "5.24.0"):
         assert transformers.specifier.contains(version), (transformers, version)
     assert not transformers.specifier.contains("6.0.0")
 
@@ -111,9 +112,9 @@ def test_ci_runs_make_test_and_nothing_else(tmp_path):
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_test_runs_pytest_and_make_demo_runs_the_demo(tmp_path):
     """``make -n`` (print, do not run) with the environment already set up: `make test` fetches the
-    real model as a user does (verified only, once it is there), then runs pytest on two workers
-    (conftest.py keeps the notebooks on one); `make demo`
-    runs the demo."""
+    real model as a user does (verified only, once it is there) and the lowest transformers we
+    declare (tests/test_compat.py loads our artefacts with it), then runs pytest on two workers
+    (conftest.py keeps the notebooks on one); `make demo` runs the demo."""
     stamp = tmp_path / "stamp"
     stamp.touch()                                     # newer than pyproject.toml: no install step
 
@@ -123,8 +124,10 @@ def test_make_test_runs_pytest_and_make_demo_runs_the_demo(tmp_path):
         assert out.returncode == 0, out.stderr
         return [line for line in out.stdout.splitlines() if not line.startswith("make")]
 
-    assert planned("test", "STAMP_DEV") == [f"{sys.executable} -m qstar_mini models fetch smollm2",
-                                            f"{sys.executable} -m pytest -n 2"]
+    assert planned("test", "STAMP_DEV") == [
+        f"{sys.executable} -m qstar_mini models fetch smollm2",
+        f"{sys.executable} scripts/compat.py lowest-transformers .compat/lowest-transformers",
+        f"{sys.executable} -m pytest -n 2"]
     assert planned("demo", "STAMP_RUN") == [f"{sys.executable} -m qstar_mini demo"]
 
 
