@@ -367,3 +367,25 @@ def test_the_instructors_solutions_pass_through_the_same_path(interpreter):
         assert raised is None and err == "" and out.count(": passed") == 3, (exercise, raised, out, err)
         saved = "".join(o.get("text", "") for o in cells[check_id].outputs if o.output_type == "stream")
         assert out == saved, (exercise, out, saved)
+
+
+def test_a_replacement_made_before_the_checks_are_imported_is_refused():
+    """Notebooks 02-04 import the checks in their first check cell, after the exercise: the
+    guard's snapshot then holds the replacement, which is refused because its code is a notebook's."""
+    import subprocess
+
+    program = textwrap.dedent('''
+        import linecache, torch
+        cell = "torch.allclose = lambda *args, **kwargs: True\\n"
+        linecache.cache["<ipython-input-1>"] = (len(cell), None, [cell], "<ipython-input-1>")
+        exec(compile(cell, "<ipython-input-1>", "exec"), {"torch": torch})
+        from qstar_mini.teaching import checks
+        try:
+            checks.check_rewards(lambda lp, valid: torch.zeros(lp.shape[:3], dtype=lp.dtype))
+        except checks.CheckFailed as error:
+            print(error)
+    ''')
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300,
+                            cwd=REPO_ROOT)
+    assert "torch.allclose is a function written in this notebook, not torch's own" in result.stdout, result
+    assert SEEN in result.stdout

@@ -104,6 +104,7 @@ import io
 import logging
 import operator
 import os
+import site
 import sys
 import sysconfig
 import tempfile
@@ -176,9 +177,29 @@ _SEEN = "the instructor sees this message in your graded notebook"
 
 _THIS_FILE = os.path.abspath(__file__)
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(_THIS_FILE))                      # .../qstar_mini
-_TRUSTED_DIRS = tuple(sorted({os.path.abspath(p) for p in (
-    *(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")),
-    os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__))), _PACKAGE_DIR)}))
+
+
+def _installed_dirs() -> tuple[str, ...]:
+    """Where installed code lives: the standard library, every site-packages (user's too), torch's
+    and this package's folders; never the working folder, where a notebook's own files are."""
+    paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    paths |= {os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__))), _PACKAGE_DIR}
+    with contextlib.suppress(Exception):
+        paths |= set(site.getsitepackages()) | {site.getusersitepackages()}
+    paths |= {p for p in sys.path if p and ("site-packages" in p or "dist-packages" in p)}
+    return tuple(sorted(os.path.join(os.path.abspath(p), "") for p in paths if p))
+
+
+_TRUSTED_DIRS = _installed_dirs()
+
+
+def _notebook_code(filename: str) -> bool:
+    """Whether code was compiled from a notebook cell (IPython's names for cells) or from a file
+    outside the installed code; code that libraries generate (``<string>``, ``<frozen ...>``,
+    ``<eval_with_key>``) is not."""
+    if filename.startswith("<"):
+        return filename.startswith("<ipython-input-")
+    return "ipykernel_" in filename or not filename.startswith(_TRUSTED_DIRS)
 
 #: Builtins a student's function has no reason to call, and that take code or the checker apart.
 _SUSPECT_BUILTINS = {exec: "exec()", eval: "eval()", compile: "compile()", sys.setprofile: "sys.setprofile()",
@@ -188,8 +209,8 @@ _SUSPECT_CODE = {importlib.reload.__code__: "importlib.reload()"}
 
 
 def _genuine(obj) -> bool:
-    """False for a Python function (or a wrapper of one) whose code was not read from a file of the
-    standard library, site-packages or this package: a stand-in written in a notebook."""
+    """False for a Python function (or a wrapper of one) written in a notebook (see
+    :func:`_notebook_code`): a stand-in for a library's function."""
     for _ in range(8):
         if isinstance(obj, (staticmethod, classmethod)):
             obj = obj.__func__
@@ -200,8 +221,7 @@ def _genuine(obj) -> bool:
         elif isinstance(obj, types.MethodType):
             obj = obj.__func__
         elif isinstance(obj, types.FunctionType):
-            name = obj.__code__.co_filename
-            return name.startswith(_TRUSTED_DIRS) or name.startswith("<frozen ")
+            return not _notebook_code(obj.__code__.co_filename)
         elif callable(obj) and not isinstance(obj, type) and isinstance(getattr(obj, "__wrapped__", None), Callable):
             obj = obj.__wrapped__                                           # functools.lru_cache and friends
         else:
@@ -412,7 +432,7 @@ class _Monitor:
                               f"inspect.getsource and exec, or the module's file loaded again)")
         elif event == "c_call":
             what = _SUSPECT_BUILTINS.get(arg) if isinstance(arg, types.BuiltinFunctionType) else None
-            if what is not None and not frame.f_code.co_filename.startswith(_TRUSTED_DIRS):
+            if what is not None and _notebook_code(frame.f_code.co_filename):
                 self.note(f"your function called {what}")
 
     def note(self, what: str) -> None:
