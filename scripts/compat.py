@@ -111,8 +111,8 @@ def find_python(version: str) -> str | None:
 
 def pip_env(row: Row) -> dict:
     env = dict(os.environ)
-    if row.no_cap:
-        env["PIP_CONSTRAINT"] = ""                   # a machine-wide cap would hide the newest torch
+    if row.no_cap:                                   # a machine-wide pip config (a cap on torch, say)
+        env["PIP_CONFIG_FILE"] = os.devnull          # would hide the newest releases
     return env
 
 
