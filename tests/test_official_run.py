@@ -174,7 +174,11 @@ def test_the_fixture_is_the_official_setup_and_moves_every_part():
 def test_train_official_reproduces_the_official_trainer(tmp_path, monkeypatch):
     """After step 3 every parameter has moved from the official start (the meta-tokens from '---',
     the head's last layer 0: step 1 at learning rate 0 leaves it) as the official Trainer moved it.
-    (At step 2 the two agree to 5e-16: float64 throughout, sdpa attention on both sides.)"""
+    Measured: 5e-16 after step 2 (float64 throughout, sdpa attention on both sides: w is still 0,
+    so no reward); after step 3, 3.0e-6, all of it in the embedding rows that only thoughts feed
+    (pad, unk, '-', '--': 1e-5 of their change, the other rows 1e-14). There w is ~7e-9, so each
+    reward (~2e-10) is a difference of log-probs of size ~3 and keeps only ~6 significant digits,
+    which the two programs round differently; the 1e6 policy weight carries that into those rows."""
     err = run_errors(tmp_path, monkeypatch, 3)
     worst = {k: v for k, v in err.items() if v > UPDATE_TOL}
     assert not worst, f"after step 3 the weights differ from the official run's: {worst}"
