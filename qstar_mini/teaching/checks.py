@@ -425,7 +425,7 @@ class _Monitor:
                              "another name)" if copy and code.co_name != "<module>" else ""))
             elif code in _SUSPECT_CODE:
                 self.note(f"your function called {_SUSPECT_CODE[code]}")
-            else:
+            elif not name.startswith(_TRUSTED_DIRS):        # installed libraries' code is theirs, not a copy
                 twin = self.signatures.get(_signature(code))
                 if twin is not None:
                     self.note(f"your function ran a copy of the package's {twin} (the same bytecode, e.g. from "
