@@ -685,8 +685,9 @@ def _references_disabled(check: str, fn: Callable, calls: list[str]):
 
 # ============================================================================ hints, by level
 
-#: Progressively more help for each check: level 1 names what to think about, level 2 the
-#: tensors and axes, level 3 the formula. A failure shows level 1 only; :func:`hint` shows more.
+#: Progressively more help for each check: level 1 a nudge (what to think about), level 2 the
+#: concept, in words, without the answer's code; level 3 the formula. A failure shows level 1 only;
+#: :func:`hint` shows more. tests/test_grading_messages.py keeps the answer's code out of levels 1-2.
 HINTS: dict[str, tuple[str, ...]] = {
     "check_thought_mask": (
         "look at the picture of the mask: the keys are the text, then one block of thought tokens per step",
@@ -753,8 +754,8 @@ _hint_level: dict[str, int] = {}
 
 
 def hint(check: str | Callable, level: int | None = None) -> str:
-    """Print (and return) the hints for ``check`` up to ``level`` (1: what to think about, 2: the
-    tensors and axes, 3: the formula). Without ``level``, one more than the last call showed:
+    """Print (and return) the hints for ``check`` up to ``level`` (1: a nudge, 2: the concept, 3: the
+    formula). Without ``level``, one more than the last call showed:
     ``checks.hint("check_rewards")`` twice shows levels 1 and 2."""
     name = check if isinstance(check, str) else getattr(check, "__name__", str(check))
     if name not in HINTS:
