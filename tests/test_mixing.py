@@ -62,7 +62,7 @@ def test_official_preset_head_starts_as_the_official_one():
     hidden = model.config.hidden_size
     torch.manual_seed(0)
     _, head = prepare_model(model, tok, official(seq_len=16))
-    first, middle, last = _linear_layers(head)
+    first, middle, last = _linear_layers(head.requires_grad_(False))
     assert (first.weight.shape, middle.weight.shape, last.weight.shape) == ((hidden, 2 * hidden), (hidden, hidden), (1, hidden))
     for layer in (first, middle):
         n = layer.weight.numel()                                  # std of a sample std: 0.02 / sqrt(2n)
@@ -76,7 +76,7 @@ def test_tiny_preset_keeps_pytorchs_init():
     model, tok = small_model()
     torch.manual_seed(0)
     _, head = prepare_model(model, tok, tiny(seq_len=16))
-    first, last = _linear_layers(head)
+    first, last = _linear_layers(head.requires_grad_(False))
     bound = 1 / first.weight.shape[1] ** 0.5                      # U(-bound, bound), std bound / sqrt(3)
     assert float(first.weight.abs().max()) <= bound and float(first.weight.std()) > 0.9 * bound / 3 ** 0.5
     assert bool((first.bias != 0).all())
