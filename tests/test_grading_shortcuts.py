@@ -333,10 +333,12 @@ def my_init_embedding(model, tokenizer, text):
     return torch.tensor(table[ids].mean(0))             # warns: copy-construct from a tensor
 """,
     "ex05-rewards": """
-import warnings, sys
+import warnings, sys, os, logging
 def my_rewards(log_p_talk, valid):
     warnings.warn("a student's own warning")
     print("debugging to stderr", file=sys.stderr)
+    os.write(2, b"written to file descriptor 2\\n")
+    logging.getLogger("student").warning("a logged warning")
     score = log_p_talk.detach().masked_fill(~valid[:, None], 0.0).sum(-1)
     return score - score.mean(dim=1, keepdim=True)
 """,
