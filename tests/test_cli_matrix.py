@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from qstar_mini import cli
+from qstar_mini.files import write_manifest
 from qstar_mini.paths import DATA_DIR, REPO_ROOT
 
 REPO_WATCHED = [REPO_ROOT / "data", REPO_ROOT / "notebooks", REPO_ROOT / "runs"]
@@ -58,9 +59,14 @@ def _digest(folder: Path) -> dict:
 
 # ---- set-ups: each damages or prepares the copied run before the command -------------------
 
+# The JSON edits rewrite the checkpoint's manifest as if the file had been saved that way, so
+# the check of the file's content is what refuses it; the _damaged set-ups leave the manifest as
+# it was, and the manifest refuses them.
+
 def _json_edit(name, value):
     def setup(run: Path, tmp: Path):
         (run / "checkpoint" / name).write_text(json.dumps(value))
+        write_manifest(run / "checkpoint")
     return setup
 
 
@@ -69,12 +75,67 @@ def _json_patch(name, **changes):
         path = run / "checkpoint" / name
         data = json.loads(path.read_text())
         for key, value in changes.items():
-            if key == "lr":
+            if key == "lr" and name == "optimizer.json":
                 data["param_groups"][0]["lr"] = value
             else:
                 data[key] = value
         path.write_text(json.dumps(data))
+        write_manifest(run / "checkpoint")
     return setup
+
+
+def _damaged(name, how):
+    """A file of the checkpoint damaged after it was saved (its manifest left as it was)."""
+    def setup(run: Path, tmp: Path):
+        path = run / "checkpoint" / name
+        data = bytearray(path.read_bytes())
+        if how == "xor":                            # 64 bytes in the middle: the size is unchanged
+            middle = len(data) // 2
+            data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+        elif how == "truncate":
+            data = data[: len(data) // 2]
+        path.write_bytes(bytes(data))
+    return setup
+
+
+def _bytes(name, payload: bytes):
+    def setup(run: Path, tmp: Path):
+        (tmp / name).write_bytes(payload)
+    return setup
+
+
+def _long_lines(name, n_lines: int, chars: int):
+    def setup(run: Path, tmp: Path):
+        words = ("the old lighthouse keeper climbed the stairs every evening " * (chars // 60 + 1))[:chars]
+        (tmp / name).write_text("".join(json.dumps({"text": words}) + "\n" for _ in range(n_lines)))
+    return setup
+
+
+def _model_folder(*, config: dict | None = None, files: dict | None = None, base: bool = False,
+                  without: tuple[str, ...] = ()):
+    """{tmp}/model: the tiny base's files (base) but ``without``, its config.json changed
+    (config), other files."""
+    def setup(run: Path, tmp: Path):
+        folder = tmp / "model"
+        if base:
+            shutil.copytree(REPO_ROOT / "data" / "tiny-base", folder)
+            for name in without:
+                (folder / name).unlink()
+        folder.mkdir(exist_ok=True)
+        if config is not None:
+            values = json.loads((REPO_ROOT / "data" / "tiny-base" / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**values, **config}))
+        for name, payload in (files or {}).items():
+            (folder / name).write_bytes(payload.replace(b"{folder}", str(folder).encode()))
+    return setup
+
+
+# Code that must never run, each creating a file "code-ran" if it did: a pickle (protocol 0,
+# os.system("touch ...")) and a module that a config's auto_map names.
+EVIL_PICKLE = b"cposix\nsystem\n(Vtouch {folder}/code-ran\ntR."
+EVIL_MODULE = (b"import pathlib\npathlib.Path(__file__).with_name('code-ran').write_text('ran')\n"
+               b"from transformers import MistralConfig as EvilConfig, MistralForCausalLM as EvilModel\n")
+AUTO_MAP = {"auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}}
 
 
 def _file(name, text):
@@ -226,6 +287,48 @@ CASES += [
      _file("g.jsonl", '{"text": "1+1=2"}\n'), REFUSED, "question"),
     ("eval-data-missing", ["eval", "--checkpoint", "{run}/checkpoint", "--data", "{tmp}/none.jsonl"], None, REFUSED,
      "none.jsonl"),
+    # damaged checkpoints: the manifest names the file
+    ("resume-xor-weights", [*TRAIN, "--resume"], _damaged("model.safetensors", "xor"), REFUSED,
+     "model.safetensors differs from the manifest"),
+    ("eval-xor-weights", ["eval", "--checkpoint", "{run}/checkpoint", "--lines", "2"],
+     _damaged("model.safetensors", "xor"), REFUSED, "model.safetensors differs"),
+    ("resume-truncated-optimizer", [*TRAIN, "--resume"], _damaged("optimizer.safetensors", "truncate"), REFUSED,
+     "optimizer.safetensors"),
+    ("resume-xor-rng", [*TRAIN, "--resume"], _damaged("rng.safetensors", "xor"), REFUSED, "rng.safetensors"),
+    ("resume-manifest-not-json", [*TRAIN, "--resume"], _file("run/checkpoint/manifest.json", "{oops"), REFUSED,
+     "manifest.json"),
+    ("resume-config-lr-word", [*TRAIN, "--resume"], _json_patch("qstar_config.json", lr="fast"), REFUSED,
+     "lr must be a number"),
+    ("resume-config-think-int", [*TRAIN, "--resume"], _json_patch("qstar_config.json", think=1), REFUSED,
+     "think must be true or false"),
+    ("eval-config-steps-float", ["eval", "--checkpoint", "{run}/checkpoint", "--lines", "2"],
+     _json_patch("qstar_config.json", steps=2.5), REFUSED, "steps must be an integer"),
+    # hostile data: refused in one line, or cut to what was asked
+    ("train-data-binary", [*TRAIN, "--overwrite", "--data", "{tmp}/b.jsonl"],
+     _bytes("b.jsonl", bytes(range(256)) * 64), REFUSED, "UTF-8|not valid JSON"),
+    ("eval-data-binary", ["eval", "--checkpoint", "{run}/checkpoint", "--data", "{tmp}/b.jsonl"],
+     _bytes("b.jsonl", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64), REFUSED, "UTF-8"),
+    ("train-data-1mb-line", [*TRAIN, "--overwrite", "--data", "{tmp}/long.jsonl"],
+     _long_lines("long.jsonl", 1, 1_000_000), {0}, None),
+    ("eval-data-1mb-line", ["eval", "--checkpoint", "{run}/checkpoint", "--data", "{tmp}/long.jsonl",
+                            "--lines", "2", "--seq-len", "32", "--n-thoughts", "1"],
+     _long_lines("long.jsonl", 1, 1_000_000), {0}, None),
+    ("train-data-100k-lines", [*TRAIN, "--overwrite", "--data", "{tmp}/many.jsonl"],
+     _long_lines("many.jsonl", 100_000, 20), {0}, None),
+    # --model at things that are no model; a model's own code never runs
+    ("model-random-folder", [*TRAIN, "--overwrite", "--model", "{tmp}/model"],
+     _model_folder(files={"notes.txt": b"hello", "weights.dat": bytes(range(256))}), REFUSED, "config.json"),
+    ("model-single-file", [*TRAIN, "--overwrite", "--model", "{tmp}/model.safetensors"],
+     _bytes("model.safetensors", (REPO_ROOT / "data" / "tiny-base" / "model.safetensors").read_bytes()),
+     REFUSED, "config.json"),
+    ("model-pickle-only", [*TRAIN, "--overwrite", "--model", "{tmp}/model"],
+     _model_folder(base=True, without=("model.safetensors",), files={"pytorch_model.bin": EVIL_PICKLE}), REFUSED,
+     "model.safetensors"),
+    ("model-auto-map-known-type", [*TRAIN, "--overwrite", "--model", "{tmp}/model"],
+     _model_folder(base=True, config=AUTO_MAP, files={"evil.py": EVIL_MODULE}), {0, 2}, None),
+    ("model-auto-map-own-type", [*TRAIN, "--overwrite", "--model", "{tmp}/model"],
+     _model_folder(base=True, config={**AUTO_MAP, "model_type": "evil_lm"}, files={"evil.py": EVIL_MODULE}),
+     REFUSED, "custom code"),
     # what is allowed stays allowed
     ("resume-same-settings", [*TRAIN, "--resume"], None, {0}, None),
     ("resume-extends-steps", [*TRAIN, "--resume", "--steps", "3"], None, {0}, None),
@@ -267,6 +370,7 @@ def test_bad_command_line(name, argv, setup, codes, pattern, finished_run, tmp_p
         if before_metrics is not None:
             assert (run / "metrics.jsonl").read_bytes() == before_metrics
     assert _stat_tree(REPO_WATCHED) == repo_before, "a file in the repository changed"
+    assert not list(tmp_path.rglob("code-ran")), "a model's own code ran"
     assert _stat_tree([tmp_path], skip=out) == local_before, "a file outside --out changed"
 
 

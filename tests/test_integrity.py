@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from qstar_mini import cli, files
 from qstar_mini.checkpoint import load_checkpoint, load_config, load_training_state, verify_checkpoint
@@ -214,3 +215,57 @@ def test_a_saved_config_with_lr_fast_is_refused_naming_lr(ckpt):
         warnings.simplefilter("ignore")
         with pytest.raises(CheckpointError, match="qstar_config.json"):      # the manifest sees it first
             load_checkpoint(ckpt)
+
+
+# ---- hostile data: the cost of what was asked ----------------------------------------------
+
+def test_a_1mb_line_is_tokenized_only_as_far_as_seq_len_needs_and_encodes_the_same(monkeypatch):
+    """Measured: encode_records on a 1 MB line, seq_len 512: 2.6 s tokenizing it whole, 0.04 s
+    now (the first 16,896 characters); the tensors are the same."""
+    from qstar_mini import records
+    from qstar_mini.models import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, text, **kwargs):
+            seen.append(len(text))
+            return tokenizer(text, **kwargs)
+
+    lines = [{"text": ("31415=(34894)4 and some words " * 40_000)[:1_000_000]}, {"text": "31415=4"},
+             {"text": "x" * 600_000 + "=7"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                       # "2 of 3 lines ... truncated"
+        head = records.encode_records(Spy(), lines, 512)
+        assert max(seen) <= 20_000                            # (512 + 16) * 32 characters, not 10^6
+        monkeypatch.setattr(records, "HEAD_CHARS_PER_TOKEN", 10**9)        # tokenize whole, then cut
+        whole = records.encode_records(tokenizer, lines, 512)
+    for name in ("input_ids", "attention_mask", "answer_pos", "think_pos"):
+        assert torch.equal(getattr(head, name), getattr(whole, name)), name
+    assert head.input_ids.shape == (3, 512) and head.answer_pos.tolist() == [-1, 7, -1]
+
+
+def test_read_jsonl_reads_only_the_records_asked_for(tmp_path):
+    """Measured: 100,000 lines (7.8 MB) read whole in 0.48 s; the first 16 in milliseconds.
+    Past the 16th line the file here is not even text: it is never read."""
+    from qstar_mini.data import read_jsonl
+
+    path = tmp_path / "many.jsonl"
+    path.write_bytes(b"".join(b'{"text": "line %d"}\n' % i for i in range(16)) + bytes(range(256)) * 1000)
+    assert [r["text"] for r in read_jsonl(path, max_records=16)] == [f"line {i}" for i in range(16)]
+    with pytest.raises(Exception, match="UTF-8|not valid JSON"):
+        read_jsonl(path)
+
+
+def test_a_line_too_long_for_a_record_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
+    from qstar_mini import data
+
+    monkeypatch.setattr(data, "MAX_LINE_BYTES", 1000)
+    path = tmp_path / "blob.jsonl"
+    path.write_bytes(b'{"text": "' + b"x" * 5000 + b'"}\n')
+    with pytest.raises(data.DataError, match="line 1 is longer than"):
+        data.read_jsonl(path)
