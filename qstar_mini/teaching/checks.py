@@ -242,6 +242,13 @@ def _function_state(obj) -> tuple:
     return (obj.__code__, obj.__defaults__, id(obj.__kwdefaults__), tuple(cells))
 
 
+def _mode_stacks() -> tuple[Callable[[], int], Callable[[], int]]:
+    """How many torch function modes and dispatch modes are active (0 where torch cannot say)."""
+    def none() -> int:
+        return 0
+    return (getattr(torch._C, "_len_torch_function_stack", none), getattr(torch._C, "_len_torch_dispatch_stack", none))
+
+
 def _make_guard():
     """``tampered() -> str | None``: what of the checker, the package, torch or the builtins it
     relies on differs from when this module was imported (None when nothing does).
@@ -285,7 +292,7 @@ def _make_guard():
                if name in ("torch", "builtins", "sys") or name == "qstar_mini" or name.startswith("qstar_mini.")}
     references = {k: tuple(v) for k, v in REFERENCES.items()}
     hints = {k: tuple(v) for k, v in HINTS.items()}
-    stack_fn, stack_dispatch = torch._C._len_torch_function_stack, torch._C._len_torch_dispatch_stack
+    stack_fn, stack_dispatch = _mode_stacks()
     get, is_, genuine = dict.get, operator.is_, _genuine
     module_class, module_get = type(this), type(this).__getattribute__
 
@@ -388,14 +395,18 @@ def _package_signatures() -> dict[tuple, str]:
                     code = todo.pop()
                     todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
                     if code is not top and len(code.co_code) >= 48:
-                        out.setdefault(_signature(code), f"{module.removesuffix('.__init__')}.{code.co_qualname}")
+                        out.setdefault(_signature(code), f"{module.removesuffix('.__init__')}.{_qualname(code)}")
         _package_signatures_cache.append(out)
     return _package_signatures_cache[0]
 
 
 def _package_name(code: types.CodeType) -> str:
     rel = os.path.relpath(code.co_filename, os.path.dirname(_PACKAGE_DIR))[:-3].replace(os.sep, ".")
-    return f"{rel.removesuffix('.__init__')}.{code.co_qualname}" if code.co_name != "<module>" else rel
+    return f"{rel.removesuffix('.__init__')}.{_qualname(code)}" if code.co_name != "<module>" else rel
+
+
+def _qualname(code: types.CodeType) -> str:
+    return getattr(code, "co_qualname", code.co_name)                     # co_qualname: Python >= 3.11
 
 
 class _Monitor:
@@ -446,7 +457,8 @@ def _watched(found: list[str]):
     a switched-off monitor, a torch mode left active or a replaced tool is added to ``found``."""
     monitor = _Monitor(found)
     before_sys, before_threads = sys.getprofile(), threading.getprofile()
-    modes = torch._C._len_torch_function_stack(), torch._C._len_torch_dispatch_stack()
+    stack_fn, stack_dispatch = _mode_stacks()
+    modes = stack_fn(), stack_dispatch()
     threading.setprofile(monitor)
     sys.setprofile(monitor)
     try:
@@ -457,7 +469,7 @@ def _watched(found: list[str]):
         threading.setprofile(before_threads)
         if switched_off:
             monitor.note("your function switched off the check's call monitor (sys.setprofile or sys.settrace)")
-        if (torch._C._len_torch_function_stack(), torch._C._len_torch_dispatch_stack()) != modes:
+        if (stack_fn(), stack_dispatch()) != modes:
             monitor.note("your function left a torch function or dispatch mode active")
 
 
