@@ -269,3 +269,64 @@ def test_a_line_too_long_for_a_record_is_refused_without_reading_it_whole(tmp_pa
     path.write_bytes(b'{"text": "' + b"x" * 5000 + b'"}\n')
     with pytest.raises(data.DataError, match="line 1 is longer than"):
         data.read_jsonl(path)
+
+
+# ---- the fetched model: sizes on every load, every byte on `models verify` --------------------
+
+@pytest.fixture
+def fake_smollm2(tmp_path, monkeypatch) -> Path:
+    """A cache holding a stand-in for the fetched SmolLM2 folder: small files and their manifest
+    (what `models fetch` writes), so that the checks run without the 270 MB download."""
+    from qstar_mini import real_models
+
+    monkeypatch.setenv("QSTAR_MINI_CACHE", str(tmp_path / "cache"))
+    folder = real_models.model_dir("smollm2")
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}\n')
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (folder / "tokenizer.json").write_text('{"model": {}}\n')
+    files.write_manifest(folder, n_parameters=real_models.KNOWN["smollm2"].n_parameters)
+    return folder
+
+
+def models_command(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main(["models", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_verify_passes_an_intact_copy(fake_smollm2, capsys):
+    from qstar_mini import real_models
+
+    assert real_models.resolve("smollm2") == fake_smollm2
+    code, out, err = models_command(capsys, "verify", "smollm2")
+    assert (code, err) == (0, "") and out.startswith(str(fake_smollm2)) and "3 files match" in out
+
+
+def test_a_truncated_file_is_refused_when_the_model_is_loaded(fake_smollm2):
+    from qstar_mini.errors import ModelError
+    from qstar_mini.models import load_model
+
+    (fake_smollm2 / "tokenizer.json").write_text("{")
+    with pytest.raises(ModelError) as refused:
+        load_model("smollm2")
+    message = str(refused.value)
+    assert "tokenizer.json differs from the manifest" in message and "models fetch smollm2 --force" in message
+    assert "\n" not in message
+
+
+def test_a_flipped_byte_passes_the_load_check_and_is_caught_by_models_verify(fake_smollm2, capsys):
+    from qstar_mini import real_models
+
+    xor_middle(fake_smollm2 / "model.safetensors")
+    assert real_models.resolve("smollm2") == fake_smollm2      # sizes only: a stat per file
+    for argv in (("verify", "smollm2"), ("fetch", "smollm2")):  # a second fetch verifies too
+        code, out, err = models_command(capsys, *argv)
+        assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+        assert "model.safetensors differs from the manifest (sha256)" in err and "--force" in err, err
+
+
+def test_models_verify_of_a_model_not_fetched_says_how_to_fetch_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QSTAR_MINI_CACHE", str(tmp_path))
+    code, _, err = models_command(capsys, "verify", "smollm2")
+    assert code == 2 and "models fetch smollm2" in err, err
