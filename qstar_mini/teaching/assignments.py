@@ -472,6 +472,7 @@ def audit_code(source: str) -> list[tuple[int, str]]:
     except SyntaxError as error:
         return [(error.lineno or 1, "code that Python cannot parse (the checks cannot audit it)")]
     found: list[tuple[int, str]] = []
+    named: set[int] = set()          # the callee of a call already named is not named again
 
     def root(node) -> str | None:
         while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
@@ -522,7 +523,8 @@ def audit_code(source: str) -> list[tuple[int, str]]:
                 why = "runs another program"
             if why:
                 found.append((line, f"calls {dotted(node.func)} ({why})"))
-        elif isinstance(node, ast.Attribute):
+                named.add(id(node.func))
+        elif isinstance(node, ast.Attribute) and id(node) not in named:
             if node.attr in _SUSPECT_ATTRIBUTES or (node.attr == "modules" and root(node) == "sys"):
                 found.append((line, f"uses {dotted(node)}"))
             elif root(node) == "checks" and node.attr.startswith("_"):
