@@ -10,6 +10,7 @@ describes; :func:`check_files` then tells a damaged or edited file from a good o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -26,7 +27,9 @@ def write_dir_atomic(out_dir: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_dir)``, then put tmp_dir at ``out_dir`` (replacing an old one).
 
     The old folder is moved aside first and deleted only once the new one is in place, so at
-    every moment ``out_dir`` is either the complete old folder or the complete new one.
+    every moment ``out_dir`` is either the complete old folder or the complete new one. A write
+    that fails for want of space (whatever the library's exception, :func:`as_os_error`) raises
+    an OSError about ``out_dir``, which the command line turns into one line and exit status 2.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -37,9 +40,10 @@ def write_dir_atomic(out_dir: str | os.PathLike, write) -> Path:
             write(tmp)
         except Exception as e:  # noqa: BLE001 - libraries report a full disk in their own types
             disk = as_os_error(e, out_dir)
-            if disk is None or disk is e:
+            if disk is None:
                 raise
-            raise disk from None
+            # named after out_dir ("run/checkpoint: No space left on device"): tmp is about to go
+            raise OSError(disk.errno, disk.strerror, os.fspath(out_dir)) from None
         os.chmod(tmp, 0o755)                                 # mkdtemp makes it private
         if out_dir.exists():
             os.replace(out_dir, old)
@@ -111,19 +115,31 @@ def make_portable(folder: str | os.PathLike) -> None:
         write_json(cfg_path, cfg)
 
 
+#: Below this much free space, an unexplained failure to write is taken for a full disk.
+NEARLY_FULL_BYTES = 1 << 20
+
+
 def as_os_error(error: BaseException, where) -> OSError | None:
     """The OSError that ``error`` stands for, or None when it is no file-system error.
 
     safetensors and tokenizers (Rust) report a full disk as their own exception types whose
     message ends in ``(os error 28)``; that number becomes an OSError about ``where``.
+    torch.save's writer says only "unexpected pos ...": any other error while the file system
+    of ``where`` has less than NEARLY_FULL_BYTES free is reported as a full disk.
     """
     if isinstance(error, OSError):
         return error
     found = re.search(r"os error (\d+)", str(error))
-    if found is None:
+    if found is not None:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code), os.fspath(where))
+    try:
+        free = shutil.disk_usage(Path(where).parent).free
+    except OSError:
         return None
-    code = int(found.group(1))
-    return OSError(code, os.strerror(code), os.fspath(where))
+    if free < NEARLY_FULL_BYTES:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(where))
+    return None
 
 
 # ----------------------------------------------------------------------------- manifests

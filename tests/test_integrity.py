@@ -118,22 +118,67 @@ def test_the_checks_cost_little(ckpt):
 
 # ---- a real full disk ------------------------------------------------------------------------
 
+def mount_tmpfs(where: Path, size: str) -> None:
+    """Mount a real tmpfs of ``size`` at ``where``, or skip the test saying why not."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or mounted.returncode})")
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real file system of 16 MiB: one tiny checkpoint (10 MB) fits, a second beside it (an
     atomic save writes the new one before the old one goes) does not."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    where = tmp_path / "disk"
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or mounted.returncode})")
+    mount_tmpfs(tmp_path / "disk", "16m")
     try:
+        yield tmp_path / "disk"
+    finally:
+        subprocess.run(["umount", str(tmp_path / "disk")], check=True)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 64 KiB file system, filled but for 512 bytes."""
+    where = tmp_path / "full"
+    mount_tmpfs(where, "64k")
+    try:
+        stat = os.statvfs(where)
+        (where / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 512))
         yield where
     finally:
-        subprocess.run(["umount", str(where)], check=True)
+        subprocess.run(["umount", "--lazy", str(where)], check=True)     # lazy: torch may hold a file open
+
+
+def _writers():
+    import torch
+    from safetensors.torch import save_file
+
+    from qstar_mini.models import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    return {"safetensors": lambda tmp: save_file({"x": torch.zeros(100_000)}, str(tmp / "x.safetensors")),
+            "tokenizer": lambda tmp: tokenizer.save_pretrained(tmp),
+            "tokenizer.json": lambda tmp: tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json")),
+            "json": lambda tmp: files.write_json(tmp / "a.json", {"k": "v" * 100_000}),
+            "torch.save": lambda tmp: torch.save({"x": torch.zeros(100_000)}, tmp / "x.pt")}
+
+
+@pytest.mark.parametrize("writer", list(_writers()))
+def test_every_writer_on_a_real_full_disk_gives_enospc_and_leaves_nothing(full_disk, writer):
+    """Measured on a real full tmpfs, each writer fails its own way: SafetensorError '(os error
+    28)', tokenizers' Exception '(os error 28)', OSError, torch's RuntimeError 'unexpected pos'.
+    Through write_dir_atomic each is an OSError ENOSPC naming the folder (one line on the
+    command line, exit 2), and neither the folder nor its temporary copy is left."""
+    import errno
+
+    with pytest.raises(OSError) as raised:
+        files.write_dir_atomic(full_disk / "out", _writers()[writer])
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(full_disk / "out")
+    assert [p.name for p in full_disk.iterdir()] == ["filler"]
 
 
 def test_a_real_full_disk_is_one_line_and_the_last_checkpoint_still_loads(small_disk):
