@@ -18,6 +18,7 @@ from .checkpoint import check_checkpoint, load_checkpoint, load_config
 from .cli_args import check_device
 from .data import read_jsonl
 from .errors import ConfigError, DataError
+from .files import write_file_atomic
 from .evaluate import (ARITHMETIC, ARITHMETIC_METRICS, ARITHMETIC_RULE, answer_only, commonsense_qa_eval,
                        detect_data_kind, evaluate, evaluate_text, format_table, format_text_table,
                        is_datasets_name, is_gsm_record, load_commonsense_qa, load_eval_records, load_gsm8k)
@@ -190,7 +191,7 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_table(result) if kind == ARITHMETIC else format_text_table(result))
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        write_file_atomic(args.json, (text + "\n").encode())    # a full disk keeps the old file whole
     else:
         print(text)
     return 0
