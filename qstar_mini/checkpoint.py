@@ -20,8 +20,8 @@ checkpoint intact::
 
 Loading verifies every file against ``manifest.json`` first (:func:`verify_checkpoint`): a
 damaged or edited file is refused in one line naming it, before anything is trained on it.
-Hashing reads about 1 GB/s (a tiny run's checkpoint: 10 MB, 25 ms); ``verify="size"`` compares
-only the sizes, for a checkpoint too large to hash on every load.
+Hashing reads every byte once more; ``verify="size"`` compares only the sizes (a ``stat`` per
+file), for a checkpoint too large to hash on every load.
 
 Every tensor is stored with ``safetensors`` and everything else as JSON: loading a checkpoint
 never unpickles anything (a pickle can run arbitrary code).

@@ -353,7 +353,7 @@ def add_models_command(subparsers) -> None:
     check = actions.add_parser(
         "verify", help="check a fetched model's files byte for byte against its manifest (sha256)",
         description="Hash every file of the fetched NAME and compare it with the manifest written when "
-        "it was fetched (about 0.25 s for smollm2; loading it checks only the sizes). Prints the folder; "
+        "it was fetched (loading the model checks only the sizes). Prints the folder; "
         "a missing, damaged or edited file is one line naming it, exit status 2.")
     check.add_argument("name", metavar="NAME", help="the model's short name, e.g. smollm2")
     check.set_defaults(func=run_models_verify)

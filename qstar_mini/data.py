@@ -499,7 +499,7 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] | None = None,
     required: fields every record must have; default ``("text",)``, or ``("question", "answer")``
     for a file whose name starts with ``gsm8k_format``.
     max_records: stop after this many records: the file is read line by line, so the cost is
-    that of the lines asked for, not of the file (100,000 lines: 0.5 s whole, ms for 16).
+    that of the lines asked for, not of the file.
     """
     path = Path(path)
     required = _required_fields(path) if required is None else tuple(required)

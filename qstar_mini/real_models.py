@@ -147,7 +147,7 @@ def resolve(name: str) -> Path:
     Absent: a one-line ModelError telling the user the command that fetches it. (The folder is
     renamed into place only when complete, so its manifest is what marks a finished fetch.)
     A file missing or of another size: a one-line ModelError naming it and the fix. The full
-    check (every byte's sha256, about 0.25 s) is :func:`verify`: ``qstar-mini models verify``.
+    check (every byte's sha256) is :func:`verify`: ``qstar-mini models verify``.
     """
     path = model_dir(name)
     if not (path / MANIFEST).is_file() or not (path / "config.json").is_file():
@@ -178,7 +178,7 @@ def _check_against_manifest(name: str, *, full: bool) -> dict:
 def verify(name: str) -> dict:
     """Check the fetched ``name`` against its manifest: every file there, same size and sha256.
 
-    Fast (hashing about 270 MB at about 1 GB/s, no torch): what a second ``fetch`` and
+    Fast (hashing about 270 MB, no torch): what a second ``fetch`` and
     ``qstar-mini models verify`` do. Returns the manifest; raises a one-line ModelError
     (absent, or which file differs, and the fix).
     """
