@@ -18,10 +18,12 @@ checkpoint intact::
       trainer_state.json                       step, data position, run settings
       manifest.json                            size and sha256 of every file above, written last
 
-Loading verifies every file against ``manifest.json`` first (:func:`verify_checkpoint`): a
-damaged or edited file is refused in one line naming it, before anything is trained on it.
-Hashing reads every byte once more; ``verify="size"`` compares only the sizes (a ``stat`` per
-file), for a checkpoint too large to hash on every load.
+Loading checks the files it reads against ``manifest.json`` first (:func:`verify_checkpoint`):
+:func:`load_checkpoint` the model's, :func:`load_training_state` the optimiser's, schedule's, RNG's
+and trainer state's (so an evaluation does not hash the optimiser state it never reads). A damaged
+or edited file is refused in one line naming it, before anything is trained on it. Hashing reads
+every byte once more; ``verify="size"`` compares only the sizes (a ``stat`` per file), for a
+checkpoint too large to hash on every load.
 
 Every tensor is stored with ``safetensors`` and everything else as JSON: loading a checkpoint
 never unpickles anything (a pickle can run arbitrary code).
@@ -55,6 +57,8 @@ RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
 REQUIRED = ("config.json", META_FILE, HEAD_FILE, CONFIG_FILE)
 VERIFY_MODES = ("full", "size", "none")
+#: The files only ``resume`` reads (:func:`load_training_state`); the others are the trained model.
+TRAINING_FILES = (OPTIMIZER_TENSORS, OPTIMIZER_JSON, SCHEDULER_FILE, RNG_FILE, STATE_FILE)
 
 
 def _read_json(path: Path):
@@ -162,10 +166,13 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
-def verify_checkpoint(path: str | os.PathLike, verify: str = "full") -> Path:
-    """Check every file of a checkpoint against its ``manifest.json``; returns the folder.
+def verify_checkpoint(path: str | os.PathLike, verify: str = "full", part: str = "all") -> Path:
+    """Check a checkpoint's files against its ``manifest.json``; returns the folder.
 
-    verify: "full" (sha256 of every file), "size" (sizes only) or "none".
+    verify: "full" (sha256), "size" (sizes only) or "none".
+    part: which files "full" hashes: "all"; "model", all but TRAINING_FILES (what
+    :func:`load_checkpoint` reads); "training", only TRAINING_FILES (what
+    :func:`load_training_state` reads). The sizes of all are compared in any case.
     A damaged file is a one-line CheckpointError naming it. A checkpoint without a manifest
     (saved before qstar_mini wrote one) is loaded unchecked, with a warning.
     """
@@ -185,7 +192,11 @@ def verify_checkpoint(path: str | os.PathLike, verify: str = "full") -> Path:
         warnings.warn(f"checkpoint {path} has no {MANIFEST} (saved by an older qstar_mini): its files "
                       f"cannot be checked for damage", stacklevel=3)
         return path
-    problem = check_files(path, manifest["files"], full=verify == "full")
+    table = manifest["files"]
+    hashed = {"all": set(table), "model": set(table) - set(TRAINING_FILES),
+              "training": set(TRAINING_FILES)}[part] if verify == "full" else set()
+    problem = (check_files(path, table, full=False)
+               or check_files(path, {name: table[name] for name in sorted(hashed & set(table))}, full=True))
     if problem is not None:
         raise CheckpointError(f"checkpoint {path}: {problem}: damaged or edited since it was saved; "
                               f"use a copy of the run, or train again (--overwrite)")
@@ -219,10 +230,11 @@ class Checkpoint:
 def load_checkpoint(path: str | os.PathLike, *, device=None, dtype: torch.dtype = torch.float32,
                     attn_implementation: str | None = None, verify: str = "full") -> Checkpoint:
     """Load model, tokenizer, meta-tokens, mixing head and config from a checkpoint folder,
-    its files first checked against the manifest (``verify``: see :func:`verify_checkpoint`)."""
+    the files it reads first checked against the manifest (``verify``: see
+    :func:`verify_checkpoint`; the training state is hashed by :func:`load_training_state`)."""
     from .models import load_model
 
-    path = verify_checkpoint(path, verify)
+    path = verify_checkpoint(path, verify, part="model")
     cfg = load_config(path)
     model, tokenizer = load_model(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
     meta_tensors = _load_tensors(path / META_FILE)
@@ -276,12 +288,14 @@ def _check_scheduler(sched, n_groups: int, path: Path) -> None:
                               f"the checkpoint is corrupt")
 
 
-def load_training_state(path: str | os.PathLike, optimizer=None, scheduler=None) -> tuple[dict, dict]:
-    """Restore optimizer and scheduler in place from a resumable checkpoint.
+def load_training_state(path: str | os.PathLike, optimizer=None, scheduler=None,
+                        verify: str = "full") -> tuple[dict, dict]:
+    """Restore optimizer and scheduler in place from a resumable checkpoint, its TRAINING_FILES
+    first checked against the manifest (``verify``: see :func:`verify_checkpoint`).
 
     returns: (trainer_state dict, rng {name: uint8 tensor}).
     """
-    path = check_checkpoint(path)
+    path = verify_checkpoint(path, verify, part="training")
     if not (path / STATE_FILE).exists():
         raise CheckpointError(f"checkpoint {path} has no {STATE_FILE}: it was not saved by a training "
                               f"run and cannot be resumed")

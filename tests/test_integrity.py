@@ -69,6 +69,17 @@ def test_the_manifest_lists_every_file_with_its_size_and_sha256(ckpt):
     assert verify_checkpoint(ckpt) == ckpt
 
 
+def test_an_evaluation_hashes_the_model_not_the_training_state(ckpt):
+    """load_checkpoint reads no optimiser state, so it hashes none (on a SmolLM2 run's 1.6 GB
+    checkpoint that is 2 s of 2.5); a damaged one is found by the resume that reads it."""
+    xor_middle(ckpt / "optimizer.safetensors")
+    load_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match="optimizer.safetensors differs from the manifest"):
+        load_training_state(ckpt)
+    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
+        verify_checkpoint(ckpt)                                         # part="all"
+
+
 def _xor_weights(ckpt): xor_middle(ckpt / "model.safetensors")
 def _truncate_optimizer(ckpt): (ckpt / "optimizer.safetensors").write_bytes((ckpt / "optimizer.safetensors").read_bytes()[:-10])
 def _delete_rng(ckpt): (ckpt / "rng.safetensors").unlink()
@@ -80,9 +91,12 @@ def _edit_state(ckpt): (ckpt / "trainer_state.json").write_text((ckpt / "trainer
     (_delete_rng, "rng.safetensors", True), (_edit_state, "trainer_state.json", False)],
     ids=["xor-64-bytes", "truncated", "deleted", "step-edited"])
 def test_a_damaged_file_is_refused_in_one_line_naming_it(ckpt, damage, name, seen_by_size):
+    """By the loader that reads it: load_checkpoint the model's files, load_training_state the
+    training state's (load_checkpoint compares only their sizes)."""
     damage(ckpt)
+    training = name in ("optimizer.safetensors", "rng.safetensors", "trainer_state.json")
     with pytest.raises(CheckpointError) as refused:
-        load_checkpoint(ckpt)
+        load_training_state(ckpt) if training else load_checkpoint(ckpt)
     message = str(refused.value)
     assert name in message and "--overwrite" in message and "\n" not in message, message
     if seen_by_size:
