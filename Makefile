@@ -50,6 +50,7 @@ help:
 	@echo "make smollm2    fetch the real SmolLM2-135M-Instruct once into the cache (qstar-mini models fetch smollm2)"
 	@echo "make real       Quiet-STaR vs the control on SmolLM2 at the hardest tokens of word problems (runs/real/)"
 	@echo "make compat     opt-in: the compatibility matrix, the whole suite on each declared stack (scripts/compat.py; ROWS=low,... for some)"
+	@echo "make nbgrader-check opt-in: real nbgrader 0.9.6 on notebooks 02-05 as four students (instructor, a correct answer that warns, a cheater, a deleted check cell; scripts/nbgrader_check.sh)"
 	@echo "make colab-check    opt-in: every notebook, setup cell included, twice, in a Colab-like environment (ipywidgets 7.7.1, a google.colab stand-in, a local clone; scripts/colab_check.sh)"
 	@echo "make browser-check  opt-in: notebooks 01, 02, 08 in JupyterLab + headless Chromium, one control per explorer moved (scripts/browser_check.py; needs /usr/bin/chromium)"
 	@echo "make clean      remove caches and build output (keeps .venv, data/ and runs/)"
@@ -113,7 +114,10 @@ compat:
 
 # Opt-in checks (minutes, not part of `make test`): README's "Notebooks" section gives their times.
 # colab-check clones this checkout's HEAD (commit first); COLAB_CHECK_DIR says where it works.
-.PHONY: colab-check browser-check
+.PHONY: colab-check browser-check nbgrader-check
+nbgrader-check: $(STAMP_DEV)
+	bash scripts/nbgrader_check.sh $(PY)
+
 colab-check: $(STAMP_DEV)
 	bash scripts/colab_check.sh $(PY)
 
