@@ -234,12 +234,14 @@ def tokenize_head(tokenizer, text: str, seq_len: int) -> tuple[dict, str]:
     seq_len + HEAD_MARGIN tokens, its first seq_len are the whole text's. Otherwise (tokens
     longer than HEAD_CHARS_PER_TOKEN characters on average) the whole text is tokenized.
     """
+    # verbose=False: no "longer than the model's maximum" warning, encode_records counts the cut lines
+    kwargs = dict(add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     limit = (seq_len + HEAD_MARGIN) * HEAD_CHARS_PER_TOKEN
     if len(text) > limit:
-        enc = tokenizer(text[:limit], add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text[:limit], **kwargs)
         if len(enc["input_ids"]) >= seq_len + HEAD_MARGIN:
             return enc, text[:limit]
-    return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True), text
+    return tokenizer(text, **kwargs), text
 
 
 def encode_records(tokenizer, records: list[dict], seq_len: int) -> Encoded:
