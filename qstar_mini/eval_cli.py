@@ -17,7 +17,7 @@ import torch
 from .checkpoint import check_checkpoint, load_checkpoint, load_config
 from .cli_args import check_device
 from .data import read_jsonl
-from .errors import ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError
 from .files import write_file_atomic
 from .evaluate import (ARITHMETIC, ARITHMETIC_METRICS, ARITHMETIC_RULE, answer_only, commonsense_qa_eval,
                        detect_data_kind, evaluate, evaluate_text, format_table, format_text_table,
@@ -101,8 +101,19 @@ def _text_seq_len(checkpoint, asked: int | None) -> int:
 
 
 def _trainer_state(path) -> dict:
+    """The checkpoint's trainer_state.json ({} when it has none); one line if it is damaged."""
     state = Path(path) / "trainer_state.json"
-    return json.loads(state.read_text()) if state.exists() else {}
+    if not state.exists():
+        return {}
+    try:
+        values = json.loads(state.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{state} cannot be read ({type(e).__name__}); use a copy of the run, "
+                              f"or name the base model with --base") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{state} holds a {type(values).__name__}, not a trainer state; use a copy "
+                              f"of the run, or name the base model with --base")
+    return values
 
 
 def _trained_think_where(path) -> str:
@@ -152,6 +163,9 @@ def run_eval(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     ck = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
     base_name = args.base if args.base is not None else _trainer_state(ck.path).get("model", str(TINY_BASE))
+    if not isinstance(base_name, str):
+        raise CheckpointError(f"{ck.path / 'trainer_state.json'}: its model {base_name!r} is no folder or name; "
+                              f"name the base model with --base")
     base = load_model(base_name, dtype=dtype, device=device)[0] if base_name else None
     control = _load_control(args.control, device, dtype) if args.control else None
     gsm = _gsm_records(args.gsm8k, kind, records, args.gsm_limit)

@@ -301,6 +301,10 @@ CASES += [
      "lr must be a number"),
     ("resume-config-think-int", [*TRAIN, "--resume"], _json_patch("qstar_config.json", think=1), REFUSED,
      "think must be true or false"),
+    ("eval-state-list", ["eval", "--checkpoint", "{run}/checkpoint", "--lines", "2"],
+     _json_edit("trainer_state.json", [1, 2]), REFUSED, "trainer_state.json"),
+    ("eval-state-model-number", ["eval", "--checkpoint", "{run}/checkpoint", "--lines", "2"],
+     _json_patch("trainer_state.json", model=5), REFUSED, "--base"),
     ("eval-config-steps-float", ["eval", "--checkpoint", "{run}/checkpoint", "--lines", "2"],
      _json_patch("qstar_config.json", steps=2.5), REFUSED, "steps must be an integer"),
     # hostile data: refused in one line, or cut to what was asked
