@@ -212,6 +212,23 @@ def test_a_real_full_disk_is_one_line_and_the_last_checkpoint_still_loads(small_
     assert load_training_state(run / "checkpoint")[0]["step"] == 2
 
 
+def test_the_first_save_on_a_3_mib_disk_is_one_line_and_leaves_no_half_checkpoint(tmp_path):
+    """The reported case: `train --steps 2 ...` on a 3 MiB tmpfs ended in a 31-line traceback
+    (SafetensorError, os error 28). Now one line, exit 2; there was no checkpoint before, and no
+    half-written one is left (metrics.jsonl stays: a new run needs --overwrite)."""
+    where = tmp_path / "disk"
+    mount_tmpfs(where, "3m")
+    try:
+        done = subprocess.run([sys.executable, "-m", "qstar_mini", *train_args(where / "run")],
+                              capture_output=True, text=True)
+        lines = [line for line in done.stderr.splitlines() if line.strip() and "%|" not in line]
+        assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+        assert f"{where / 'run' / 'checkpoint'}: No space left on device" in lines[0], lines[0]
+        assert sorted(p.name for p in (where / "run").iterdir()) == [".qstar-run.lock", "metrics.jsonl"]
+    finally:
+        subprocess.run(["umount", "--lazy", str(where)], check=True)
+
+
 def test_a_full_disk_in_a_library_of_its_own_becomes_an_os_error(tmp_path):
     """safetensors and tokenizers report a full disk as their own exceptions, '(os error 28)'."""
     import errno
