@@ -125,8 +125,9 @@ def test_bench_refuses_unknown_sizes_and_a_missing_gpu_in_one_line(capsys, monke
 
 @pytest.mark.parametrize("env, device, quick", [({}, "cuda", []), ({"DEVICE": "cpu", "QUICK": "1"}, "cpu", ["--quick"])])
 def test_gpu_check_dry_run_runs_step_1_on_the_device_then_the_bench(tmp_path, env, device, quick):
-    """``--dry-run`` prints the two python commands (step 1's program compiled, not run): cuda by
-    default, and the bench command line is one the bench's own parser accepts."""
+    """``--dry-run`` prints the three python commands (step 1's program compiled, not run): cuda by
+    default, the bench command line is one the bench's own parser accepts, and the notebooks run
+    under the GPU policy (docs/compatibility.md: every cell runs, outputs not compared)."""
     import argparse
 
     from qstar_mini.bench import add_bench_arguments
@@ -139,7 +140,9 @@ def test_gpu_check_dry_run_runs_step_1_on_the_device_then_the_bench(tmp_path, en
     assert out.returncode == 0, out.stderr
     runs = [line.split()[3:] for line in out.stdout.splitlines() if line.startswith("dry run: ")]
     bench_args = [*quick, "--device", device, "--json", f"{tmp_path}/bench_{device}.json"]
-    assert runs == [["-", device], ["-m", "qstar_mini.bench", *bench_args]]
+    notebooks = ["-m", "pytest", "-p", "no:cacheprovider", "-q", "--nbval-lax", "--nbval-current-env",
+                 "--nbval-cell-timeout=600", "--durations=15", "notebooks/"]
+    assert runs == [["-", device], ["-m", "qstar_mini.bench", *bench_args], notebooks]
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)
     assert parser.parse_args(bench_args).device == device

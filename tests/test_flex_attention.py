@@ -40,7 +40,7 @@ def test_predicate_equals_the_dense_figure3_mask():
         m = seq if positions is None else positions.shape[1]
         visible = figure3_visible(seq, m, mask, positions)
         for step in (1, 3):
-            grid = create_mask(visible, 2, 1, m, seq + m * step)          # (2, 1, m, keys) bool
+            grid = create_mask(visible, 2, 1, m, seq + m * step, device="cpu")   # (2, 1, m, keys); torch 2.6 defaults to cuda
             assert torch.equal(grid, thought_visibility(mask, step, positions)), (positions, step)
 
 

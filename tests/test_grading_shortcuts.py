@@ -391,3 +391,29 @@ def test_a_replacement_made_before_the_checks_are_imported_is_refused():
                             cwd=REPO_ROOT)
     assert "torch.allclose is a function written in this notebook, not torch's own" in result.stdout, result
     assert SEEN in result.stdout
+
+
+def test_torch_compiling_after_the_checks_are_imported_is_not_tampering():
+    """The first time anything compiles, torch._dynamo wraps nn.Module.__init__ and __setstate__ with
+    functions of its own and flags the class (torch 2.6 did it during the low row of the
+    compatibility matrix): the guard must not call that tampering, and a correct answer passes."""
+    import subprocess
+
+    solution = next(c.source for c in _cells("05_losses_nll_vs_reinforce.ipynb")
+                    if c.metadata.get("nbgrader", {}).get("grade_id") == "ex05-rewards")
+    program = textwrap.dedent('''
+        import linecache, sys, torch
+        from qstar_mini.teaching import checks
+        assert "___needs_generation_tag_patch" not in vars(torch.nn.Module)
+        from torch._dynamo.mutation_guard import install_generation_tagging_init
+        install_generation_tagging_init()
+        assert "___needs_generation_tag_patch" in vars(torch.nn.Module)
+        cell, namespace = sys.argv[1], {"torch": torch}
+        linecache.cache["<ipython-input-1>"] = (len(cell), None, cell.splitlines(True), "<ipython-input-1>")
+        exec(compile(cell, "<ipython-input-1>", "exec"), namespace)
+        checks.check_rewards(namespace["my_rewards"])
+    ''')
+    result = subprocess.run([sys.executable, "-c", program, solution], capture_output=True, text=True,
+                            timeout=300, cwd=REPO_ROOT)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+    assert "check_rewards: passed" in result.stdout, result.stdout

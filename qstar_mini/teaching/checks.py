@@ -296,6 +296,14 @@ def _make_guard():
     get, is_, genuine = dict.get, operator.is_, _genuine
     module_class, module_get = type(this), type(this).__getattribute__
 
+    def torch_patch(value) -> bool:
+        """What torch itself sets on its classes after import: torch._dynamo, once anything compiles,
+        wraps nn.Module.__init__ and __setstate__ with functions of its own and marks the class
+        with a flag (``___needs_generation_tag_patch = False``)."""
+        if isinstance(value, bool):
+            return True
+        return callable(value) and genuine(value) and str(getattr(value, "__module__", "")).startswith("torch.")
+
     def tampered() -> str | None:
         for key, value in own.items():
             now = get(vars(this), key, own)
@@ -325,10 +333,10 @@ def _make_guard():
         for prefix, cls in classes.items():
             before, now = class_dicts[prefix], dict(vars(cls))
             for key in now.keys() - before.keys():
-                if key in base_names or key.startswith("__"):
+                if key in base_names or (key.startswith("__") and not torch_patch(now[key])):
                     return f"{prefix}{key} was added in this notebook (it overrides torch's own)"
             for key, value in now.items():
-                if key in before and not is_(value, before[key]) and key.startswith("__"):
+                if key in before and not is_(value, before[key]) and key.startswith("__") and not torch_patch(value):
                     return f"{prefix}{key} was replaced in this notebook"
                 if not genuine(value):
                     return f"{prefix}{key} is a function written in this notebook, not torch's own"
