@@ -151,7 +151,7 @@ def small_disk(tmp_path):
     try:
         yield tmp_path / "disk"
     finally:
-        subprocess.run(["umount", str(tmp_path / "disk")], check=True)
+        subprocess.run(["umount", "--lazy", str(tmp_path / "disk")], check=True)
 
 
 @pytest.fixture
