@@ -195,8 +195,11 @@ def run_row(row: Row) -> dict:
     fetch = sh([python, "-m", "qstar_mini", "models", "fetch", "smollm2"], cwd=src, env=env, check=False, log=log)
     junit = src / "compat-junit.xml"
     t0 = time.time()
+    # README's table is this script's output, so the clone cannot hold the table of its own run:
+    # make test checks it, the matrix does not.
     test = sh([python, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-q", f"--junitxml={junit}",
-               *row.tests], cwd=src, env=env, check=False, log=log)
+               "--deselect", "tests/test_compat.py::test_readme_shows_the_matrix_output", *row.tests],
+              cwd=src, env=env, check=False, log=log)
     result = {
         "row": row.name, "what": row.what, "env": row.env, "tests": list(row.tests) or "all",
         "commit": sh(["git", "rev-parse", "--short", "HEAD"], cwd=src).stdout.strip(),
