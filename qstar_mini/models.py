@@ -414,6 +414,11 @@ def load_model(name_or_path=TINY_BASE, dtype: torch.dtype = torch.float32,
         if not (path / "config.json").is_file():
             raise ModelError(f"model path {name} has no config.json; pass a directory made by "
                              f"save_pretrained or a Hugging Face model name")
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        if pickles and not any(path.glob("*.safetensors")):
+            raise ModelError(f"model path {name} holds only pickle weights ({', '.join(pickles[:3])}); qstar_mini "
+                             f"loads safetensors only (unpickling can run code): save the model with "
+                             f"save_pretrained(..., safe_serialization=True) where you trust it")
         name = str(path)
     kwargs = dict(trust_remote_code=False)
     try:

@@ -327,7 +327,7 @@ CASES += [
      REFUSED, "config.json"),
     ("model-pickle-only", [*TRAIN, "--overwrite", "--model", "{tmp}/model"],
      _model_folder(base=True, without=("model.safetensors",), files={"pytorch_model.bin": EVIL_PICKLE}), REFUSED,
-     "model.safetensors"),
+     r"holds only pickle weights \(pytorch_model\.bin\); qstar_mini loads safetensors only"),
     ("model-auto-map-known-type", [*TRAIN, "--overwrite", "--model", "{tmp}/model"],
      _model_folder(base=True, config=AUTO_MAP, files={"evil.py": EVIL_MODULE}), {0, 2}, None),
     ("model-auto-map-own-type", [*TRAIN, "--overwrite", "--model", "{tmp}/model"],
