@@ -265,6 +265,8 @@ def peak_tensor_mib(fn, device: str = "cpu") -> float:
 
     with _quiet_c_stderr(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # export_memory_timeline is marked deprecated
+        # torch 2.11 warns that one profiling cycle keeps only its own events: we run one cycle
+        warnings.filterwarnings("ignore", message=".*Profiler clears events", category=UserWarning)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
                      with_stack=True) as prof:
             fn()
