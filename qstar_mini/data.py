@@ -483,6 +483,24 @@ def write_corpus(out_dir: str | os.PathLike, cfg: CorpusConfig | None = None) ->
     return paths
 
 
+def gsm8k_prompt(question: str) -> str:
+    """Zero-shot, direct answer: the question, a newline, ``A: ``."""
+    return f"{question}\nA: "
+
+
+#: The ``--text-field`` value that makes a line of each GSM8K-format record: its question and
+#: worked answer joined as ``gsm8k_prompt(question) + answer`` (the prompt the evaluation asks).
+QA_TEXT_FIELD = "question+answer"
+#: What an error says when a record lacks the text field: the way out.
+TEXT_FIELD_HINT = (f"; name the field holding the text with --text-field FIELD, or --text-field {QA_TEXT_FIELD} "
+                   f"for question/answer records (GSM8K format)")
+
+
+def qa_text(record: dict) -> str:
+    """The line a GSM8K-format record trains and is scored on: ``question\nA: answer``."""
+    return gsm8k_prompt(record["question"]) + record["answer"]
+
+
 def _required_fields(path: Path) -> tuple[str, ...]:
     return ("question", "answer") if path.name.startswith(GSM_SPLIT) else ("text",)
 
@@ -493,13 +511,15 @@ MAX_LINE_BYTES = 64 * 2**20
 
 
 def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] | None = None,
-               max_records: int | None = None) -> list[dict]:
+               max_records: int | None = None, missing_hint: str = "") -> list[dict]:
     """Read a JSONL file into a list of dicts, with one-line DataErrors for every way it can fail.
 
     required: fields every record must have; default ``("text",)``, or ``("question", "answer")``
     for a file whose name starts with ``gsm8k_format``.
     max_records: stop after this many records: the file is read line by line, so the cost is
     that of the lines asked for, not of the file.
+    missing_hint: appended to the error for a record that lacks a required field (the way out,
+    e.g. which flag names another field); the error also lists the fields the record has.
     """
     path = Path(path)
     required = _required_fields(path) if required is None else tuple(required)
@@ -519,7 +539,7 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] | None = None,
             if len(raw) > MAX_LINE_BYTES:
                 raise DataError(f"{path} line {lineno} is longer than {MAX_LINE_BYTES // 2**20} MiB: "
                                 f"not a JSONL file of text records? Split the line or check the file")
-            record = _parse_line(path, lineno, raw, required)
+            record = _parse_line(path, lineno, raw, required, missing_hint)
             if record is not None:
                 records.append(record)
     if not records:
@@ -527,7 +547,8 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] | None = None,
     return records
 
 
-def _parse_line(path: Path, lineno: int, raw: bytes, required: tuple[str, ...]) -> dict | None:
+def _parse_line(path: Path, lineno: int, raw: bytes, required: tuple[str, ...],
+                missing_hint: str = "") -> dict | None:
     """One JSONL line as a dict with the ``required`` string fields; None for a blank line."""
     try:
         line = raw.decode("utf-8")
@@ -543,7 +564,8 @@ def _parse_line(path: Path, lineno: int, raw: bytes, required: tuple[str, ...]) 
         raise DataError(f"{path} line {lineno} is not a JSON object (got {type(record).__name__})")
     missing = [f for f in required if f not in record]
     if missing:
-        raise DataError(f"{path} line {lineno} has no {', '.join(repr(m) for m in missing)} field")
+        has = f" (its fields: {', '.join(sorted(map(str, record))) or 'none'})" if missing_hint else ""
+        raise DataError(f"{path} line {lineno} has no {', '.join(repr(m) for m in missing)} field{has}{missing_hint}")
     for f in required:
         if not isinstance(record[f], str):
             raise DataError(f"{path} line {lineno}: field {f!r} must be a string "

@@ -1,5 +1,11 @@
 """``qstar-mini eval``: its flags, and the evaluation they choose (:mod:`qstar_mini.evaluate`).
 
+``--model`` is a Quiet-STaR checkpoint or a plain model (:func:`is_plain_model`: a fetched
+model's name such as ``smollm2``, a folder with ``config.json`` and none of a checkpoint's own
+files, or a Hugging Face name). A plain model has no thoughts: :func:`run_plain_eval` reports its
+per-token NLL, perplexity and accuracy (and the answer-digit figures on the arithmetic corpus,
+GSM8K-format accuracy without thinking) and says which rows are omitted.
+
 :func:`run_eval` loads the checkpoint (and the base and control models), reads the held-out
 text, detects what it is (:func:`qstar_mini.evaluate.detect_data_kind`) and runs
 :func:`~qstar_mini.evaluate.evaluate` on the arithmetic corpus or
@@ -14,16 +20,17 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_checkpoint, load_checkpoint, load_config
+from .checkpoint import CONFIG_FILE, HEAD_FILE, META_FILE, check_checkpoint, load_checkpoint, load_config
 from .cli_args import check_device
 from .data import read_jsonl
 from .errors import CheckpointError, ConfigError, DataError
 from .files import write_file_atomic
 from .evaluate import (ARITHMETIC, ARITHMETIC_METRICS, ARITHMETIC_RULE, answer_only, commonsense_qa_eval,
-                       detect_data_kind, evaluate, evaluate_text, format_table, format_text_table,
-                       is_datasets_name, is_gsm_record, load_commonsense_qa, load_eval_records, load_gsm8k)
+                       PLAIN_OMITTED, detect_data_kind, evaluate, evaluate_plain, evaluate_text, format_plain_table,
+                       format_table, format_text_table, is_datasets_name, is_gsm_record, load_commonsense_qa,
+                       load_eval_records, load_gsm8k)
 from .models import load_model
-from .paths import DATA_DIR, TINY_BASE
+from .paths import DATA_DIR, TINY_BASE, looks_local
 from .runs import check_file_writable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,7 +40,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """The flags of ``qstar-mini eval``."""
     p = parser
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
-                   help="the Quiet-STaR checkpoint folder to evaluate (runs/<name>/checkpoint)")
+                   help="what to evaluate: a Quiet-STaR checkpoint folder (runs/<name>/checkpoint), or a plain "
+                        "model (a fetched model's name such as smollm2, a folder with config.json, a Hugging "
+                        "Face name): then only the no-thought rows apply")
     p.add_argument("--control", default=None, help="checkpoint folder of the no-thought control")
     p.add_argument("--base", default=None,
                    help="the base model folder or name (default: the one the checkpoint was trained from); '' to skip")
@@ -41,7 +50,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                    help="held-out text: a JSONL file, a folder with <split>.jsonl, or a datasets name[:config] "
                         "(streamed: only --lines records are read); default data/test.jsonl")
     p.add_argument("--split", default="test", help="split of a folder or datasets name (default test)")
-    p.add_argument("--text-field", default="text", help="the field holding the text (default text)")
+    p.add_argument("--text-field", default="text",
+                   help="the field holding the text (default text); 'question+answer' for GSM8K-format "
+                        "question/answer records: each line is the question, '\\nA: ' and the answer "
+                        "(records without the field but with GSM8K-format question/answer get that too)")
     p.add_argument("--all-lines", action="store_true",
                    help="arithmetic corpus only: also lines with working (default: answer-only)")
     p.add_argument("--lines", type=int, default=500, help="held-out lines to use (default 500)")
@@ -100,6 +112,99 @@ def _text_seq_len(checkpoint, asked: int | None) -> int:
     return asked
 
 
+def is_plain_model(spec: str) -> bool:
+    """True when ``--model`` names a plain model rather than a Quiet-STaR checkpoint: a fetched
+    model's short name (``smollm2``), a folder with ``config.json`` and none of a checkpoint's own
+    files (meta-tokens, mixing head, qstar_config.json), or a name that is no local path (a
+    Hugging Face name). Anything else is taken for a checkpoint (and refused as one, in one line)."""
+    from .real_models import KNOWN
+
+    if spec in KNOWN:
+        return True
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return (path / "config.json").is_file() and not any((path / f).exists()
+                                                              for f in (META_FILE, HEAD_FILE, CONFIG_FILE))
+    return not (path.exists() or looks_local(spec))
+
+
+def _check_checkpoint_spec(spec: str) -> None:
+    """A --model that is no folder and no model name: one line naming the three ways to give one."""
+    from .real_models import KNOWN
+
+    if not Path(spec).expanduser().is_dir():
+        raise CheckpointError(f"--model {spec} does not exist (or is not a folder); give a checkpoint folder "
+                              f"(runs/<name>/checkpoint), a model folder with config.json, or a fetched model's "
+                              f"name ({', '.join(sorted(KNOWN))}; qstar-mini models fetch NAME)")
+
+
+def _model_seq_len(model, asked: int | None) -> int:
+    """--seq-len for a plain model: default 512, at most its context (max_position_embeddings)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if asked is None:
+        return 512 if not isinstance(limit, int) else max(2, min(512, limit))
+    if isinstance(limit, int) and asked > limit:
+        raise ConfigError(f"--seq-len {asked} exceeds the model's context of {limit}; use --seq-len {limit} or less")
+    return asked
+
+
+def _commonsense(args, model, tokenizer, **thinking) -> dict:
+    """CommonsenseQA-format accuracy on --commonsense-qa (a file, or 'hub')."""
+    csqa = (load_commonsense_qa(limit=args.gsm_limit) if args.commonsense_qa == "hub"
+            else read_jsonl(args.commonsense_qa, required=("question", "answerKey")))
+    if not all(isinstance(r.get("choices"), dict) and {"label", "text"} <= r["choices"].keys() for r in csqa):
+        raise DataError(f"{args.commonsense_qa}: every record needs choices {{\"label\": [...], \"text\": [...]}}")
+    return commonsense_qa_eval(model, tokenizer, csqa, limit=args.gsm_limit, **thinking)
+
+
+def _emit(args, header: str, table: str, result: dict) -> int:
+    """Print the header and table; the JSON to --json (atomically) or to stdout."""
+    print(header)
+    print(table)
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if args.json:
+        write_file_atomic(args.json, (text + "\n").encode())    # a full disk keeps the old file whole
+    else:
+        print(text)
+    return 0
+
+
+def run_plain_eval(args: argparse.Namespace, records: list[dict], source: str, kind: str, why: str) -> int:
+    """``qstar-mini eval --model NAME_OR_FOLDER`` for a plain model: the no-thought rows only
+    (:func:`~qstar_mini.evaluate.evaluate_plain`), with notes on what is omitted and why."""
+    for flag, value in (("--base", args.base), ("--control", args.control), ("--think-where", args.think_where)):
+        if value:
+            raise ConfigError(f"{flag} applies to a Quiet-STaR checkpoint; --model {args.checkpoint} is a plain "
+                              f"model, evaluated as itself: drop {flag}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.checkpoint, dtype=DTYPES[args.dtype], device=device)
+    seq_len = _model_seq_len(model, args.seq_len)
+    gsm = _gsm_records(args.gsm8k, kind, records, args.gsm_limit)
+    if kind == ARITHMETIC:
+        records = records if args.all_lines else answer_only(records)
+    records = records[: args.lines]
+    result = evaluate_plain(model, tokenizer, records, kind=kind, seq_len=seq_len, batch_size=args.batch_size,
+                            gsm_records=gsm, gsm_limit=args.gsm_limit)
+    applies = "per-token NLL, perplexity and top-1 accuracy of the plain model"
+    if kind == ARITHMETIC:
+        applies += ", and at the answer digit after '='"
+    if gsm is not None:
+        applies += "; GSM8K-format zero-shot accuracy without thinking"
+    notes = [PLAIN_OMITTED]
+    if gsm is None:
+        notes.append("GSM8K-format accuracy: omitted, the data has no GSM8K-format question/answer fields "
+                     "(--gsm8k FILE asks other problems)")
+    result["notes"] = notes
+    result["data"] = {"source": source, "kind": kind, "detected": why, "text_field": args.text_field}
+    result["plain_model"] = str(args.checkpoint)
+    if args.commonsense_qa:
+        result["commonsense_qa"] = _commonsense(args, model, tokenizer)
+    header = (f"model: {args.checkpoint}: a plain model (no Quiet-STaR checkpoint, no thoughts)\n"
+              f"data: {source}: {why}; applies: {applies}")
+    return _emit(args, header, format_plain_table(result), result)
+
+
 def _trainer_state(path) -> dict:
     """The checkpoint's trainer_state.json ({} when it has none); one line if it is damaged."""
     state = Path(path) / "trainer_state.json"
@@ -155,9 +260,14 @@ def run_eval(args: argparse.Namespace) -> int:
     check_device(args.device)
     if args.json:
         check_file_writable(args.json, "--json")        # before the evaluation, not after it
+    plain = is_plain_model(args.checkpoint)
+    if not plain:
+        _check_checkpoint_spec(args.checkpoint)
     records, source = load_eval_records(args.data, split=args.split, text_field=args.text_field,
                                         max_lines=args.lines if is_datasets_name(args.data) else None)
     kind, why = detect_data_kind(records)
+    if plain:
+        return run_plain_eval(args, records, source, kind, why)
     seq_len = None if kind == ARITHMETIC else _text_seq_len(args.checkpoint, args.seq_len)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype]
@@ -195,17 +305,5 @@ def run_eval(args: argparse.Namespace) -> int:
         header = f"data: {source}: {why}; per-token NLL with and without thinking, gain and which tokens benefit apply"
     result["data"] = data
     if args.commonsense_qa:
-        csqa = (load_commonsense_qa(limit=args.gsm_limit) if args.commonsense_qa == "hub"
-                else read_jsonl(args.commonsense_qa, required=("question", "answerKey")))
-        if not all(isinstance(r.get("choices"), dict) and {"label", "text"} <= r["choices"].keys() for r in csqa):
-            raise DataError(f"{args.commonsense_qa}: every record needs choices {{\"label\": [...], \"text\": [...]}}")
-        result["commonsense_qa"] = commonsense_qa_eval(ck.model, ck.tokenizer, csqa, meta=ck.meta, head=ck.head,
-                                                       cfg=ck.cfg, limit=args.gsm_limit)
-    print(header)
-    print(format_table(result) if kind == ARITHMETIC else format_text_table(result))
-    text = json.dumps(result, indent=2, sort_keys=True)
-    if args.json:
-        write_file_atomic(args.json, (text + "\n").encode())    # a full disk keeps the old file whole
-    else:
-        print(text)
-    return 0
+        result["commonsense_qa"] = _commonsense(args, ck.model, ck.tokenizer, meta=ck.meta, head=ck.head, cfg=ck.cfg)
+    return _emit(args, header, format_table(result) if kind == ARITHMETIC else format_text_table(result), result)

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from .data import gsm_final_answer, read_jsonl, split_prompt
+from .data import QA_TEXT_FIELD, TEXT_FIELD_HINT, gsm8k_prompt, gsm_final_answer, qa_text, read_jsonl, split_prompt
 from .errors import DataError
 from .generate import decode_thought, generate_with_thoughts, generated_text, predict_with_thoughts, thought_is_correct
 from .lm import text_log_probs
@@ -440,11 +440,6 @@ def extract_answer(generation: str) -> str | None:
     return m.group(0).replace(",", "") if m else None
 
 
-def gsm8k_prompt(question: str) -> str:
-    """Zero-shot, direct answer: the question, a newline, ``A: ``."""
-    return f"{question}\nA: "
-
-
 @torch.no_grad()
 def gsm8k_eval(model, tokenizer, records, *, meta=None, head=None, cfg=None, max_new_tokens: int = 6,
                limit: int | None = 50, n_examples: int = 3) -> dict:
@@ -727,7 +722,9 @@ def load_eval_records(data, *, split: str = "test", text_field: str = "text",
     of which only the first ``max_lines`` records are streamed (required then; nothing else is
     downloaded). ``text_field`` names the text (copied to ``"text"``); a record without it but
     with a GSM8K-format question/answer gets text = ``question + "\\nA: " + answer`` (the prompt
-    of :func:`gsm8k_prompt` followed by the worked answer). Any other record is a one-line
+    of :func:`gsm8k_prompt` followed by the worked answer, :func:`~qstar_mini.data.qa_text`), as
+    does every record with ``text_field="question+answer"`` (what ``--text-field question+answer``
+    trains on). Any other record is a one-line
     DataError; records with an empty text are dropped. Other fields are kept.
     """
     if is_datasets_name(data):
@@ -743,13 +740,19 @@ def load_eval_records(data, *, split: str = "test", text_field: str = "text",
     records = []
     for i, r in enumerate(rows, start=1):
         text = r.get(text_field)
-        if isinstance(text, str):
+        if text_field == QA_TEXT_FIELD:
+            if not (isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)):
+                raise DataError(f"{where} {i} has no string 'question' and 'answer' fields (--text-field "
+                                f"{QA_TEXT_FIELD}; its fields: {', '.join(sorted(map(str, r)))}); name the "
+                                f"field holding the text with --text-field FIELD")
+            record = dict(r, text=qa_text(r))
+        elif isinstance(text, str):
             record = r if text_field == "text" else dict(r, text=text)
         elif is_gsm_record(r):
-            record = dict(r, text=gsm8k_prompt(r["question"]) + r["answer"])
+            record = dict(r, text=qa_text(r))
         else:
             raise DataError(f"{where} {i} has no string {text_field!r} field and is no GSM8K-format "
-                            f"question/answer; name the text with --text-field")
+                            f"question/answer (its fields: {', '.join(sorted(map(str, r)))}){TEXT_FIELD_HINT}")
         if record["text"].strip():
             records.append(record)
     if not records:
@@ -870,6 +873,62 @@ def evaluate_text(model, tokenizer, meta, head, cfg, records, *, base_model=None
         return result
     finally:
         model.train(was)
+
+
+# ----------------------------------------------------------------------------- a plain model
+
+PLAIN_OMITTED = ("Quiet-STaR rows (with a sampled or greedy thought, its own no-thought prediction), gain per "
+                 "token, which tokens benefit, w and thoughts right: omitted, a plain model has no thoughts "
+                 "(evaluate a Quiet-STaR checkpoint for them)")
+
+
+@torch.no_grad()
+def evaluate_plain(model, tokenizer, records, *, kind: str = TEXT, seq_len: int = 512, batch_size: int = 8,
+                   gsm_records=None, gsm_limit: int = 50) -> dict:
+    """A plain model (no Quiet-STaR checkpoint, no thoughts) on held-out records: the base rows only.
+
+    Every line is ``<s> text </s>`` cut at ``seq_len`` tokens; :func:`plain_token_stats` scores
+    every next token. ``model``: {nll, ppl, acc, n_tokens} over all of them; on the arithmetic
+    corpus (``kind`` "arithmetic") also ``answer_nll``/``answer_acc``/``n_answers`` at the digit
+    after ``=``; ``gsm8k``: zero-shot accuracy without thinking on ``gsm_records``
+    (:func:`gsm8k_eval`), None without them. The Quiet-STaR figures do not apply (:data:`PLAIN_OMITTED`).
+    returns: {"n_lines", "seq_len", "model": {...}, "gsm8k" | None}.
+    """
+    records = list(records)
+    if not records:
+        raise DataError("evaluate_plain needs at least one line of text")
+    was = model.training
+    model.eval()
+    try:
+        st = plain_token_stats(model, tokenizer, records, batch_size=batch_size, seq_len=seq_len)
+        row = _text_summary(st["nll"], st["correct"])
+        if kind == ARITHMETIC:
+            s = summarize(st["nll"], st["correct"], st["is_answer"])
+            row.update(answer_nll=s["answer_nll"], answer_acc=s["answer_acc"], n_answers=s["n_answers"])
+        gsm = gsm8k_eval(model, tokenizer, gsm_records, limit=gsm_limit) if gsm_records else None
+        return {"n_lines": len(records), "seq_len": seq_len, "model": row, "gsm8k": gsm}
+    finally:
+        model.train(was)
+
+
+def format_plain_table(result: dict) -> str:
+    """A plain-text table of :func:`evaluate_plain`'s figures, the notes on what applies included."""
+    r = result["model"]
+    head, values = ["model", "NLL/token", "ppl", "acc"], ["plain (no thought)", _fmt(r["nll"], ".4f"),
+                                                         _fmt(r["ppl"], ".4g"), _fmt(r["acc"])]
+    if "answer_nll" in r:
+        head += ["answer NLL", "answer acc"]
+        values += [_fmt(r["answer_nll"]), _fmt(r["answer_acc"])]
+    widths = [max(len(a), len(b)) for a, b in zip(head, values)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in (head, ["-" * w for w in widths], values)]
+    lines.append(f"{r['n_tokens']} tokens in {result['n_lines']} lines (each cut at {result['seq_len']} tokens)")
+    if result.get("gsm8k"):
+        lines.append(f"GSM8K-format zero-shot, no thinking: {result['gsm8k']['accuracy']:.3f} on {result['gsm8k']['n']}")
+    if result.get("commonsense_qa"):
+        lines.append(f"CommonsenseQA-format zero-shot: {result['commonsense_qa']['accuracy']:.3f} "
+                     f"on {result['commonsense_qa']['n']}")
+    lines.extend(result.get("notes", []))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- printing

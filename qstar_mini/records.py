@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .data import EQUALS, answer_index, read_jsonl
+from .data import EQUALS, QA_TEXT_FIELD, TEXT_FIELD_HINT, answer_index, qa_text, read_jsonl
 from .errors import ConfigError, DataError
 
 LINES = ("answer_only", "all", "working")
@@ -39,13 +39,19 @@ def load_records(data, split: str = "train", text_field: str = "text",
 
     data: a JSONL file; a folder holding ``<split>.jsonl`` (e.g. the repo's ``data/``); a list
     of records already in memory; or a Hugging Face ``datasets`` name, optionally ``"name:config"`` (needs the network unless
-    cached), whose ``text_field`` column is used. Broken files raise a one-line DataError.
+    cached), whose ``text_field`` column is used. ``text_field="question+answer"``
+    (:data:`~qstar_mini.data.QA_TEXT_FIELD`) takes GSM8K-format records instead: each line is the
+    question and the worked answer, ``question\nA: answer`` (:func:`~qstar_mini.data.qa_text`).
+    Broken files raise a one-line DataError; a record without the text field names the way out.
     """
+    qa = text_field == QA_TEXT_FIELD
+    fields = ("question", "answer") if qa else (text_field,)
     if isinstance(data, list):                      # records already in memory
-        records = [r for r in data if isinstance(r, dict) and isinstance(r.get(text_field), str)]
+        records = [r for r in data if isinstance(r, dict) and all(isinstance(r.get(f), str) for f in fields)]
         if len(records) != len(data):
-            raise DataError(f"every record must be a dict with a string {text_field!r} field")
-        records = records if text_field == "text" else [dict(r, text=r[text_field]) for r in records]
+            raise DataError(f"every record must be a dict with a string {' and '.join(map(repr, fields))} "
+                            f"field{TEXT_FIELD_HINT}")
+        records = _with_text(records, text_field)
         return _without_empty(records[:max_lines] if max_lines else records, "records")
     path = Path(os.fspath(data)).expanduser()
     if path.is_dir():
@@ -54,12 +60,25 @@ def load_records(data, split: str = "train", text_field: str = "text",
     looks_local = path.exists() or path.suffix in (".jsonl", ".json") or text.startswith(("/", ".", "~")) \
         or isinstance(data, os.PathLike) or text.count("/") > 1
     if looks_local:                                  # else "name" or "owner/name": a datasets name
-        records = read_jsonl(path, required=(text_field,), max_records=max_lines)
-        if text_field != "text":
-            records = [dict(r, text=r[text_field]) for r in records]
+        records = _with_text(read_jsonl(path, required=fields, max_records=max_lines,
+                                        missing_hint="" if qa else TEXT_FIELD_HINT), text_field)
+    elif qa:
+        rows = load_hf_dataset(str(data), split, text_field, max_lines, all_fields=True)
+        if not all(isinstance(r.get("question"), str) and isinstance(r.get("answer"), str) for r in rows):
+            raise DataError(f"dataset {data!r}: --text-field {QA_TEXT_FIELD} needs string question and answer "
+                            f"columns (columns: {sorted(rows[0])}); choose the text's column with --text-field")
+        records = [{"text": qa_text(r)} for r in rows]
     else:
         records = load_hf_dataset(str(data), split, text_field, max_lines)
     return _without_empty(records[:max_lines] if max_lines else records, data)
+
+
+def _with_text(records: list[dict], text_field: str) -> list[dict]:
+    """Each record with ``"text"`` set from ``text_field`` (or from question and answer for
+    :data:`~qstar_mini.data.QA_TEXT_FIELD`)."""
+    if text_field == QA_TEXT_FIELD:
+        return [dict(r, text=qa_text(r)) for r in records]
+    return records if text_field == "text" else [dict(r, text=r[text_field]) for r in records]
 
 
 def _without_empty(records: list[dict], source) -> list[dict]:

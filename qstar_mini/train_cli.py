@@ -45,7 +45,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--model", default=None, help="local folder or Hugging Face name (default: data/tiny-base)")
     p.add_argument("--data", default=None,
                    help="JSONL file, folder with train.jsonl, or datasets name[:config] (default: data/)")
-    p.add_argument("--text-field", default=None, help="column holding the text (default: text)")
+    p.add_argument("--text-field", default=None,
+                   help="column holding the text (default: text); 'question+answer' for GSM8K-format "
+                        "question/answer records: each line is the question, '\\nA: ' and the answer")
     p.add_argument("--max-lines", type=positive_int, default=None, help="use only the first N lines (N >= 1)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<name>)")
     p.add_argument("--name", default=None, help="run name under runs/ (default: train)")
