@@ -404,10 +404,10 @@ def test_torch_compiling_after_the_checks_are_imported_is_not_tampering():
     program = textwrap.dedent('''
         import linecache, sys, torch
         from qstar_mini.teaching import checks
-        assert "___needs_generation_tag_patch" not in vars(torch.nn.Module)
+        before = dict(vars(torch.nn.Module))
         from torch._dynamo.mutation_guard import install_generation_tagging_init
         install_generation_tagging_init()
-        assert "___needs_generation_tag_patch" in vars(torch.nn.Module)
+        print("patched:", dict(vars(torch.nn.Module)) != before)
         cell, namespace = sys.argv[1], {"torch": torch}
         linecache.cache["<ipython-input-1>"] = (len(cell), None, cell.splitlines(True), "<ipython-input-1>")
         exec(compile(cell, "<ipython-input-1>", "exec"), namespace)
@@ -417,3 +417,5 @@ def test_torch_compiling_after_the_checks_are_imported_is_not_tampering():
                             timeout=300, cwd=REPO_ROOT)
     assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
     assert "check_rewards: passed" in result.stdout, result.stdout
+    if "patched: True" not in result.stdout:       # torch 2.15 no longer patches nn.Module there
+        pytest.skip(f"torch {torch.__version__} leaves nn.Module alone when it compiles: nothing to tell apart")
