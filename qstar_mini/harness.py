@@ -45,6 +45,16 @@ same flags::
 
 ``--include_path DIR`` adds task YAML files of your own, as with ``lm_eval``.
 
+**Offline task.** ``gsm8k`` above needs the Hugging Face Hub. This package ships one that does not:
+``qstar_gsm8k_format`` (:data:`TASKS_DIR`, added to ``--include_path`` by ``python -m
+qstar_mini.harness``; from Python ``task_manager=qstar_mini.harness.task_manager()``), the
+project's ``data/gsm8k_format.jsonl`` asked zero-shot with qstar_mini's own prompt, 6 greedy
+tokens and answer extraction, so its ``exact_match`` is the GSM8K-format accuracy of
+``qstar-mini eval`` (:func:`qstar_mini.evaluate.gsm8k_eval`)::
+
+    python -m qstar_mini.harness --model qstar-mini \
+        --model_args checkpoint=runs/x/checkpoint,think=true --tasks qstar_gsm8k_format --limit 50
+
 **From Python**::
 
     import lm_eval
@@ -60,6 +70,7 @@ checks every number against qstar_mini's own functions.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -74,6 +85,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
                       f"(lm_eval>=0.4.13,<0.5) ({error})") from None
 
 MODEL_NAMES = ("qstar-mini", "qstar_mini")
+#: The task YAML files shipped with qstar_mini (``qstar_gsm8k_format``: offline GSM8K format).
+TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 DEFAULT_BATCH = 8
 DEFAULT_GEN_TOKENS = 256
 
@@ -321,13 +334,35 @@ if __name__ != "__main__":          # as a script, the import in the last lines 
     register_model(*MODEL_NAMES)(QuietStarLM)
 
 
+def task_manager(include_path=None, include_defaults: bool = False, metadata: dict | None = None):
+    """An ``lm_eval`` TaskManager that knows the shipped tasks (:data:`TASKS_DIR`) and
+    ``include_path`` (a folder or a list of folders of your own); lm_eval's own tasks too with
+    ``include_defaults`` (indexing them takes about 30 s). ``metadata``: given to the tasks, e.g.
+    ``{"path": "FILE.jsonl"}``, another GSM8K-format file for ``qstar_gsm8k_format``."""
+    from lm_eval.tasks import TaskManager
+
+    extra = [] if include_path is None else [include_path] if isinstance(include_path, (str, Path)) else include_path
+    return TaskManager(include_path=[str(TASKS_DIR), *map(str, extra)], include_defaults=include_defaults,
+                       metadata=metadata)
+
+
+def _with_shipped_tasks(argv: list[str]) -> list[str]:
+    """lm_eval's flags with :data:`TASKS_DIR` added to ``--include_path`` (one folder there)."""
+    for i, arg in enumerate(argv):
+        if arg == "--include_path" and i + 1 < len(argv):
+            return argv                                   # the user's own folder: theirs alone
+        if arg.startswith("--include_path="):
+            return argv
+    return [*argv, "--include_path", str(TASKS_DIR)]
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m qstar_mini.harness [lm_eval flags]``: lm_eval's command line, with
-    ``qstar-mini`` registered."""
+    ``qstar-mini`` registered and the shipped tasks (:data:`TASKS_DIR`) included unless
+    ``--include_path`` names a folder of your own."""
     from lm_eval.__main__ import cli_evaluate
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *_with_shipped_tasks(list(sys.argv[1:] if argv is None else argv))]
     cli_evaluate()
 
 

@@ -17,9 +17,9 @@ from qstar_mini.checkpoint import load_checkpoint, save_checkpoint
 from qstar_mini.config import tiny
 from qstar_mini.data import read_jsonl
 from qstar_mini.errors import CheckpointError, ConfigError
-from qstar_mini.evaluate import _greedy_plain, extract_answer, gsm8k_prompt
+from qstar_mini.evaluate import _greedy_plain, extract_answer, gsm8k_eval, gsm8k_prompt
 from qstar_mini.generate import generate_with_thoughts, think_on_text
-from qstar_mini.harness import QuietStarLM, rolling_windows
+from qstar_mini.harness import TASKS_DIR, QuietStarLM, _with_shipped_tasks, rolling_windows, task_manager
 from qstar_mini.lm import text_log_probs
 from qstar_mini.models import build_tokenizer, tiny_model
 from qstar_mini.paths import DATA_DIR, REPO_ROOT
@@ -222,3 +222,50 @@ def test_generation_stops_at_a_stop_string_and_cuts_it_off(run):
     assert cut == full[: full.index(stop)]
     stopped = lm.generate_ids(lm._context(context), 8, until=[stop])
     assert len(stopped) == full.index(stop) + len(stop) < 8    # no token made after the stop string appeared
+
+
+# ---- the shipped offline task: qstar_gsm8k_format -------------------------------------------------
+
+def shipped_task(ck, think: bool, path=None):
+    """The shipped task through lm_eval.simple_evaluate: (exact_match, samples in document order)."""
+    out = lm_eval.simple_evaluate(
+        model=QuietStarLM(checkpoint=ck, think=think, device="cpu"), tasks=["qstar_gsm8k_format"], limit=LIMIT,
+        task_manager=task_manager(metadata={"path": str(path)} if path else None), bootstrap_iters=0, log_samples=True)
+    samples = sorted(out["samples"]["qstar_gsm8k_format"], key=lambda s: s["doc_id"])
+    return out["results"]["qstar_gsm8k_format"]["exact_match,qstar-mini-answer"], samples
+
+
+@pytest.mark.parametrize("think", [True, False])
+def test_the_shipped_gsm8k_format_task_is_qstar_minis_own_accuracy(run, think, tmp_path):
+    """Offline (no Hub): the harness's exact_match and every generation equal gsm8k_eval's, on the
+    project's file; then, with the model pushed towards the digit 4 and a copy of the file whose first
+    answer is what it says, 1 of 3 right on both sides (not a trivial 0)."""
+    ck, _, _ = run
+    thinking = dict(meta=ck.meta, head=ck.head, cfg=ck.cfg) if think else dict(meta=ck.meta)
+    records = read_jsonl(GSM)[:LIMIT]
+    own = gsm8k_eval(ck.model, ck.tokenizer, records, limit=LIMIT, n_examples=LIMIT, **thinking)
+    accuracy, samples = shipped_task(ck, think)
+    assert [s["doc"]["question"] for s in samples] == [r["question"] for r in records]
+    assert [s["resps"][0][0] for s in samples] == [e["generation"] for e in own["examples"]]
+    assert [s["target"] for s in samples] == [r["answer"].rsplit("#### ", 1)[1] for r in records]
+    assert accuracy == pytest.approx(own["accuracy"], abs=1e-4)            # gsm8k_eval rounds to 4 places
+    four = ck.tokenizer.convert_tokens_to_ids("4")
+    hook = ck.model.lm_head.register_forward_hook(lambda m, i, out: out + 30.0 * (torch.arange(out.shape[-1]) == four))
+    try:
+        said = gsm8k_eval(ck.model, ck.tokenizer, records[:1], limit=1, **thinking)["examples"][0]["predicted"]
+        assert said and set(said) == {"4"}
+        records[0] = dict(records[0], answer=f"{records[0]['answer'].rsplit('####', 1)[0]}#### {said}")
+        (tmp_path / "gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        own = gsm8k_eval(ck.model, ck.tokenizer, records, limit=LIMIT, n_examples=LIMIT, **thinking)
+        accuracy, samples = shipped_task(ck, think, tmp_path / "gsm.jsonl")
+    finally:
+        hook.remove()
+    assert accuracy == pytest.approx(own["accuracy"], abs=1e-4) and own["accuracy"] == pytest.approx(1 / 3, abs=1e-4)
+    assert [s["filtered_resps"][0] for s in samples] == [e["predicted"] for e in own["examples"]]
+    assert samples[0]["target"] == said
+
+
+def test_the_command_line_includes_the_shipped_tasks():
+    assert _with_shipped_tasks(["--tasks", "qstar_gsm8k_format"])[-2:] == ["--include_path", str(TASKS_DIR)]
+    assert _with_shipped_tasks(["--include_path", "mine"]) == ["--include_path", "mine"]
+    assert (TASKS_DIR / "qstar_gsm8k_format.yaml").is_file()
