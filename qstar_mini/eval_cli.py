@@ -193,8 +193,7 @@ def run_plain_eval(args: argparse.Namespace, records: list[dict], source: str, k
         applies += "; GSM8K-format zero-shot accuracy without thinking"
     notes = [PLAIN_OMITTED]
     if gsm is None:
-        notes.append("GSM8K-format accuracy: omitted, the data has no GSM8K-format question/answer fields "
-                     "(--gsm8k FILE asks other problems)")
+        notes.append(_no_gsm_note(args))
     result["notes"] = notes
     result["data"] = {"source": source, "kind": kind, "detected": why, "text_field": args.text_field}
     result["plain_model"] = str(args.checkpoint)
@@ -237,6 +236,14 @@ def _gsm_records(spec, kind: str, records: list[dict], limit: int):
     if kind == ARITHMETIC:
         return read_jsonl(DATA_DIR / "gsm8k_format.jsonl")
     return [r for r in records if is_gsm_record(r)] or None
+
+
+def _no_gsm_note(args: argparse.Namespace) -> str:
+    """Why no GSM8K-format accuracy is reported: skipped by the flag, or no problems in the data."""
+    if args.gsm8k == "":
+        return "GSM8K-format accuracy: skipped (--gsm8k '')"
+    return ("GSM8K-format accuracy: omitted, the data has no GSM8K-format question/answer fields "
+            "(--gsm8k FILE asks other problems)")
 
 
 def _load_control(path, device, dtype):
@@ -296,8 +303,7 @@ def run_eval(args: argparse.Namespace) -> int:
         notes = [f"{ARITHMETIC_METRICS}: omitted, the data is not the project's arithmetic corpus "
                  f"(detected when {ARITHMETIC_RULE})"]
         if gsm is None:
-            notes.append("GSM8K-format accuracy: omitted, the data has no GSM8K-format question/answer fields "
-                         "(--gsm8k FILE asks other problems)")
+            notes.append(_no_gsm_note(args))
         if (args.think_where or _trained_think_where(ck.path)) == "answer":
             notes.append("the checkpoint was trained to think only before the answer digit; on this text it "
                          "thinks before every token")
