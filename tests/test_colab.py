@@ -210,6 +210,8 @@ def test_plain_install_finds_the_tiny_models_and_the_corpus(tmp_path):
              "from qstar_mini.data import read_jsonl, split_path\n"
              "model, tok = load_model(p.TINY_BASE)\n"
              "load_model(p.TINY_BASE_NOISY)\n"
+             "import qstar_mini.lm_eval_tasks as t, pathlib\n"
+             "assert (pathlib.Path(t.__file__).parent / 'qstar_gsm8k_format.yaml').is_file()  # the offline task\n"
              "print(p.__file__, p.DATA_DIR, p.RUNS_DIR, len(read_jsonl(split_path('test'))), len(tok), sep='\\n')\n")
     result = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, capture_output=True, text=True,
                             env={**__import__("os").environ, "PYTHONPATH": str(target)})
