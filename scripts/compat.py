@@ -4,6 +4,7 @@ stack we declare, each in an environment built from this checkout's own files.
     python scripts/compat.py                    # every row; writes docs/results/compat.json
     python scripts/compat.py --rows low,colab   # some rows (the others keep their last result)
     python scripts/compat.py --list             # the rows, nothing run
+    python scripts/compat.py --readme           # only README's table, from the JSON
     python scripts/compat.py lowest-transformers DIR   # only the lowest transformers we declare,
                                                 # as `pip install --target DIR` (make test uses it)
 
@@ -233,10 +234,16 @@ def lowest_transformers(target: Path) -> None:
 # ----------------------------------------------------------------------------- README table
 
 def render_table(results: list[dict]) -> str:
-    """The Markdown table README shows (between its compat-table markers)."""
+    """The Markdown table README shows (between its compat-table markers): every row of ROWS, its
+    last result, or "not run" where the matrix has none."""
     lines = ["| row | Python | torch | transformers | ipywidgets | CPU kernels, threads | tests | result |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in results:
+    by_row = {r["row"]: r for r in results}
+    for row in ROWS:
+        r = by_row.get(row.name)
+        if r is None:
+            lines.append(f"| {row.name} | {row.python} | | | | | | not run |")
+            continue
         v = r["versions"]
         tests = (f"{'all' if r['tests'] == 'all' else 'notebooks + numeric'}: {r['passed']} passed, "
                  f"{r['skipped']} skipped, {r['failed'] + r['errors']} failed")
@@ -268,6 +275,7 @@ def main(argv=None) -> int:
     p.add_argument("what", nargs="*", help="`lowest-transformers DIR` to prepare only that folder")
     p.add_argument("--rows", default=",".join(r.name for r in ROWS), help="comma-separated rows")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
+    p.add_argument("--readme", action="store_true", help="only render README's table from the JSON")
     args = p.parse_args(argv)
     if args.what[:1] == ["lowest-transformers"]:
         if len(args.what) != 2:
@@ -276,6 +284,9 @@ def main(argv=None) -> int:
         return 0
     if args.what:
         p.error(f"unknown job {args.what[0]!r}; the only job is lowest-transformers DIR")
+    if args.readme:
+        write_readme(load_results())
+        return 0
     if args.list:
         for r in ROWS:
             print(f"{r.name:12} Python {r.python}  {' '.join(r.pins) or '(no pins)'}  {r.env or ''}\n  {r.what}")
