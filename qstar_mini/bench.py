@@ -454,7 +454,7 @@ def format_profile(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
-OFFICIAL_SEQS = (64, 128)       # the lengths of the official-code comparison (issue #20)
+OFFICIAL_SEQS = (64, 128)       # the lengths of the official-code comparison (docs: the performance goals)
 
 
 def official_venv_python(venv: str) -> str:

@@ -105,7 +105,7 @@ TIER1_REPRO = dataclasses.replace(TIER1, arms=(QUIET_STAR, BASELINE, QUIET_STAR_
 TIER2_REPRO = dataclasses.replace(TIER2, cfg=TIER2.cfg.replace(n_thoughts=8),
                                   arms=(QUIET_STAR, NO_POLICY, SHUFFLED, NO_POLICY_MIXED, BASELINE))
 
-# Issue #21's best setting (docs/results/tier2_search.md): a smaller LM learning rate, a 10x policy
+# The tier-2 search's best setting (docs/results/tier2_search.md): a smaller LM learning rate, a 10x policy
 # loss, three times the steps; with the three thought controls (thinking off has no thoughts to
 # compare). `python -m qstar_mini.experiments long --seed N` runs one seed, `... long --merge`
 # makes the 3-seed report README's table is rendered from.
@@ -481,7 +481,7 @@ def run_differences(out_dir=RUNS_DIR / "differences", seed: int = 0) -> dict:
     return run_ablations(out_dir, seed, DIFFERENCES, tier=TIER1)
 
 
-# ----------------------------------------------------------------------------- issue #21: past the base's best temperature
+# ----------------------------------------------------------------------------- tier 2 past the base's best temperature
 
 SEARCH_DIR = RUNS_DIR / "tier2_search"
 SEARCH_FIGURES = ("thought_correct", "thought_correct_greedy", "answer_acc", "answer_acc_greedy", "answer_nll",
@@ -493,7 +493,7 @@ def search_row(name: str, changes: dict | None = None, seed: int = 0, steps: int
                tier: Tier = TIER2_REPRO,
                out_dir=SEARCH_DIR, progress: bool = False) -> dict:
     """One setting of tier 2 (``tier.cfg`` with ``changes``), one seed: trained, evaluated on the
-    test lines, and appended as one JSON line to ``out_dir/rows.jsonl`` (issue #21's search).
+    test lines, and appended as one JSON line to ``out_dir/rows.jsonl`` (the tier-2 search).
     ``shuffle_rewards``: the shuffled-reward control of that setting; ``lines``: the training
     lines (:func:`training_lines`; ``"answer_only+base_working"`` for the cannot-forget control).
 
@@ -633,7 +633,7 @@ def plot_search_curves(rows: list[dict], path, *, title: str = "", reference: di
     return str(path)
 
 
-# ----------------------------------------------------------------------------- issue #21: the best setting, 3 seeds
+# ----------------------------------------------------------------------------- the best setting, 3 seeds
 
 LONG_DIR = RUNS_DIR / "tier2_long"
 LONG_KEEP = ("answer_nll", "answer_acc", "answer_acc_greedy", "thought_correct", "thought_correct_greedy",
@@ -694,7 +694,7 @@ LONG_LABELS = {"quiet_star": "**Quiet-STaR** (lr 5e-5, policy loss weight 10, 90
 
 
 def format_long_table(report: dict) -> str:
-    """README's table for issue #21, from :func:`merge_long`'s report: the base at every sampling
+    """README's table of the long tier-2 runs, from :func:`merge_long`'s report: the base at every sampling
     temperature (hidden thought; visible working, then its answer) and the arms over the seeds
     (mean ± sample std, per seed in brackets). Figures on the test lines."""
     def ms(v):
@@ -746,7 +746,7 @@ def plot_long(report: dict, path) -> str:
     ax.set_xlabel("training step")
     ax.set_ylabel(f"right thoughts (validation, mean of {len(report['seeds'])} seeds)")
     ax.set_ylim(0, 1)
-    ax.set_title("tier 2, issue #21's best setting: the reward's sharpening stops below the base's greedy")
+    ax.set_title("tier 2, the search's best setting: the reward's sharpening stops below the base's greedy")
     ax.legend(fontsize=7, loc="lower right", ncol=2)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -16,7 +16,7 @@ metrics in ``metrics.jsonl``, atomic checkpoints (:mod:`qstar_mini.checkpoint`),
 optimiser, seed) with the plain LM loss: any gain of Quiet-STaR over it is the thinking, not
 the extra fine-tuning.
 
-**Two more controls for "thinking is learned"** (issue 4, tier 2): ``policy_loss_weight=0``
+**Two more controls for "thinking is learned"** (tier 2): ``policy_loss_weight=0``
 turns REINFORCE off (the thoughts are only *used*, never *taught*), and
 ``shuffle_rewards=True`` keeps REINFORCE but gives each thought the reward of another
 thought of the same position, chosen at random (:func:`shuffled_policy_loss`, computed from the step's own rewards,
