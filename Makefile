@@ -63,7 +63,7 @@ demo: $(STAMP_RUN)
 	$(PY) -m qstar_mini demo
 
 reproduce: $(STAMP_RUN)
-	$(PY) -m qstar_mini.experiments reproduce
+	$(PY) -m qstar_mini.studies.reproduce reproduce
 
 # The real model (SmolLM2) is fetched like a user fetches it (once; later runs only verify it):
 # notebook 10 and tests/test_real_model.py use it.
@@ -96,10 +96,10 @@ smollm2: $(STAMP_REAL)
 	$(PY) -m qstar_mini models fetch smollm2
 
 # Quiet-STaR on SmolLM2 at the hardest answer tokens of the word problems, against the
-# no-thought control (qstar_mini/real_text.py; runs/real/report.json; README gives the time).
+# no-thought control (qstar_mini/studies/real_text.py; runs/real/report.json; README gives the time).
 .PHONY: real
 real: smollm2
-	$(PY) -m qstar_mini.real_text
+	$(PY) -m qstar_mini.studies.real_text
 
 $(STAMP_REAL): pyproject.toml $(STAMP_RUN)
 	$(PY) -m pip install -e ".[real]"

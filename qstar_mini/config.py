@@ -38,14 +38,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from qstar_mini.errors import ConfigError
 
 MIXING_MODES = ("hidden", "logprob")  # official code / paper, see qstar_mini.mixing
 BASELINES = ("mean", "base", "none")  # reward baseline: mean over the n_thoughts (official "trice"),
                                       # the base prediction (official with one pass), none
 HEAD_INITS = ("official", "default")  # mixing-head init: N(0, 0.02) weights, 0 biases (official) / PyTorch's
-MEMORY_MODES = ("stepwise", "rescore", "rescore_checkpointed")  # see qstar_mini.rescore
-ATTENTION_MODES = ("auto", "mask", "blocks", "flex")  # thought steps: see qstar_mini.attention
+MEMORY_MODES = ("stepwise", "rescore", "rescore_checkpointed")  # see qstar_mini.fast.rescore
+ATTENTION_MODES = ("auto", "mask", "blocks", "flex")  # thought steps: see qstar_mini.fast.attention
 META_INITS = ("first", "mean")        # meta-token init: first token of the text (official) / mean of its tokens
 SCORING_VOCABS = ("all", "text")      # scoring softmax: every column (official) / meta-token columns removed
 REINFORCE_REDUCTIONS = ("mean", "sum")  # log p(T_j): mean over sampled tokens (official) / sum
@@ -110,7 +110,7 @@ class QuietStarConfig:
                                       # denominator (padding too); "real" = every real position
                                       # with a next token, averaged over those
 
-    # --- memory (not in the official code; see qstar_mini.rescore) ----------------------
+    # --- memory (not in the official code; see qstar_mini.fast.rescore) ----------------------
     memory: str = "stepwise"          # "stepwise": keep the graph of every cached thought step
                                       # (fastest); "rescore": sample without graph, score in one
                                       # masked pass; "rescore_checkpointed": and recompute layers
@@ -119,7 +119,7 @@ class QuietStarConfig:
     attention: str = "auto"           # "mask": the model's attention with the Figure 3 mask (as
                                       # the paper; what the notebooks teach); "blocks": the same
                                       # numbers without the masked-out keys, the cache written in
-                                      # place (qstar_mini.block_attention; fastest on a CPU);
+                                      # place (qstar_mini.fast.block_attention; fastest on a CPU);
                                       # "flex": FlexAttention with the mask as a predicate (for
                                       # GPUs); "auto": blocks where the model allows it, else mask
 

@@ -66,9 +66,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError
-from .files import write_file_atomic
-from .paths import DATA_DIR
+from qstar_mini.errors import DataError
+from qstar_mini.files import write_file_atomic
+from qstar_mini.paths import DATA_DIR
 
 WORK_OPEN = "("      # visible working starts after this character
 WORK_CLOSE = ")"     # ... and ends before this one; the answer digit follows

@@ -11,7 +11,7 @@ their own scaled parameter (:mod:`qstar_mini.meta_tokens`).
 Supported: any causal LM whose attention accepts a custom 4D float mask together with a
 ``DynamicCache`` and explicit ``position_ids``, eager or sdpa (flash-attention kernels do not
 accept arbitrary 4D masks). Whether a model does is not assumed: :func:`check_supported`
-refuses the known exceptions, and :mod:`qstar_mini.support` probes the rest against the
+refuses the known exceptions, and :mod:`qstar_mini.models.check` probes the rest against the
 model's own forward. ``tests/test_conformance.py`` runs every causal-LM family of the installed
 transformers through both (README, "Supported models").
 """
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .errors import ModelError
+from qstar_mini.errors import ModelError
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
@@ -45,7 +45,7 @@ class ModelLogits(nn.Module):
     * ``logits_scaling`` (Granite): logits / scaling;
     * ``final_logit_softcapping`` (Gemma 2 and 3): cap x tanh(logits / cap).
 
-    Anything else a model does is caught by :func:`qstar_mini.support.check_model`, which
+    Anything else a model does is caught by :func:`qstar_mini.models.check.check_model`, which
     compares these logits with the model's own forward and refuses the model if they differ.
     """
 

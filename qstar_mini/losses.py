@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import NumericalError
+from qstar_mini.errors import NumericalError
 
 
 def future_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, n_true: int):

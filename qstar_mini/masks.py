@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import DataError
+from qstar_mini.errors import DataError
 
 
 def check_right_padded(attention_mask: torch.Tensor) -> None:
@@ -156,7 +156,7 @@ def one_pass_visibility(attention_mask: torch.Tensor, n_steps: int,
     thinking position). The text rows are the causal mask; the rows of block k are
     :func:`thought_visibility` of step k, with the later blocks hidden. So one forward pass
     over ``seq + m * n_steps`` tokens gives every hidden state that ``n_steps`` cached passes
-    give (used by :mod:`qstar_mini.rescore`).
+    give (used by :mod:`qstar_mini.fast.rescore`).
 
     attention_mask: (batch, seq) of 0/1, right-padded.  positions: (batch, m) or None (m = seq).
     returns: (batch, 1, seq + m * n_steps, seq + m * n_steps) bool, True = may attend.

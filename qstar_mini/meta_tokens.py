@@ -28,7 +28,7 @@ import torch
 from tokenizers import AddedToken
 from torch import nn
 
-from .errors import ModelError
+from qstar_mini.errors import ModelError
 
 START_THOUGHT = "<|startofthought|>"
 END_THOUGHT = "<|endofthought|>"

@@ -43,9 +43,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import MIXING_MODES
-from .errors import ConfigError
-from .lm import text_log_probs
+from qstar_mini.config import MIXING_MODES
+from qstar_mini.errors import ConfigError
+from qstar_mini.lm import text_log_probs
 
 
 OFFICIAL_INIT_STD = 0.02   # transformers' ``initializer_range``: the official head's N(0, 0.02)

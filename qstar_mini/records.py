@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .data import EQUALS, QA_TEXT_FIELD, TEXT_FIELD_HINT, answer_index, qa_text, read_jsonl
-from .errors import ConfigError, DataError
+from qstar_mini.data import EQUALS, QA_TEXT_FIELD, TEXT_FIELD_HINT, answer_index, qa_text, read_jsonl
+from qstar_mini.errors import ConfigError, DataError
 
 LINES = ("answer_only", "all", "working")
 

@@ -13,17 +13,17 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from .config import QuietStarConfig
-from .errors import ConfigError, ModelError, QStarError
-from .lm import check_supported, lm_head, text_log_probs
-from .losses import (base_nll, check_finite, combined_loss, future_targets, gather_ahead,
+from qstar_mini.config import QuietStarConfig
+from qstar_mini.errors import ConfigError, ModelError, QStarError
+from qstar_mini.lm import check_supported, lm_head, text_log_probs
+from qstar_mini.losses import (base_nll, check_finite, combined_loss, future_targets, gather_ahead,
                      reinforce_loss, rewards, talk_nll, token_log_probs)
-from .meta_tokens import MetaTokens, add_meta_tokens
-from .mixing import MixingHead, mix_log_probs, mixing_weight
-from .rescore import rescore_thoughts
-from .support import check_model, resolve_attention
-from .talk import talk_hidden
-from .thoughts import generate_thoughts, plain_forward
+from qstar_mini.meta_tokens import MetaTokens, add_meta_tokens
+from qstar_mini.mixing import MixingHead, mix_log_probs, mixing_weight
+from qstar_mini.fast.rescore import rescore_thoughts
+from qstar_mini.models.check import check_model, resolve_attention
+from qstar_mini.talk import talk_hidden
+from qstar_mini.thoughts import generate_thoughts, plain_forward
 
 
 def prepare_model(model: nn.Module, tokenizer, cfg: QuietStarConfig) -> tuple[MetaTokens, MixingHead]:
@@ -32,7 +32,7 @@ def prepare_model(model: nn.Module, tokenizer, cfg: QuietStarConfig) -> tuple[Me
     Refuses (:class:`~qstar_mini.errors.ModelError`, one line) a model whose numbers through
     qstar_mini's path would not be its own: known features first (attention that cannot take
     4D masks, ALiBi, a sliding window shorter than the step's span), then a small probe against
-    the model's own forward (:func:`qstar_mini.support.check_model`). Returns (meta, head);
+    the model's own forward (:func:`qstar_mini.models.check.check_model`). Returns (meta, head);
     train both with the model (``head`` on the model's device and dtype).
     """
     needed = cfg.seq_len + cfg.thought_length + cfg.n_true - 1
@@ -172,7 +172,7 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
     # 2b-c. T_j <- [<|startofthought|>, t - 2 sampled tokens, <|endofthought|>], for all j at once
     index_positions = None if positions is None else positions.clamp(min=0)   # -1 slots masked below
     stepwise = cfg.memory == "stepwise"
-    with contextlib.nullcontext() if stepwise else torch.no_grad():        # see qstar_mini.rescore
+    with contextlib.nullcontext() if stepwise else torch.no_grad():        # see qstar_mini.fast.rescore
         thoughts = generate_thoughts(
             model, meta, input_ids, attention_mask, cache, cfg.thought_length, cfg.n_thoughts,
             extra_steps=n_true - 1 if stepwise else 0, thought_temperature=cfg.thought_temperature,

@@ -21,11 +21,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import masked_step
-from .lm import body, forward_hidden
-from .masks import step_position_ids
-from .meta_tokens import MetaTokens
-from .thoughts import Thoughts
+from qstar_mini.fast.attention import masked_step
+from qstar_mini.lm import body, forward_hidden
+from qstar_mini.masks import step_position_ids
+from qstar_mini.meta_tokens import MetaTokens
+from qstar_mini.thoughts import Thoughts
 
 
 def shift_left(x: torch.Tensor, i: int, fill=0) -> torch.Tensor:

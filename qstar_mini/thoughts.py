@@ -38,11 +38,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import masked_step
-from .block_attention import step_cache
-from .lm import body, forward_hidden, lm_head, new_cache, text_log_probs
-from .masks import all_step_masks, causal_mask, check_right_padded, step_position_ids
-from .meta_tokens import MetaTokens
+from qstar_mini.fast.attention import masked_step
+from qstar_mini.fast.block_attention import step_cache
+from qstar_mini.lm import body, forward_hidden, lm_head, new_cache, text_log_probs
+from qstar_mini.masks import all_step_masks, causal_mask, check_right_padded, step_position_ids
+from qstar_mini.meta_tokens import MetaTokens
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Thoughts:
     attention_mask: (batch * n_thoughts, seq)  the padding mask, one row per thought
     positions: (batch * n_thoughts, m) or None  the thinking positions (None: all, m = seq)
     steps_done: int                             masked steps fed so far (= t)
-    attention: str                              how masked steps attend (qstar_mini.attention)
+    attention: str                              how masked steps attend (qstar_mini.fast.attention)
 
     With ``positions`` given, the seq axis of ids, logprobs and h_end has length m instead.
     """
@@ -142,7 +142,7 @@ def generate_thoughts(model: nn.Module, meta: MetaTokens, input_ids: torch.Tenso
     positions: (batch, m) long, think only after these positions ("think where it matters",
     e.g. the answer); default every position, m = seq. Same thoughts, m / seq of the work.
     attention: ``"mask"`` (the model's attention with the dense Figure 3 mask), ``"blocks"`` or
-    ``"flex"`` (the same numbers without computing the masked-out scores; :mod:`qstar_mini.attention`).
+    ``"flex"`` (the same numbers without computing the masked-out scores; :mod:`qstar_mini.fast.attention`).
     returns: :class:`Thoughts` (ids (batch, n_thoughts, m, t), logprobs (..., t - 2), ...).
     """
     batch, seq = input_ids.shape

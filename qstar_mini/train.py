@@ -7,10 +7,10 @@ One optimiser step, as a reader meets it in :func:`train`'s loop (:func:`train_s
     out.loss.backward(); clip gradients to cfg.grad_clip; AdamW step; warmup schedule step
 
 Data (reading, encoding, batching) is :mod:`qstar_mini.records`; the ``qstar-mini train``
-command (flags, YAML) is :mod:`qstar_mini.train_cli`.
+command (flags, YAML) is :mod:`qstar_mini.cli.train`.
 
 Everything else is bookkeeping a real run needs: periodic evaluation on held-out lines,
-metrics in ``metrics.jsonl``, atomic checkpoints (:mod:`qstar_mini.checkpoint`), ``resume``.
+metrics in ``metrics.jsonl``, atomic checkpoints (:mod:`qstar_mini.runs.checkpoint`), ``resume``.
 
 **The control.** ``cfg.think=False`` runs the very same loop (same data order, steps,
 optimiser, seed) with the plain LM loss: any gain of Quiet-STaR over it is the thinking, not
@@ -78,20 +78,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, load_training_state, save_checkpoint
-from .config import QuietStarConfig
-from .errors import ConfigError, DataError
-from .evaluate import quick_eval
-from .files import append_jsonl, write_file_atomic
-from .generate import decode_thought, thought_is_correct
-from .losses import combined_loss, masked_mean, reinforce_loss
-from .meta_tokens import MetaTokens
-from .models import load_model
-from .paths import DATA_DIR, TINY_BASE
-from .records import (Encoded, batch_indices, encode_records, held_out_records, load_records,
+from qstar_mini.runs.checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from qstar_mini.config import QuietStarConfig
+from qstar_mini.errors import ConfigError, DataError
+from qstar_mini.evaluation.arithmetic import quick_eval
+from qstar_mini.files import append_jsonl, write_file_atomic
+from qstar_mini.inference import decode_thought, thought_is_correct
+from qstar_mini.losses import combined_loss, masked_mean, reinforce_loss
+from qstar_mini.meta_tokens import MetaTokens
+from qstar_mini.models.tiny import load_model
+from qstar_mini.paths import DATA_DIR, TINY_BASE
+from qstar_mini.records import (Encoded, batch_indices, encode_records, held_out_records, load_records,
                       micro_batch, select_lines)
-from .runs import CHECKPOINT_DIR, METRICS_FILE, clear_run, open_run
-from .step import StepOutput, prepare_model, quiet_star_step
+from qstar_mini.runs.folder import CHECKPOINT_DIR, METRICS_FILE, clear_run, open_run
+from qstar_mini.step import StepOutput, prepare_model, quiet_star_step
 
 
 THINK_WHERE = ("all", "answer")
@@ -355,7 +355,7 @@ def _optimizer_names(module: nn.Module, optimizer) -> list[list[str]]:
 
 def _named_to_numbered(state: dict, names: list[list[str]]) -> dict:
     """A full optimiser state keyed by parameter names -> the numbered one ``optimizer.state_dict()``
-    gives on one process (what :func:`qstar_mini.checkpoint.save_checkpoint` writes)."""
+    gives on one process (what :func:`qstar_mini.runs.checkpoint.save_checkpoint` writes)."""
     number = {n: i for i, n in enumerate(n for group in names for n in group)}
     groups = [dict(g, params=[number[n] for n in g["params"]]) for g in state["param_groups"]]
     return {"state": {number[n]: v for n, v in state["state"].items()}, "param_groups": groups}
@@ -489,7 +489,7 @@ class RunDir:
 def run_settings(model_name_or_path, data, *, text_field: str, max_lines: int | None, think_where: str,
                  lines: str, shuffle_rewards: bool) -> dict:
     """What ``trainer_state.json`` records of a run and a resumed run must share
-    (:data:`qstar_mini.runs.RESUME_KEYS`): local paths made absolute, so that ``data`` and
+    (:data:`qstar_mini.runs.folder.RESUME_KEYS`): local paths made absolute, so that ``data`` and
     ``./data`` are the same; records passed in memory are not recorded."""
     def name(value):
         if isinstance(value, (str, os.PathLike)):
@@ -503,7 +503,7 @@ def run_settings(model_name_or_path, data, *, text_field: str, max_lines: int | 
 @contextmanager
 def _prepare_run_dir(out_dir, settings: dict, *, resume: bool, overwrite: bool):
     """The one place :func:`train` opens its run folder, before the data and the model are
-    loaded: :func:`qstar_mini.runs.open_run` checks it can be written, locks it, repairs an
+    loaded: :func:`qstar_mini.runs.folder.open_run` checks it can be written, locks it, repairs an
     interrupted save and refuses to overwrite or wrongly resume a run (main process only;
     the others only read). Yields the :class:`RunDir`."""
     if out_dir is None:
@@ -776,7 +776,7 @@ def train(cfg: QuietStarConfig, model_name_or_path=TINY_BASE, data=DATA_DIR, out
                          line passes False unless --overwrite: it then refuses).
     stop_after:          stop (and checkpoint) after this step, as if interrupted; for tests.
     eval_fn:             ``eval_fn(model, tokenizer, meta, head, cfg, records) -> dict``;
-                         default :func:`qstar_mini.evaluate.quick_eval`.
+                         default :func:`qstar_mini.evaluation.arithmetic.quick_eval`.
     returns: {"steps", "seconds", "final": last step metrics, "evals": [...], "history": [...],
               "out_dir", "checkpoint"} and, in memory, "modules": (model, tokenizer, meta, head).
     """

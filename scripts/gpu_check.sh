@@ -32,7 +32,7 @@ run_py - "$DEVICE" <<'PYEOF' | tee "$OUT/correctness.txt"
 import sys, torch, transformers
 sys.path.insert(0, "tests")
 from tiny_models import ARCHS, VOCAB, batch, tiny_meta, tiny_random_model
-from qstar_mini.bench import bench_model, random_batch
+from qstar_mini.studies.bench import bench_model, random_batch
 from qstar_mini.config import QuietStarConfig
 from qstar_mini.step import quiet_star_step
 from qstar_mini.talk import naive_talk, talk_hidden
@@ -86,7 +86,7 @@ PYEOF
 
 echo "== 2. benchmark on $DEVICE"
 if [ "${QUICK:-0}" = 1 ]; then MODE=--quick; else MODE=; fi
-run_py -m qstar_mini.bench $MODE --device "$DEVICE" --json "$OUT/bench_$DEVICE.json" | tee "$OUT/bench_$DEVICE.txt"
+run_py -m qstar_mini.studies.bench $MODE --device "$DEVICE" --json "$OUT/bench_$DEVICE.json" | tee "$OUT/bench_$DEVICE.txt"
 
 # The notebooks on a GPU (docs/compatibility.md, "Notebooks on a GPU"): every cell must run and
 # every asserted claim hold; saved outputs are not compared (--nbval-lax), because on CUDA the

@@ -6,7 +6,7 @@
 
 Runs from a checkout (the repository root is put on sys.path); nothing is installed.
 
-1. kernel: ``qstar_mini.flex_attention.flex_attention_forward`` (compiled FlexAttention on CUDA)
+1. kernel: ``qstar_mini.fast.flex_attention.flex_attention_forward`` (compiled FlexAttention on CUDA)
    on random queries and keys of masked steps 1, 5 and 14, every position thinking and only some,
    right-padded rows, grouped-query heads, against a float64 reference with the dense Figure 3 mask;
    the output and the gradients of q, k, v. Passes when flex's error is at most twice the error of
@@ -17,7 +17,7 @@ Runs from a checkout (the repository root is put on sys.path); nothing is instal
    the largest entry); bfloat16 is reported and must be finite (a bf16 rounding may flip a sampled
    thought token, after which the two runs differ legitimately).
 3. timing: median seconds of an official-shaped training step (forward + backward) with attention
-   "mask", "blocks" and "flex" on the sizes of ``qstar_mini.bench.SIZES`` (tiny: l = 64, b = 4;
+   "mask", "blocks" and "flex" on the sizes of ``qstar_mini.studies.bench.SIZES`` (tiny: l = 64, b = 4;
    100m: l = 256, b = 8), with peak memory and, for flex, the first call (compilation) and the
    graphs compiled during the timed calls (should be 0: no recompilation in steady state).
 
@@ -102,8 +102,8 @@ def kernel_check(device: str, dtype) -> list[dict]:
     import torch
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    from qstar_mini.bench import bench_model
-    from qstar_mini.flex_attention import flex_attention_forward, structured
+    from qstar_mini.studies.bench import bench_model
+    from qstar_mini.fast.flex_attention import flex_attention_forward, structured
     from qstar_mini.masks import thought_visibility
 
     model, _, _ = bench_model(device=device, dtype=dtype)
@@ -152,7 +152,7 @@ def step_check(device: str, dtype) -> list[dict]:
     """quiet_star_step with attention mask vs flex: loss and gradients, same seed."""
     import torch
 
-    from qstar_mini.bench import bench_model, random_batch
+    from qstar_mini.studies.bench import bench_model, random_batch
     from qstar_mini.config import QuietStarConfig
     from qstar_mini.step import quiet_star_step
 
@@ -192,7 +192,7 @@ def time_steps(device: str, size: str, dtype, repeats: int) -> list[dict]:
     import torch
     from torch._dynamo.utils import counters
 
-    from qstar_mini.bench import SIZES, _step, bench_model, random_batch
+    from qstar_mini.studies.bench import SIZES, _step, bench_model, random_batch
     from qstar_mini.config import QuietStarConfig
 
     spec = dict(SIZES[size])

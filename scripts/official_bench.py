@@ -14,9 +14,9 @@ model switches of scripts/official_oracle.py (the ones quiet-star-train.py sets)
 attention (the official file patches the eager Mistral attention). Sampling is the official
 code's own ``F.gumbel_softmax``: nothing is patched, this is a timing, not a fixture.
 
-The model is random, of the shape of ``qstar_mini.bench.TINY`` (hidden 128, 4 layers, 4 heads,
+The model is random, of the shape of ``qstar_mini.studies.bench.TINY`` (hidden 128, 4 layers, 4 heads,
 2 KV heads, MLP 384, vocabulary 85 whose last two ids are the meta tokens); the batch is the
-one ``qstar_mini.bench.random_batch`` draws (ids 4 .. vocab - 3, seed 0). ``qstar-mini bench
+one ``qstar_mini.studies.bench.random_batch`` draws (ids 4 .. vocab - 3, seed 0). ``qstar-mini bench
 --official-venv DIR`` runs this script and puts the numbers beside qstar_mini's step.
 
 The official code needs its own venv (transformers 4.37 with its files copied in):
@@ -109,7 +109,7 @@ def build_model(torch, official_cfg, official, tokenizer, dims, n_ahead, n_ahead
 
 
 def random_batch(torch, batch, seq, vocab):
-    """The batch qstar_mini.bench.random_batch draws: ids in [4, vocab - 2), seed 0, no padding."""
+    """The batch qstar_mini.studies.bench.random_batch draws: ids in [4, vocab - 2), seed 0, no padding."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, vocab - 2, (batch, seq), generator=g)
     return ids, torch.ones_like(ids)
@@ -127,7 +127,7 @@ def main():
     ap.add_argument("--n-passes", type=int, default=2, help="official n_passes = n_thoughts")
     ap.add_argument("--dims", default=None,
                     help='model shape as JSON, e.g. \'{"vocab_size": 85, "hidden_size": 128, ...}\' '
-                         "(default: qstar_mini.bench's tiny model)")
+                         "(default: qstar_mini.studies.bench's tiny model)")
     args = ap.parse_args()
     dims = dict(vocab_size=85, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, intermediate_size=384, max_position_embeddings=512,

@@ -35,7 +35,7 @@ the package should turn into a one-line refusal.
 
 The tiny model: ``AutoConfig.for_model(model_type, **sizes)`` with every size attribute the
 config has set small (:data:`SIZES`: hidden 64, 2 layers, 4 heads, 2 KV heads, MLP 128, head
-dim 16, a few experts), the vocabulary of ``qstar_mini.models.build_tokenizer()`` (before the
+dim 16, a few experts), the vocabulary of ``qstar_mini.models.tiny.build_tokenizer()`` (before the
 meta-tokens: ``prepare_model`` resizes), context 64, sliding windows of :data:`WINDOW` tokens,
 and the few settings some families need on top (:data:`OVERRIDES`, each with its reason).
 float64, seeded, eval mode, experts run by the eager implementation
@@ -424,7 +424,7 @@ def build(model_type: str, impl: str, window: int = WINDOW):
     """
     from transformers import AutoModelForCausalLM
 
-    from qstar_mini.models import build_tokenizer
+    from qstar_mini.models.tiny import build_tokenizer
 
     why = exclusion(model_type) or (sdpa_unsupported(model_type) if impl == "sdpa" else None)
     if why:

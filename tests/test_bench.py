@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from qstar_mini import cli
-from qstar_mini.bench import _step, bench_model, format_table, random_batch, step_passes, step_rows, thought_rows
+from qstar_mini.studies.bench import _step, bench_model, format_table, random_batch, step_passes, step_rows, thought_rows
 from qstar_mini.config import QuietStarConfig
-from qstar_mini.rescore import decoder_layers
+from qstar_mini.fast.rescore import decoder_layers
 
 KEYS = {"name", "params", "median_s", "baseline_median_s", "ratio", "passes", "overhead"}
 
 
 def token_passes(model, meta, head, cfg, batch=2, seq=8) -> float:
     """Tokens through the first decoder layer during one step, per text token: counted, not computed."""
-    from qstar_mini.support import resolve_attention
+    from qstar_mini.models.check import resolve_attention
 
     ids, mask = random_batch(batch, seq, 85)
     from qstar_mini.thoughts import preallocation_works
@@ -69,7 +69,7 @@ def test_cli_bench_help_lists_quick_and_json(capsys):
 
 
 def test_inference_row_counts_t_plus_one_passes_per_token():
-    from qstar_mini.bench import inference_rows
+    from qstar_mini.studies.bench import inference_rows
     (row,) = inference_rows(2, [4], repeats=1, device="cpu")
     assert KEYS <= set(row) and row["passes"] == 5
     assert abs(row["ratio"] - row["median_s"] / row["baseline_median_s"]) < 1e-9
@@ -77,13 +77,13 @@ def test_inference_row_counts_t_plus_one_passes_per_token():
 
 
 def test_end_to_end_rows_time_whole_commands():
-    from qstar_mini.bench import e2e_rows
+    from qstar_mini.studies.bench import e2e_rows
     (row,) = e2e_rows([("python", [sys.executable, "-c", "import time; time.sleep(0.2)"])])
     assert KEYS <= set(row) and row["median_s"] >= 0.2 and row["ratio"] is None
 
 
 def test_memory_rows_cover_every_mode_against_one_plain_peak():
-    from qstar_mini.bench import memory_rows
+    from qstar_mini.studies.bench import memory_rows
     rows = memory_rows([(4, 3, 1, 2)], batch=1, device="cpu")         # (seq, t, n_true, n_thoughts): small
     assert [r["params"]["memory"] for r in rows] == ["stepwise", "rescore", "rescore_checkpointed"]
     for row in rows:
@@ -100,7 +100,7 @@ def test_throughput_rows_count_the_flops_torch_counts():
     12 s: its dispatch is slow on the step's thousands of small ops.)"""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from qstar_mini.bench import throughput_rows
+    from qstar_mini.studies.bench import throughput_rows
     step, plain = throughput_rows(["tiny"], seq=8, batch=2, repeats=1, device="cpu")
     model, meta, head = bench_model()                              # the "tiny" size
     cfg = QuietStarConfig(thought_length=12, n_true=4, n_thoughts=2, seq_len=8)   # official-shaped
@@ -130,7 +130,7 @@ def test_gpu_check_dry_run_runs_step_1_on_the_device_then_the_bench(tmp_path, en
     under the GPU policy (docs/compatibility.md: every cell runs, outputs not compared)."""
     import argparse
 
-    from qstar_mini.bench import add_bench_arguments
+    from qstar_mini.studies.bench import add_bench_arguments
     from qstar_mini.paths import REPO_ROOT
     script = REPO_ROOT / "scripts" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
@@ -142,7 +142,7 @@ def test_gpu_check_dry_run_runs_step_1_on_the_device_then_the_bench(tmp_path, en
     bench_args = [*quick, "--device", device, "--json", f"{tmp_path}/bench_{device}.json"]
     notebooks = ["-m", "pytest", "-p", "no:cacheprovider", "-q", "--nbval-lax", "--nbval-current-env",
                  "--nbval-cell-timeout=600", "--durations=15", "notebooks/"]
-    assert runs == [["-", device], ["-m", "qstar_mini.bench", *bench_args], notebooks]
+    assert runs == [["-", device], ["-m", "qstar_mini.studies.bench", *bench_args], notebooks]
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)
     assert parser.parse_args(bench_args).device == device
@@ -161,7 +161,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 
 
 def test_profile_lists_the_costliest_operators_of_a_step():
-    from qstar_mini.bench import format_profile, profile_step
+    from qstar_mini.studies.bench import format_profile, profile_step
     rows = profile_step(seq=16, batch=2, attention="blocks", top=6, repeats=1)
     assert len(rows) == 6 and 0 < sum(r["percent"] for r in rows) <= 100.0 + 1e-9
     assert [r["self_s"] for r in rows] == sorted((r["self_s"] for r in rows), reverse=True)
@@ -190,7 +190,7 @@ def test_bench_refuses_an_official_venv_without_the_official_files_in_one_line(c
 def test_official_rows_time_the_official_step_beside_ours():
     """Opt-in: the official code really runs (its own venv), at a tiny size; ratio = official / ours,
     one row per attention mode (the default marked), and the thread count is given back."""
-    from qstar_mini.bench import official_rows
+    from qstar_mini.studies.bench import official_rows
     from qstar_mini.config import official
 
     before = torch.get_num_threads()
@@ -213,7 +213,7 @@ def test_official_rows_time_the_official_step_beside_ours():
 
 
 def test_goal_summary_says_met_only_when_the_measured_value_is_on_the_right_side():
-    from qstar_mini.bench import GOALS, goal_summary
+    from qstar_mini.studies.bench import GOALS, goal_summary
 
     rows = [dict(goal="vs_official", value=3.2), dict(goal="overhead", value=1.25), dict(goal="thoughts", value=30.0),
             dict(goal=None, value=99.0)]                     # a reference row is no goal
@@ -229,7 +229,7 @@ def test_readme_performance_block_is_the_committed_goals_json_rendered():
     ``qstar-mini bench --readme``, not typed: a rerun of the bench updates both at once."""
     from pathlib import Path
 
-    from qstar_mini.bench import readme_section
+    from qstar_mini.studies.bench import readme_section
 
     root = Path(__file__).resolve().parents[1]
     result = json.loads((root / "docs/results/bench_goals_cpu.json").read_text())
@@ -242,7 +242,7 @@ def test_readme_performance_block_is_the_committed_goals_json_rendered():
 
 
 def test_cli_readme_prints_the_block_from_a_json(tmp_path, capsys):
-    from qstar_mini.bench import readme_section
+    from qstar_mini.studies.bench import readme_section
 
     result = {"machine": "m", "command": "qstar-mini bench --goals", "json": "x.json",
               "rows": [dict(name="goal overhead: step vs plain LM step", goal="overhead", value=1.5,

@@ -1,4 +1,4 @@
-"""Block attention (qstar_mini.block_attention) computes exactly the masked attention of a thought step.
+"""Block attention (qstar_mini.fast.block_attention) computes exactly the masked attention of a thought step.
 
 For the four architectures, eager and sdpa: thoughts, log-probs, talk hidden states and every
 gradient equal those of the dense Figure 3 mask; the model's own attention is restored after
@@ -8,10 +8,10 @@ each step; misuse is refused in one line.
 import pytest
 import torch
 
-from qstar_mini.block_attention import NAME, block_attention_forward, structured
+from qstar_mini.fast.block_attention import NAME, block_attention_forward, structured
 from qstar_mini.config import tiny
 from qstar_mini.errors import ModelError
-from qstar_mini.models import build_tokenizer, tiny_model
+from qstar_mini.models.tiny import build_tokenizer, tiny_model
 from qstar_mini.step import prepare_model, quiet_star_step
 from qstar_mini.talk import naive_talk, talk_hidden
 from qstar_mini.thoughts import generate_thoughts, gumbel_noise, naive_thoughts, plain_forward
@@ -106,7 +106,7 @@ def test_block_attention_outside_a_thought_step_is_refused():
 def test_blocks_write_the_steps_into_preallocated_buffers_and_backward_twice_gives_the_same_gradients():
     """The fast path is the one taken (no concatenation), and its hand-written backward clears
     its gradient buffers: a second backward of the same graph gives the same gradients."""
-    from qstar_mini.block_attention import StepLayer
+    from qstar_mini.fast.block_attention import StepLayer
 
     model, meta = tiny_random_model("llama", "sdpa"), tiny_meta()          # llama: grouped-query attention
     ids, mask = batch()
@@ -157,7 +157,7 @@ def test_auto_attention_is_blocks_where_the_model_allows_it_and_mask_where_block
     """The default ``attention="auto"`` picks the fast path for an ordinary decoder and the dense
     mask for one whose attention block attention does not implement (a soft-cap): never a refusal,
     never a different number."""
-    from qstar_mini.support import resolve_attention
+    from qstar_mini.models.check import resolve_attention
     from transformers import AutoModelForCausalLM, Gemma2Config
 
     model, meta = tiny_random_model("mistral", "sdpa"), tiny_meta()

@@ -388,7 +388,7 @@ def test_a_full_disk_at_the_save_is_one_line_and_keeps_the_last_checkpoint(finis
     folder is still the complete previous one (the new one was being written beside it)."""
     import errno
 
-    import qstar_mini.checkpoint as checkpoint
+    import qstar_mini.runs.checkpoint as checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)

@@ -81,7 +81,7 @@ def test_generation_explorer_slider_redraws_the_view():
 
 def test_thought_explorer_on_a_real_step(tmp_path):
     from qstar_mini.config import tiny
-    from qstar_mini.models import encode_lines, load_model
+    from qstar_mini.models.tiny import encode_lines, load_model
     from qstar_mini.paths import TINY_BASE
     from qstar_mini.step import prepare_model, quiet_star_step
 
@@ -206,11 +206,11 @@ def test_plain_install_finds_the_tiny_models_and_the_corpus(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     probe = ("import qstar_mini.paths as p\n"
-             "from qstar_mini.models import load_model\n"
+             "from qstar_mini.models.tiny import load_model\n"
              "from qstar_mini.data import read_jsonl, split_path\n"
              "model, tok = load_model(p.TINY_BASE)\n"
              "load_model(p.TINY_BASE_NOISY)\n"
-             "import qstar_mini.lm_eval_tasks as t, pathlib\n"
+             "import qstar_mini.evaluation.lm_eval_tasks as t, pathlib\n"
              "assert (pathlib.Path(t.__file__).parent / 'qstar_gsm8k_format.yaml').is_file()  # the offline task\n"
              "print(p.__file__, p.DATA_DIR, p.RUNS_DIR, len(read_jsonl(split_path('test'))), len(tok), sep='\\n')\n")
     result = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, capture_output=True, text=True,

@@ -17,10 +17,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from qstar_mini.checkpoint import save_checkpoint
+from qstar_mini.runs.checkpoint import save_checkpoint
 from qstar_mini.config import tiny
 from qstar_mini.files import make_portable
-from qstar_mini.models import build_tokenizer, load_model
+from qstar_mini.models.tiny import build_tokenizer, load_model
 from qstar_mini.paths import TINY_BASE, TINY_BASE_NOISY
 from qstar_mini.step import prepare_model
 
@@ -97,7 +97,7 @@ def checkpoint(tmp_path_factory):
 
 
 def smollm2_folder():
-    from qstar_mini.real_models import model_dir
+    from qstar_mini.models.pretrained import model_dir
     folder = model_dir("smollm2")
     return folder if (folder / "config.json").exists() else None
 

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from qstar_mini.checkpoint import load_checkpoint
+from qstar_mini.runs.checkpoint import load_checkpoint
 from qstar_mini.config import tiny
 from qstar_mini.paths import TINY_BASE
 from qstar_mini.teaching import course_runs
@@ -80,7 +80,7 @@ def test_changed_settings_or_an_unfinished_run_are_trained_again(small, tmp_path
 
 def test_the_course_runs_share_one_setting_each():
     """06, 07 and 08 study the same run; the tier-2 runs are make demo's tier 2, shorter."""
-    from qstar_mini.experiments import TIER2
+    from qstar_mini.studies.reproduce import TIER2
 
     assert COURSE_RUNS["control"].cfg == COURSE_RUNS["quiet_star"].cfg.replace(think=False)
     tier2 = {k: v for k, v in COURSE_RUNS.items() if k.startswith("tier2")}

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from qstar_mini import cli
-from qstar_mini.checkpoint import save_checkpoint
+from qstar_mini.runs.checkpoint import save_checkpoint
 from qstar_mini.config import tiny
 from qstar_mini.data import read_jsonl
 from qstar_mini.errors import DataError
-from qstar_mini.eval_cli import add_eval_arguments, run_eval
-from qstar_mini.evaluate import (ARITHMETIC, GSM8K_FORMAT, TEXT, detect_data_kind, evaluate_text, is_datasets_name,
-                                 load_eval_records)
-from qstar_mini.models import build_tokenizer
+from qstar_mini.cli.eval import add_eval_arguments, run_eval
+from qstar_mini.evaluation.any_text import ARITHMETIC, GSM8K_FORMAT, TEXT, detect_data_kind, evaluate_text, is_datasets_name, load_eval_records
+from qstar_mini.models.tiny import build_tokenizer
 from qstar_mini.paths import DATA_DIR
 from qstar_mini.step import prepare_model, quiet_star_step
 from qstar_mini.records import encode_records, load_hf_dataset, load_records

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from qstar_mini.checkpoint import save_checkpoint
+from qstar_mini.runs.checkpoint import save_checkpoint
 from qstar_mini.config import tiny
 from qstar_mini.data import QA_TEXT_FIELD, read_jsonl
 from qstar_mini.errors import CheckpointError, ConfigError, DataError
-from qstar_mini.eval_cli import add_eval_arguments, is_plain_model, run_eval
-from qstar_mini.evaluate import load_eval_records
+from qstar_mini.cli.eval import add_eval_arguments, is_plain_model, run_eval
+from qstar_mini.evaluation.any_text import load_eval_records
 from qstar_mini.paths import DATA_DIR
 from qstar_mini.records import line_ids, load_records
 from qstar_mini.step import prepare_model

@@ -7,13 +7,15 @@ import math
 import pytest
 import torch
 
-from qstar_mini.checkpoint import save_checkpoint
+from qstar_mini.runs.checkpoint import save_checkpoint
 from qstar_mini.config import tiny
 from qstar_mini.data import read_jsonl
-from qstar_mini.eval_cli import add_eval_arguments, run_eval
-from qstar_mini.evaluate import (answer_only, best_temperature, by_difficulty, evaluate, extract_answer, format_table,
-                                 gsm8k_eval, quick_eval)
-from qstar_mini.models import build_tokenizer
+from qstar_mini.cli.eval import add_eval_arguments, run_eval
+from qstar_mini.evaluation.token_gains import answer_only, by_difficulty
+from qstar_mini.evaluation.thought_quality import best_temperature
+from qstar_mini.evaluation.arithmetic import evaluate, format_table, quick_eval
+from qstar_mini.evaluation.gsm8k import extract_answer, gsm8k_eval
+from qstar_mini.models.tiny import build_tokenizer
 from qstar_mini.paths import DATA_DIR
 from qstar_mini.step import prepare_model
 from tiny_models import small_model
@@ -111,7 +113,7 @@ def test_gsm8k_answer_extraction_and_plain_path(setup):
 
 
 def test_commonsense_qa_format(setup):
-    from qstar_mini.evaluate import commonsense_prompt, commonsense_qa_eval, next_token_log_probs
+    from qstar_mini.evaluation.commonsense_qa import commonsense_prompt, commonsense_qa_eval, next_token_log_probs
 
     model, tok, meta, head, cfg, *_ = setup
     record = {"question": "Where do fish live?", "answerKey": "B",

@@ -1,5 +1,5 @@
 """Issue #21's measuring tools: the base's visible working as the bar for the answer, thoughts
-judged step by step, and the search driver (``python -m qstar_mini.experiments search``).
+judged step by step, and the search driver (``python -m qstar_mini.studies.reproduce search``).
 
 The training run of :func:`search_row` takes about a minute (it evaluates 500 validation lines
 twice): it runs only with ``QSTAR_SLOW=1 python -m pytest tests/test_experiments.py``.
@@ -15,10 +15,10 @@ import torch
 from qstar_mini.config import tiny
 from qstar_mini.data import read_jsonl
 from qstar_mini.errors import DataError
-from qstar_mini.evaluate import (answer_only, running_sum_agreement, thought_correctness, thought_sum_agreement,
-                                 visible_working_accuracy)
-from qstar_mini.experiments import TIER2_REPRO, parse_search_args, search_row
-from qstar_mini.models import evaluate_base, load_model
+from qstar_mini.evaluation.token_gains import answer_only
+from qstar_mini.evaluation.thought_quality import running_sum_agreement, thought_correctness, thought_sum_agreement, visible_working_accuracy
+from qstar_mini.studies.reproduce import TIER2_REPRO, parse_search_args, search_row
+from qstar_mini.models.tiny import evaluate_base, load_model
 from qstar_mini.paths import DATA_DIR, TINY_BASE, TINY_BASE_NOISY
 from qstar_mini.step import prepare_model
 
@@ -136,11 +136,11 @@ def test_search_row_writes_a_row(tmp_path):
     assert row["shuffle_rewards"] is False
     assert [c["step"] for c in row["curve"]] == [0, 1]
     assert 0 <= row["thought_correct"] <= 1 and 0 <= row["answer_acc_greedy"] <= 1
-    assert row["command"] == "python -m qstar_mini.experiments search t lr=0.0002 --seed 0 --steps 1"
+    assert row["command"] == "python -m qstar_mini.studies.reproduce search t lr=0.0002 --seed 0 --steps 1"
 
 
 def test_reward_audit_splits_the_reward(records):
-    from qstar_mini.experiments import reward_audit
+    from qstar_mini.studies.reproduce import reward_audit
 
     cfg = tiny(n_thoughts=4)
     model, tok = load_model(TINY_BASE_NOISY)
@@ -164,7 +164,7 @@ def test_reward_audit_splits_the_reward(records):
 
 def _fake_long_pieces(out, seeds=(0, 1, 2)):
     """Pieces as run_long_part writes them, with made-up figures (known means) and 2-point curves."""
-    from qstar_mini.experiments import TIER2_LONG
+    from qstar_mini.studies.reproduce import TIER2_LONG
 
     base = {"thought_correct_by_temperature": {"0.25": 0.7, "1": 0.3, "greedy": 0.77},
             "visible_working_by_temperature": {k: {"working_correct": 0.5, "answer_acc": 0.8}
@@ -181,7 +181,7 @@ def _fake_long_pieces(out, seeds=(0, 1, 2)):
 
 
 def test_long_merge_averages_the_seeds_and_renders_the_readme_table(tmp_path):
-    from qstar_mini.experiments import format_long_table, merge_long, plot_long
+    from qstar_mini.studies.reproduce import format_long_table, merge_long, plot_long
 
     _fake_long_pieces(tmp_path)
     report = merge_long(tmp_path)
@@ -200,7 +200,7 @@ def test_long_merge_averages_the_seeds_and_renders_the_readme_table(tmp_path):
 
 
 def test_long_merge_names_a_missing_piece(tmp_path):
-    from qstar_mini.experiments import merge_long
+    from qstar_mini.studies.reproduce import merge_long
 
     _fake_long_pieces(tmp_path)
     (tmp_path / "shuffled_reward-seed1.json").unlink()
@@ -210,8 +210,8 @@ def test_long_merge_names_a_missing_piece(tmp_path):
 
 def test_readme_tier2_long_table_is_the_committed_report_rendered():
     """README's issue-#21 table is made from docs/results/tier2_long_report.json by
-    format_long_table (``python -m qstar_mini.experiments long --merge`` prints it), not typed."""
-    from qstar_mini.experiments import TIER2_LONG, format_long_table
+    format_long_table (``python -m qstar_mini.studies.reproduce long --merge`` prints it), not typed."""
+    from qstar_mini.studies.reproduce import TIER2_LONG, format_long_table
     from qstar_mini.paths import REPO_ROOT
 
     report = json.loads((REPO_ROOT / "docs/results/tier2_long_report.json").read_text())

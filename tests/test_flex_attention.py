@@ -1,4 +1,4 @@
-"""FlexAttention (qstar_mini.flex_attention) computes exactly the masked attention of a thought step.
+"""FlexAttention (qstar_mini.fast.flex_attention) computes exactly the masked attention of a thought step.
 
 The predicate equals the dense Figure 3 mask entry by entry; with it, thoughts (greedy and with
 shared Gumbel noise), log-probs, talk hidden states, gradients and a whole training step equal
@@ -20,9 +20,9 @@ from torch.nn.attention.flex_attention import create_mask  # noqa: E402
 
 from qstar_mini.config import tiny
 from qstar_mini.errors import ModelError
-from qstar_mini.flex_attention import NAME, figure3_visible, flex_attention_forward, structured
+from qstar_mini.fast.flex_attention import NAME, figure3_visible, flex_attention_forward, structured
 from qstar_mini.masks import thought_visibility
-from qstar_mini.models import build_tokenizer, tiny_model
+from qstar_mini.models.tiny import build_tokenizer, tiny_model
 from qstar_mini.paths import REPO_ROOT
 from qstar_mini.step import prepare_model, quiet_star_step
 from qstar_mini.talk import talk_hidden

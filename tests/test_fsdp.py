@@ -12,7 +12,7 @@ On one global batch (8 lines, same seed, two steps) it shows:
    LM weights, meta-token embeddings and mixing head, and the AdamW moments of one process,
    within float32 reduction-order error (:data:`REL`); DDP (``--multi_gpu``) too;
 2. the FSDP checkpoint, gathered on process 0, holds the same files and tensor names as the
-   one-process checkpoint and loads with :func:`qstar_mini.checkpoint.load_checkpoint`;
+   one-process checkpoint and loads with :func:`qstar_mini.runs.checkpoint.load_checkpoint`;
 3. an FSDP run stopped after step 1 and resumed with ``resume=True`` ends with the same
    checkpoint as the uninterrupted run (each process's thought generator included);
 4. the run was sharded: each process held its half of the embedding table as a DTensor (with
@@ -124,7 +124,7 @@ def setup(tmp_path_factory):
     """A tiny random Mistral (hidden 32, 2 layers, tied embeddings), 64 training lines, and the
     one-process reference run on them."""
     from qstar_mini.data import read_jsonl
-    from qstar_mini.models import build_tokenizer, tiny_model
+    from qstar_mini.models.tiny import build_tokenizer, tiny_model
     from qstar_mini.paths import DATA_DIR
 
     root = tmp_path_factory.mktemp("fsdp")
@@ -206,7 +206,7 @@ def test_shipped_accelerate_configs_are_what_the_loop_runs(name):
 
 @slow
 def test_fsdp_two_processes_train_as_one(setup):
-    from qstar_mini.checkpoint import load_checkpoint
+    from qstar_mini.runs.checkpoint import load_checkpoint
 
     root, model_dir, data_file = setup
     _launch(["--config_file", str(FSDP_CONFIG)], "fsdp", root / "fsdp", model_dir, data_file)

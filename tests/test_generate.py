@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from qstar_mini.config import tiny
-from qstar_mini.generate import (decode_thought, generate_with_thoughts, generated_text, predict_with_thoughts,
+from qstar_mini.inference import (decode_thought, generate_with_thoughts, generated_text, predict_with_thoughts,
                                  render_html, think_on_text, thought_is_correct)
-from qstar_mini.models import build_tokenizer, tiny_model
+from qstar_mini.models.tiny import build_tokenizer, tiny_model
 from qstar_mini.step import prepare_model
 
 torch.set_num_threads(1)
@@ -116,8 +116,8 @@ def test_decode_and_check_a_thought():
 def test_generate_plain_equals_greedy_decoding_without_a_cache(parts):
     """generate_plain (KV cache, one pass per token) picks what a full forward pass over the
     growing text picks (evaluate's cache-free greedy decoding), and never a meta-token."""
-    from qstar_mini.evaluate import _greedy_plain
-    from qstar_mini.generate import generate_plain
+    from qstar_mini.evaluation.gsm8k import _greedy_plain
+    from qstar_mini.inference import generate_plain
 
     model, tok, meta, head, cfg = parts
     for prompt in ("31415=", "27182=(2"):

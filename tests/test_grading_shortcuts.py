@@ -311,12 +311,12 @@ def test_a_shortcut_fails_through_the_notebooks_check_cell(name, interpreter):
 def test_the_flex_attention_predicate_does_not_answer_the_mask_exercise(interpreter):
     fails("ex02-thought-mask", """
 from torch.nn.attention.flex_attention import create_mask
-from qstar_mini import flex_attention
+from qstar_mini.fast import flex_attention
 def my_thought_visibility(attention_mask, step):
     batch, seq = attention_mask.shape
     visible = flex_attention.figure3_visible(seq, seq, attention_mask)
     return create_mask(visible, batch, None, seq, seq * (1 + step), device="cpu")
-""", "ran the package's qstar_mini.flex_attention.figure3_visible", SEEN)
+""", "ran the package's qstar_mini.fast.flex_attention.figure3_visible", SEEN)
 
 
 def test_every_shortcut_has_its_expected_message():

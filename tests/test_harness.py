@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness adapter (qstar_mini.harness), offline: tasks written here as YAML on
+"""The lm-evaluation-harness adapter (qstar_mini.evaluation.harness), offline: tasks written here as YAML on
 ``data/gsm8k_format.jsonl``, run through ``lm_eval.simple_evaluate`` with a checkpoint trained
 for two steps, and every number checked against qstar_mini's own functions."""
 
@@ -13,15 +13,16 @@ import torch
 import lm_eval
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
-from qstar_mini.checkpoint import load_checkpoint, save_checkpoint
+from qstar_mini.runs.checkpoint import load_checkpoint, save_checkpoint
 from qstar_mini.config import tiny
 from qstar_mini.data import read_jsonl
 from qstar_mini.errors import CheckpointError, ConfigError
-from qstar_mini.evaluate import _greedy_plain, extract_answer, gsm8k_eval, gsm8k_prompt
-from qstar_mini.generate import generate_with_thoughts, think_on_text
-from qstar_mini.harness import TASKS_DIR, QuietStarLM, _with_shipped_tasks, rolling_windows, task_manager
+from qstar_mini.evaluation.gsm8k import _greedy_plain, extract_answer, gsm8k_eval
+from qstar_mini.data import gsm8k_prompt
+from qstar_mini.inference import generate_with_thoughts, think_on_text
+from qstar_mini.evaluation.harness import TASKS_DIR, QuietStarLM, _with_shipped_tasks, rolling_windows, task_manager
 from qstar_mini.lm import text_log_probs
-from qstar_mini.models import build_tokenizer, tiny_model
+from qstar_mini.models.tiny import build_tokenizer, tiny_model
 from qstar_mini.paths import DATA_DIR, REPO_ROOT
 from qstar_mini.train import train
 
@@ -197,11 +198,11 @@ def test_bad_model_arguments_are_one_line(args, error, word):
 @pytest.mark.skipif(os.environ.get("QSTAR_SLOW") != "1",
                     reason="about 30 s (lm_eval indexes all its tasks); set QSTAR_SLOW=1")
 def test_the_command_line_route(run, tmp_path):
-    """``python -m qstar_mini.harness`` is lm_eval's command line with qstar-mini registered."""
+    """``python -m qstar_mini.evaluation.harness`` is lm_eval's command line with qstar-mini registered."""
     ck, results, tasks = run
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "qstar_mini.harness", "--model", "qstar-mini", "--model_args",
+    done = subprocess.run([sys.executable, "-m", "qstar_mini.evaluation.harness", "--model", "qstar-mini", "--model_args",
                            f"checkpoint={ck.path},think=false", "--tasks", "qstar_gsm_mc", "--include_path",
                            str(tasks), "--limit", str(LIMIT), "--device", "cpu", "--output_path", str(out)],
                           capture_output=True, text=True, env=env, timeout=300)

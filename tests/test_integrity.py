@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from qstar_mini import cli, files
-from qstar_mini.checkpoint import load_checkpoint, load_config, load_training_state, verify_checkpoint
+from qstar_mini.runs.checkpoint import load_checkpoint, load_config, load_training_state, verify_checkpoint
 from qstar_mini.config import FIELD_TYPES, QuietStarConfig, check_field_types, tiny
 from qstar_mini.errors import CheckpointError, ConfigError
 
@@ -171,7 +171,7 @@ def _writers():
     import torch
     from safetensors.torch import save_file
 
-    from qstar_mini.models import build_tokenizer
+    from qstar_mini.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     return {"safetensors": lambda tmp: save_file({"x": torch.zeros(100_000)}, str(tmp / "x.safetensors")),
@@ -299,7 +299,7 @@ def test_a_1mb_line_is_tokenized_only_as_far_as_seq_len_needs_and_encodes_the_sa
     """Measured: encode_records on a 1 MB line, seq_len 512: 2.6 s tokenizing it whole, 0.04 s
     now (the first 16,896 characters); the tensors are the same."""
     from qstar_mini import records
-    from qstar_mini.models import build_tokenizer
+    from qstar_mini.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     seen = []
@@ -353,7 +353,7 @@ def test_a_line_too_long_for_a_record_is_refused_without_reading_it_whole(tmp_pa
 def fake_smollm2(tmp_path, monkeypatch) -> Path:
     """A cache holding a stand-in for the fetched SmolLM2 folder: small files and their manifest
     (what `models fetch` writes), so that the checks run without the 270 MB download."""
-    from qstar_mini import real_models
+    from qstar_mini.models import pretrained as real_models
 
     monkeypatch.setenv("QSTAR_MINI_CACHE", str(tmp_path / "cache"))
     folder = real_models.model_dir("smollm2")
@@ -372,7 +372,7 @@ def models_command(capsys, *argv) -> tuple[int, str, str]:
 
 
 def test_models_verify_passes_an_intact_copy(fake_smollm2, capsys):
-    from qstar_mini import real_models
+    from qstar_mini.models import pretrained as real_models
 
     assert real_models.resolve("smollm2") == fake_smollm2
     code, out, err = models_command(capsys, "verify", "smollm2")
@@ -381,7 +381,7 @@ def test_models_verify_passes_an_intact_copy(fake_smollm2, capsys):
 
 def test_a_truncated_file_is_refused_when_the_model_is_loaded(fake_smollm2):
     from qstar_mini.errors import ModelError
-    from qstar_mini.models import load_model
+    from qstar_mini.models.tiny import load_model
 
     (fake_smollm2 / "tokenizer.json").write_text("{")
     with pytest.raises(ModelError) as refused:
@@ -392,7 +392,7 @@ def test_a_truncated_file_is_refused_when_the_model_is_loaded(fake_smollm2):
 
 
 def test_a_flipped_byte_passes_the_load_check_and_is_caught_by_models_verify(fake_smollm2, capsys):
-    from qstar_mini import real_models
+    from qstar_mini.models import pretrained as real_models
 
     xor_middle(fake_smollm2 / "model.safetensors")
     assert real_models.resolve("smollm2") == fake_smollm2      # sizes only: a stat per file

@@ -6,7 +6,7 @@ import torch
 
 from qstar_mini.errors import ModelError
 from qstar_mini.meta_tokens import END_THOUGHT, START_THOUGHT, MetaTokens, add_meta_tokens
-from qstar_mini.models import build_tokenizer, tiny_model
+from qstar_mini.models.tiny import build_tokenizer, tiny_model
 
 
 def small_model(tok):

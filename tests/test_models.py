@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from qstar_mini.data import CorpusConfig, generate_splits, read_jsonl
 from qstar_mini.errors import ModelError
-from qstar_mini.models import (BOS_ID, CHARACTERS, EOS_ID, PAD_ID, UNK_ID, build_tokenizer,
+from qstar_mini.models.tiny import (BOS_ID, CHARACTERS, EOS_ID, PAD_ID, UNK_ID, build_tokenizer,
                                encode_lines, evaluate_base, lm_labels, load_model, pretrain,
                                tiny_config, tiny_model)
 from qstar_mini.paths import DATA_DIR, TINY_BASE, TINY_BASE_NOISY

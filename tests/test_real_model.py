@@ -31,9 +31,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qstar_mini import cli, real_models
+from qstar_mini import cli
+from qstar_mini.models import pretrained as real_models
 from qstar_mini.errors import ModelError
-from qstar_mini.models import load_model
+from qstar_mini.models.tiny import load_model
 from qstar_mini.paths import REPO_ROOT
 
 N_PARAMETERS = 134_515_008

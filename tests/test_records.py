@@ -5,7 +5,7 @@ import warnings
 import pytest
 
 from qstar_mini.errors import DataError
-from qstar_mini.models import build_tokenizer
+from qstar_mini.models.tiny import build_tokenizer
 from qstar_mini.records import encode_records, load_records
 
 

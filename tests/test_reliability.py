@@ -30,7 +30,7 @@ def test_check_finite_names_the_first_bad_tensor():
 def test_attention_without_4d_masks_is_refused_with_the_fix():
     model = tiny_random_model("llama", dtype=torch.float32)
     model.config._attn_implementation = "flash_attention_2"
-    from qstar_mini.models import build_tokenizer
+    from qstar_mini.models.tiny import build_tokenizer
     with pytest.raises(ModelError, match="sdpa' or 'eager'"):
         prepare_model(model, build_tokenizer(), tiny())
 
@@ -45,7 +45,7 @@ def test_a_batch_of_only_padding_is_refused():
 
 def test_a_config_longer_than_the_model_context_is_refused():
     from qstar_mini.errors import ConfigError
-    from qstar_mini.models import build_tokenizer, tiny_model
+    from qstar_mini.models.tiny import build_tokenizer, tiny_model
     tok = build_tokenizer()
     model = tiny_model(tok, hidden_size=32, num_hidden_layers=1, intermediate_size=64, max_position_embeddings=64)
     with pytest.raises(ConfigError, match="exceed the model's context of 64; lower seq_len to at most 56"):
@@ -53,7 +53,7 @@ def test_a_config_longer_than_the_model_context_is_refused():
 
 
 def test_lines_longer_than_seq_len_are_counted_in_a_warning():
-    from qstar_mini.models import build_tokenizer
+    from qstar_mini.models.tiny import build_tokenizer
     from qstar_mini.records import encode_records
     with pytest.warns(UserWarning, match="1 of 2 lines are longer than seq_len=8"):
         enc = encode_records(build_tokenizer(), [{"text": "12345=(13610)5"}, {"text": "1=1"}], 8)

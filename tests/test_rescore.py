@@ -1,4 +1,4 @@
-"""Trading compute for memory (qstar_mini.rescore): same numbers as the stepwise graph, less memory.
+"""Trading compute for memory (qstar_mini.fast.rescore): same numbers as the stepwise graph, less memory.
 
 Thoughts sampled without a graph and scored in one masked pass must give the stepwise
 generation's log p(T_j), talk hidden states, loss and gradients; layer checkpointing must
@@ -8,13 +8,13 @@ recompute the layers and put them back; and each mode must really hold less memo
 import pytest
 import torch
 
-from qstar_mini.bench import bench_model, random_batch
+from qstar_mini.studies.bench import bench_model, random_batch
 from qstar_mini.config import QuietStarConfig, tiny
 from qstar_mini.errors import ConfigError
 from qstar_mini.masks import (causal_visibility, one_pass_position_ids, one_pass_visibility,
                               step_position_ids, thought_visibility)
-from qstar_mini.models import build_tokenizer, tiny_model
-from qstar_mini.rescore import decoder_layers, rescore_thoughts
+from qstar_mini.models.tiny import build_tokenizer, tiny_model
+from qstar_mini.fast.rescore import decoder_layers, rescore_thoughts
 from qstar_mini.step import prepare_model, quiet_star_step
 from qstar_mini.talk import talk_hidden
 from qstar_mini.thoughts import generate_thoughts, gumbel_noise, plain_forward

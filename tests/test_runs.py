@@ -1,4 +1,4 @@
-"""The run folder's safety rules (qstar_mini.runs): locks, overwrite, resume checks, recovery."""
+"""The run folder's safety rules (qstar_mini.runs.folder): locks, overwrite, resume checks, recovery."""
 
 import json
 import multiprocessing as mp
@@ -7,7 +7,7 @@ import os
 import pytest
 
 from qstar_mini.errors import CheckpointError, ConfigError
-from qstar_mini.runs import (CHECKPOINT_DIR, METRICS_FILE, STATE_FILE, RunLock, check_file_writable,
+from qstar_mini.runs.folder import (CHECKPOINT_DIR, METRICS_FILE, STATE_FILE, RunLock, check_file_writable,
                              check_writable, clear_run, open_run, recover_checkpoint)
 
 SETTINGS = {"model": "data/tiny-base", "data": "data", "think_where": "all", "lines": "answer_only",

@@ -9,7 +9,7 @@ import torch
 from qstar_mini.config import official, tiny
 from qstar_mini.lm import body, lm_head, text_log_probs
 from qstar_mini.mixing import MixingHead, mix_log_probs
-from qstar_mini.models import build_tokenizer, tiny_model
+from qstar_mini.models.tiny import build_tokenizer, tiny_model
 from qstar_mini.step import prepare_model, quiet_star_step
 from qstar_mini.thoughts import gumbel_noise
 

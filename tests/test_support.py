@@ -17,7 +17,7 @@ from qstar_mini.config import tiny
 from qstar_mini.errors import ModelError
 from qstar_mini.lm import lm_head, text_log_probs
 from qstar_mini.meta_tokens import init_embedding
-from qstar_mini.models import build_tokenizer
+from qstar_mini.models.tiny import build_tokenizer
 from qstar_mini.step import prepare_model, quiet_star_step
 from qstar_mini.thoughts import plain_forward
 

@@ -21,18 +21,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qstar_mini.checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from qstar_mini.runs.checkpoint import load_checkpoint, load_training_state, save_checkpoint
 from qstar_mini.config import official, tiny
 from qstar_mini.data import read_jsonl
 from qstar_mini.errors import CheckpointError, ConfigError, DataError, ModelError
-from qstar_mini.models import build_tokenizer, tiny_model
+from qstar_mini.models.tiny import build_tokenizer, tiny_model
 from qstar_mini.paths import DATA_DIR
 from qstar_mini.step import prepare_model
 from qstar_mini.losses import reinforce_loss
 from qstar_mini.records import batch_indices, encode_records
 from qstar_mini.step import policy_entries
 from qstar_mini.train import QuietStarModule, build_optimizer, train
-from qstar_mini.train_cli import add_train_arguments, resolve_train_args
+from qstar_mini.cli.train import add_train_arguments, resolve_train_args
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
@@ -66,7 +66,7 @@ def data_file(tmp_path_factory):
 
 
 def load(model_dir, cfg):
-    from qstar_mini.models import load_model
+    from qstar_mini.models.tiny import load_model
 
     model, tok = load_model(model_dir)
     meta, head = prepare_model(model, tok, cfg)
@@ -320,7 +320,7 @@ def test_accelerate_launch_two_cpu_processes(model_dir, data_file, tmp_path):
 def test_run_train_from_flags_on_a_llama(data_file, tmp_path, capsys):
     """``qstar-mini train`` as the CLI calls it, on another architecture (a local folder stands
     in for a Hugging Face name: both go through the same ``from_pretrained``)."""
-    from qstar_mini.train_cli import run_train
+    from qstar_mini.cli.train import run_train
 
     tok = build_tokenizer()
     tiny_model(tok, arch="llama", hidden_size=32, num_hidden_layers=1, num_attention_heads=4,

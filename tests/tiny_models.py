@@ -5,7 +5,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from qstar_mini.meta_tokens import MetaTokens
-from qstar_mini.models import build_tokenizer, tiny_model
+from qstar_mini.models.tiny import build_tokenizer, tiny_model
 
 VOCAB = 40          # the last two ids play the meta-tokens in these tests
 HIDDEN = 32

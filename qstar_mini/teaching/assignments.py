@@ -58,8 +58,8 @@ from pathlib import Path
 
 import nbformat
 
-from ..errors import ConfigError, DataError
-from ..paths import REPO_ROOT
+from qstar_mini.errors import ConfigError, DataError
+from qstar_mini.paths import REPO_ROOT
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
@@ -455,7 +455,7 @@ _SUSPECT_ATTRIBUTES = frozenset({
     "__setattr__", "cell_contents", "f_globals", "f_locals", "f_back", "REFERENCES", "HINTS",
     "TorchFunctionMode", "TorchDispatchMode", "figure3_visible", "create_mask", "create_block_mask"})
 _SUSPECT_MODULES = frozenset({"importlib", "inspect", "gc", "ctypes", "subprocess", "types", "pickle", "marshal",
-                              "qstar_mini.flex_attention", "torch.overrides", "torch.utils._python_dispatch"})
+                              "qstar_mini.fast.flex_attention", "torch.overrides", "torch.utils._python_dispatch"})
 
 
 def audit_code(source: str) -> list[tuple[int, str]]:

@@ -116,9 +116,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from ..losses import future_targets, reinforce_loss, rewards
-from ..masks import step_position_ids, thought_visibility
-from ..mixing import mix_log_probs
+from qstar_mini.losses import future_targets, reinforce_loss, rewards
+from qstar_mini.masks import step_position_ids, thought_visibility
+from qstar_mini.mixing import mix_log_probs
 
 __all__ = ["CheckFailed", "check_thought_mask", "check_position_ids", "check_meta_init",
            "check_mix_hidden", "check_future_targets", "check_rewards", "check_reinforce_loss",
@@ -1087,7 +1087,7 @@ def check_position_ids(fn: Callable, seed: int = 0) -> None:
 # ============================================================================ notebook 03: meta-tokens
 
 def _small_model_and_tokenizer(seed: int):
-    from ..models import build_tokenizer, tiny_model
+    from qstar_mini.models.tiny import build_tokenizer, tiny_model
 
     tok = build_tokenizer()
     model = tiny_model(tok, seed=seed, hidden_size=16, num_hidden_layers=1, intermediate_size=32,
@@ -1115,7 +1115,7 @@ def check_meta_init(fn: Callable, seed: int = 0, model=None, tokenizer=None, how
     ``how="mean"`` (the exercise, the tiny preset's ``meta_init``) the mean of the input
     embeddings of the tokens of ``text``; ``how="first"`` (the official code) the embedding of
     its first token. A tuple ``(vector, ids)`` like the reference's is accepted too."""
-    from ..meta_tokens import init_embedding
+    from qstar_mini.meta_tokens import init_embedding
 
     name = "check_meta_init"
     if how not in ("mean", "first"):
@@ -1596,8 +1596,8 @@ def _as_package_fn(fn: Callable, label: str, calls: list[str], qualname: str,
 def _end_to_end_setup(seed: int):
     """A tiny random float64 model, random meta-token embeddings and a right-padded batch; the
     global random state is left as it was."""
-    from ..meta_tokens import MetaTokens
-    from ..models import build_tokenizer, tiny_model
+    from qstar_mini.meta_tokens import MetaTokens
+    from qstar_mini.models.tiny import build_tokenizer, tiny_model
 
     with torch.random.fork_rng(devices=[]):
         tok = build_tokenizer()
@@ -1624,8 +1624,8 @@ def check_end_to_end(visibility_fn: Callable, position_ids_fn: Callable, seed: i
     On a mismatch each piece is tried alone with the package's other one, to name the one that
     makes the difference. The references are disabled for the student's code as in every check."""
     __tracebackhide__ = True
-    from .. import masks
-    from ..thoughts import generate_thoughts, naive_thoughts, plain_forward
+    from qstar_mini import masks
+    from qstar_mini.thoughts import generate_thoughts, naive_thoughts, plain_forward
 
     name = "check_end_to_end"
     model, meta, ids, am = _end_to_end_setup(seed)

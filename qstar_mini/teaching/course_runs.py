@@ -5,7 +5,7 @@ Each run's settings live here, in :data:`COURSE_RUNS`, and nowhere else;
 :func:`course_run` returns the run's checkpoint folder, training it under
 ``runs/course/<name>`` first when no checkpoint with these settings is there::
 
-    from qstar_mini.checkpoint import load_checkpoint
+    from qstar_mini.runs.checkpoint import load_checkpoint
     from qstar_mini.teaching.course_runs import course_run
 
     ck = load_checkpoint(course_run("quiet_star"))     # trained now (seconds) or loaded
@@ -23,7 +23,7 @@ run                        what it is
 ``quiet_star``             ``data/tiny-base``, 40 steps of 16 lines, thinking before the answer
 ``control``                the same loop with thinking off (``think=False``)
 ``tier2_quiet_star``       ``data/tiny-base-noisy`` (working right a third of the time): the
-                           tier-2 setting of :mod:`qstar_mini.experiments`, 80 steps, one seed
+                           tier-2 setting of :mod:`qstar_mini.studies.reproduce`, 80 steps, one seed
 ``tier2_no_policy``        the same, REINFORCE off (``policy_loss_weight=0``)
 ``tier2_shuffled_reward``  the same, rewards shuffled among the thoughts of a line
 =========================  ===============================================================
@@ -44,9 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import QuietStarConfig, tiny
-from ..experiments import TIER2
-from ..paths import DATA_DIR, RUNS_DIR, TINY_BASE
+from qstar_mini.config import QuietStarConfig, tiny
+from qstar_mini.studies.reproduce import TIER2
+from qstar_mini.paths import DATA_DIR, RUNS_DIR, TINY_BASE
 
 COURSE_DIR = RUNS_DIR / "course"
 SETTINGS_FILE = "course_run.json"       # written last: a run folder without it is retrained
@@ -58,7 +58,7 @@ class CourseRun:
 
     base: the base model folder.  cfg: the config (steps, seed, ...).  think_where: "answer"
     or "all".  lines: "answer_only", or "tier2": the lines of
-    :func:`qstar_mini.experiments.run_arm` (:func:`~qstar_mini.experiments.training_lines`).  shuffle_rewards: the control.
+    :func:`qstar_mini.studies.reproduce.run_arm` (:func:`~qstar_mini.studies.reproduce.training_lines`).  shuffle_rewards: the control.
     eval_every / eval_lines: held-out evaluations on ``validation.jsonl`` during training.
     """
 
@@ -109,10 +109,10 @@ def _stored(run_dir: Path, spec: CourseRun) -> bool:
 def _train(spec: CourseRun, run_dir: Path, progress: bool) -> None:
     """Train ``spec`` into ``run_dir`` on one CPU thread, leaving the global random generators
     and the thread count as they were."""
-    from ..train import train
+    from qstar_mini.train import train
 
     if spec.lines == "tier2":
-        from ..experiments import QUIET_STAR, training_lines
+        from qstar_mini.studies.reproduce import QUIET_STAR, training_lines
 
         data, lines = training_lines(QUIET_STAR, spec.base), "all"      # as experiments.run_arm
     else:
@@ -136,7 +136,7 @@ def course_run(name: str, *, root: Path = COURSE_DIR, retrain: bool = False, pro
 
     Trained under ``root/name`` (on the CPU, deterministic) when that folder holds no finished run
     with the same settings, or when ``retrain``; otherwise nothing is done. Load it with
-    :func:`qstar_mini.checkpoint.load_checkpoint`.
+    :func:`qstar_mini.runs.checkpoint.load_checkpoint`.
     """
     if name not in COURSE_RUNS:
         raise KeyError(f"no course run {name!r}; choose one of {sorted(COURSE_RUNS)}")

@@ -28,7 +28,7 @@ Explorers:
 
 Everything here only *draws* what the package already computed (a
 :class:`~qstar_mini.step.StepOutput`, the dicts of
-:func:`~qstar_mini.generate.generate_with_thoughts`): no model is run. Numbers are formatted at
+:func:`~qstar_mini.inference.generate_with_thoughts`): no model is run. Numbers are formatted at
 fixed precision, so the HTML is the same wherever the values agree to it.
 """
 
@@ -41,10 +41,10 @@ import math
 
 import torch
 
-from ..generate import visible_text
-from ..masks import step_position_ids, thought_visibility
-from ..meta_tokens import END_THOUGHT, START_THOUGHT
-from .plots import plot_mask
+from qstar_mini.inference import visible_text
+from qstar_mini.masks import step_position_ids, thought_visibility
+from qstar_mini.meta_tokens import END_THOUGHT, START_THOUGHT
+from qstar_mini.teaching.plots import plot_mask
 
 
 def mask_view(seq_len: int = 6, step: int = 2, position: int = 3, n_pad: int = 0):
@@ -221,7 +221,7 @@ def thought_explorer(out, tokenizer, input_ids: torch.Tensor, attention_mask: to
 
 
 # ---- generation with hidden thoughts (notebook 08) ---------------------------------------------
-# :func:`qstar_mini.generate.generate_with_thoughts` returns one dict per generated token: the
+# :func:`qstar_mini.inference.generate_with_thoughts` returns one dict per generated token: the
 # token, the thought written just before it (``<|startofthought|> s_1 .. s_{t-2} <|endofthought|>``),
 # the mixing weight ``w`` and the log-probabilities of the token with and without the thought.
 # The reader of the *text* never sees the thoughts; the functions below show them.
@@ -256,7 +256,7 @@ def generation_view_html(steps: list[dict], prompt: str = "", index: int = 0, th
                          tokenizer=None) -> str:
     """HTML of generated token ``index`` of one generation and the hidden thought before it.
 
-    steps:        from :func:`qstar_mini.generate.generate_with_thoughts` (or ``think_on_text``).
+    steps:        from :func:`qstar_mini.inference.generate_with_thoughts` (or ``think_on_text``).
     index:        which generated token (0 = the first after the prompt).
     thought_step: reveal the thought up to this step k (0 = only ``<|startofthought|>``; the
                   default, t - 1, is the whole thought with ``<|endofthought|>``), as the model

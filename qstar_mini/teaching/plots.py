@@ -37,7 +37,7 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from ..generate import coloured_spans
+from qstar_mini.inference import coloured_spans
 
 
 def _headless() -> bool:
@@ -164,7 +164,7 @@ def plot_which_tokens_benefit(by_difficulty: list[dict], path=None,
                               title: str = "which tokens benefit (binned by the base model's loss)"):
     """Bars: mean loss improvement of Quiet-STaR over the base (and over the control) per bin.
 
-    by_difficulty: rows from :func:`qstar_mini.evaluate.by_difficulty` (or the report's
+    by_difficulty: rows from :func:`qstar_mini.evaluation.token_gains.by_difficulty` (or the report's
     ``by_difficulty``, whose values may be ``{"mean": ...}`` dicts).
     """
     import numpy as np
@@ -331,7 +331,7 @@ def coloured_text(tokens: Sequence[str], values: Sequence[float | None], vmax: f
 
     Hovering a token shows its value. Values (and ``vmax``) are rounded with ``fmt`` before anything
     is drawn, so the HTML is the same wherever the values agree to that precision. The tokens are
-    drawn by :func:`qstar_mini.generate.coloured_spans`, as :func:`~qstar_mini.generate.render_html`
+    drawn by :func:`qstar_mini.inference.coloured_spans`, as :func:`~qstar_mini.inference.render_html`
     draws generated text.
     """
     from matplotlib import colormaps

@@ -1,11 +1,11 @@
 """The ``qstar_gsm8k_format`` lm-evaluation-harness task's functions (see the YAML beside this file):
 the data, prompt, target and answer extraction are qstar_mini's own, so the harness's exact_match
-is the GSM8K-format accuracy :func:`qstar_mini.evaluate.gsm8k_eval` computes."""
+is the GSM8K-format accuracy :func:`qstar_mini.evaluation.gsm8k.gsm8k_eval` computes."""
 
 from __future__ import annotations
 
 from qstar_mini.data import gsm8k_prompt, gsm_final_answer, read_jsonl
-from qstar_mini.evaluate import extract_answer
+from qstar_mini.evaluation.gsm8k import extract_answer
 from qstar_mini.paths import DATA_DIR
 
 #: What an unanswered generation is scored as (never equal to a target, which is a number).
@@ -31,5 +31,5 @@ def target(doc: dict) -> str:
 
 
 def answers(resps, docs):
-    """Each generation's answer as :func:`qstar_mini.evaluate.extract_answer` reads it."""
+    """Each generation's answer as :func:`qstar_mini.evaluation.gsm8k.extract_answer` reads it."""
     return [[extract_answer(r) or NO_ANSWER for r in rs] for rs in resps]

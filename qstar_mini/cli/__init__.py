@@ -1,9 +1,9 @@
 """The ``qstar-mini`` command line: one subcommand per job, each a thin shell around a function.
 
     qstar-mini data      --out DIR [--n-train N ...]   write the corpus (qstar_mini.data.write_corpus)
-    qstar-mini pretrain  --out DIR [--steps N ...]     pretrain the tiny base model (qstar_mini.models.pretrain)
-    qstar-mini demo      [--model DIR] [--n N]         show it completing held-out lines (qstar_mini.demo.run_demo)
-    qstar-mini models    fetch smollm2 | list          a real pretrained model, once, offline after (qstar_mini.real_models)
+    qstar-mini pretrain  --out DIR [--steps N ...]     pretrain the tiny base model (qstar_mini.models.tiny.pretrain)
+    qstar-mini demo      [--model DIR] [--n N]         show it completing held-out lines (qstar_mini.cli.demo.run_demo)
+    qstar-mini models    fetch smollm2 | list          a real pretrained model, once, offline after (qstar_mini.models.pretrained)
 
 Errors: every :class:`~qstar_mini.errors.QStarError` (bad input: an impossible config, a missing
 model, a broken data file), every usage error (a bad flag, an unknown subcommand) and Ctrl-C
@@ -22,10 +22,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .cli_args import check_device, nonnegative_int, positive_float, positive_int
-from .errors import ConfigError, QStarError
-from .paths import DATA_DIR, RUNS_DIR, TINY_BASE
-from .runs import check_writable, recover_checkpoint
+from qstar_mini.cli.args import check_device, nonnegative_int, positive_float, positive_int
+from qstar_mini.errors import ConfigError, QStarError
+from qstar_mini.paths import DATA_DIR, RUNS_DIR, TINY_BASE
+from qstar_mini.runs.folder import check_writable, recover_checkpoint
 
 PROG = "qstar-mini"
 
@@ -62,7 +62,7 @@ CORPUS_FLAGS = ("task", "n_train", "n_valid", "n_test", "n_gsm", "frac_working",
 
 
 def add_data_command(subparsers) -> None:
-    from .data import CorpusConfig  # light: no torch, no datasets
+    from qstar_mini.data import CorpusConfig  # light: no torch, no datasets
 
     default = CorpusConfig()
     p = subparsers.add_parser(
@@ -90,7 +90,7 @@ def add_data_command(subparsers) -> None:
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from .data import CorpusConfig, write_corpus
+    from qstar_mini.data import CorpusConfig, write_corpus
 
     cfg = CorpusConfig(**_given(args, CORPUS_FLAGS))  # validates before anything is written
     out = _existing_dir_or_new(args.out)
@@ -107,7 +107,7 @@ def _refuse_a_different_corpus(out: Path, cfg) -> None:
     --overwrite: the repository's own corpus is never silently swapped for another."""
     import tempfile
 
-    from .data import write_corpus
+    from qstar_mini.data import write_corpus
 
     if not out.is_dir():
         return
@@ -127,7 +127,7 @@ def add_pretrain_command(subparsers) -> None:
         "pretrain",
         help="pretrain the tiny base model from scratch on the corpus",
         description="Pretrain a tiny decoder-only model on the corpus and save it (safetensors) "
-        "with its tokenizer. Unset flags take the defaults of qstar_mini.models.pretrain.",
+        "with its tokenizer. Unset flags take the defaults of qstar_mini.models.tiny.pretrain.",
     )
     p.add_argument("--out", required=True, metavar="DIR",
                    help="where to save the model and tokenizer, e.g. runs/my-base (make pretrain "
@@ -149,12 +149,12 @@ def add_pretrain_command(subparsers) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from .models import pretrain
+    from qstar_mini.models.tiny import pretrain
 
     corpus = None
     overrides = _given(args, ("frac_working", "working_error"))
     if overrides:  # a corpus other than the one on disk: generated with CorpusConfig's other defaults
-        from .data import CorpusConfig
+        from qstar_mini.data import CorpusConfig
 
         corpus = CorpusConfig(**overrides)
     for line in recover_checkpoint(args.out):      # what a killed save of an earlier pretrain left
@@ -212,15 +212,15 @@ def add_demo_command(subparsers) -> None:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     """The whole story: the base with and without working, then (unless --base-only) Quiet-STaR
-    and its controls trained, evaluated and reported (qstar_mini.experiments.run_demo_pipeline)."""
-    from .demo import run_demo
+    and its controls trained, evaluated and reported (qstar_mini.studies.reproduce.run_demo_pipeline)."""
+    from qstar_mini.cli.demo import run_demo
 
     check_device(args.device)
     if not args.base_only:
         check_writable(args.out)
     run_demo(model_dir=args.model, data_dir=Path(args.data), **_given(args, ("n", "show", "device")))
     if not args.base_only:
-        from .experiments import run_demo_pipeline
+        from qstar_mini.studies.reproduce import run_demo_pipeline
 
         run_demo_pipeline(out_dir=Path(args.out))
     return 0
@@ -229,7 +229,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 # ---- train and eval -------------------------------------------------------------------------
 
 def add_train_command(subparsers) -> None:
-    from .train_cli import add_train_arguments, run_train
+    from qstar_mini.cli.train import add_train_arguments, run_train
 
     p = subparsers.add_parser(
         "train",
@@ -243,7 +243,7 @@ def add_train_command(subparsers) -> None:
 
 
 def add_eval_command(subparsers) -> None:
-    from .eval_cli import add_eval_arguments, run_eval
+    from qstar_mini.cli.eval import add_eval_arguments, run_eval
 
     p = subparsers.add_parser(
         "eval",
@@ -259,7 +259,7 @@ def add_eval_command(subparsers) -> None:
 # ---- bench --------------------------------------------------------------------------------
 
 def add_bench_command(subparsers) -> None:
-    from .bench import add_bench_arguments, run_bench
+    from qstar_mini.studies.bench import add_bench_arguments, run_bench
 
     p = subparsers.add_parser(
         "bench",
@@ -300,7 +300,7 @@ def add_assignments_command(subparsers) -> None:
     def run_assignments(args: argparse.Namespace) -> int:
         import nbformat
 
-        from .teaching.assignments import NOTEBOOKS_DIR, check_submission, solution_cells, write_assignments
+        from qstar_mini.teaching.assignments import NOTEBOOKS_DIR, check_submission, solution_cells, write_assignments
 
         if args.check is not None:
             problems = check_submission(args.check, Path(args.notebooks or NOTEBOOKS_DIR))
@@ -368,7 +368,7 @@ def add_models_command(subparsers) -> None:
 
 
 def run_models_fetch(args: argparse.Namespace) -> int:
-    from .real_models import fetch, provenance
+    from qstar_mini.models.pretrained import fetch, provenance
 
     print(fetch(args.name, force=args.force))
     print(provenance(args.name), file=sys.stderr)      # stdout stays the path alone, for scripts
@@ -376,7 +376,7 @@ def run_models_fetch(args: argparse.Namespace) -> int:
 
 
 def run_models_verify(args: argparse.Namespace) -> int:
-    from .real_models import model_dir, verify
+    from qstar_mini.models.pretrained import model_dir, verify
 
     manifest = verify(args.name)
     print(f"{model_dir(args.name)}: {len(manifest['files'])} files match the manifest")
@@ -384,7 +384,7 @@ def run_models_verify(args: argparse.Namespace) -> int:
 
 
 def run_models_list(args: argparse.Namespace) -> int:
-    from .real_models import listing
+    from qstar_mini.models.pretrained import listing
 
     rows = listing()
     width = max(len(row["name"]) for row in rows)

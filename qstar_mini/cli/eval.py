@@ -1,4 +1,4 @@
-"""``qstar-mini eval``: its flags, and the evaluation they choose (:mod:`qstar_mini.evaluate`).
+"""``qstar-mini eval``: its flags, and the evaluation they choose (:mod:`qstar_mini.evaluation`).
 
 ``--model`` is a Quiet-STaR checkpoint or a plain model (:func:`is_plain_model`: a fetched
 model's name such as ``smollm2``, a folder with ``config.json`` and none of a checkpoint's own
@@ -7,9 +7,9 @@ per-token NLL, perplexity and accuracy (and the answer-digit figures on the arit
 GSM8K-format accuracy without thinking) and says which rows are omitted.
 
 :func:`run_eval` loads the checkpoint (and the base and control models), reads the held-out
-text, detects what it is (:func:`qstar_mini.evaluate.detect_data_kind`) and runs
-:func:`~qstar_mini.evaluate.evaluate` on the arithmetic corpus or
-:func:`~qstar_mini.evaluate.evaluate_text` on any other text; it prints a table and the JSON.
+text, detects what it is (:func:`qstar_mini.evaluation.any_text.detect_data_kind`) and runs
+:func:`~qstar_mini.evaluation.arithmetic.evaluate` on the arithmetic corpus or
+:func:`~qstar_mini.evaluation.any_text.evaluate_text` on any other text; it prints a table and the JSON.
 """
 
 from __future__ import annotations
@@ -20,18 +20,19 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CONFIG_FILE, HEAD_FILE, META_FILE, check_checkpoint, load_checkpoint, load_config
-from .cli_args import check_device
-from .data import read_jsonl
-from .errors import CheckpointError, ConfigError, DataError
-from .files import write_file_atomic
-from .evaluate import (ARITHMETIC, ARITHMETIC_METRICS, ARITHMETIC_RULE, answer_only, commonsense_qa_eval,
-                       PLAIN_OMITTED, detect_data_kind, evaluate, evaluate_plain, evaluate_text, format_plain_table,
-                       format_table, format_text_table, is_datasets_name, is_gsm_record, load_commonsense_qa,
-                       load_eval_records, load_gsm8k)
-from .models import load_model
-from .paths import DATA_DIR, TINY_BASE, looks_local
-from .runs import check_file_writable
+from qstar_mini.runs.checkpoint import CONFIG_FILE, HEAD_FILE, META_FILE, check_checkpoint, load_checkpoint, load_config
+from qstar_mini.cli.args import check_device
+from qstar_mini.data import read_jsonl
+from qstar_mini.errors import CheckpointError, ConfigError, DataError
+from qstar_mini.files import write_file_atomic
+from qstar_mini.evaluation.any_text import ARITHMETIC, ARITHMETIC_METRICS, ARITHMETIC_RULE, PLAIN_OMITTED, detect_data_kind, evaluate_plain, evaluate_text, format_plain_table, format_text_table, is_datasets_name, is_gsm_record, load_eval_records
+from qstar_mini.evaluation.token_gains import answer_only
+from qstar_mini.evaluation.commonsense_qa import commonsense_qa_eval, load_commonsense_qa
+from qstar_mini.evaluation.arithmetic import evaluate, format_table
+from qstar_mini.evaluation.gsm8k import load_gsm8k
+from qstar_mini.models.tiny import load_model
+from qstar_mini.paths import DATA_DIR, TINY_BASE, looks_local
+from qstar_mini.runs.folder import check_file_writable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -117,7 +118,7 @@ def is_plain_model(spec: str) -> bool:
     model's short name (``smollm2``), a folder with ``config.json`` and none of a checkpoint's own
     files (meta-tokens, mixing head, qstar_config.json), or a name that is no local path (a
     Hugging Face name). Anything else is taken for a checkpoint (and refused as one, in one line)."""
-    from .real_models import KNOWN
+    from qstar_mini.models.pretrained import KNOWN
 
     if spec in KNOWN:
         return True
@@ -130,7 +131,7 @@ def is_plain_model(spec: str) -> bool:
 
 def _check_checkpoint_spec(spec: str) -> None:
     """A --model that is no folder and no model name: one line naming the three ways to give one."""
-    from .real_models import KNOWN
+    from qstar_mini.models.pretrained import KNOWN
 
     if not Path(spec).expanduser().is_dir():
         raise CheckpointError(f"--model {spec} does not exist (or is not a folder); give a checkpoint folder "
@@ -172,7 +173,7 @@ def _emit(args, header: str, table: str, result: dict) -> int:
 
 def run_plain_eval(args: argparse.Namespace, records: list[dict], source: str, kind: str, why: str) -> int:
     """``qstar-mini eval --model NAME_OR_FOLDER`` for a plain model: the no-thought rows only
-    (:func:`~qstar_mini.evaluate.evaluate_plain`), with notes on what is omitted and why."""
+    (:func:`~qstar_mini.evaluation.any_text.evaluate_plain`), with notes on what is omitted and why."""
     for flag, value in (("--base", args.base), ("--control", args.control), ("--think-where", args.think_where)):
         if value:
             raise ConfigError(f"{flag} applies to a Quiet-STaR checkpoint; --model {args.checkpoint} is a plain "

@@ -12,12 +12,12 @@ import sys
 from dataclasses import fields as dc_fields
 from pathlib import Path
 
-from .config import ATTENTION_MODES, MEMORY_MODES, MIXING_MODES, PRESETS, QuietStarConfig, preset
-from .cli_args import check_device, finite_float, nonnegative_int, positive_float, positive_int
-from .errors import ConfigError
-from .paths import DATA_DIR, RUNS_DIR, TINY_BASE
-from .records import LINES
-from .train import THINK_WHERE, train
+from qstar_mini.config import ATTENTION_MODES, MEMORY_MODES, MIXING_MODES, PRESETS, QuietStarConfig, preset
+from qstar_mini.cli.args import check_device, finite_float, nonnegative_int, positive_float, positive_int
+from qstar_mini.errors import ConfigError
+from qstar_mini.paths import DATA_DIR, RUNS_DIR, TINY_BASE
+from qstar_mini.records import LINES
+from qstar_mini.train import THINK_WHERE, train
 
 #: argparse types of the QuietStarConfig flags: counts >= 1, rates > 0, weights finite.
 FLAG_TYPES = {"steps": positive_int, "batch_size": positive_int, "n_thoughts": positive_int,

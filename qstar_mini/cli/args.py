@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from .errors import ConfigError
+from qstar_mini.errors import ConfigError
 
 
 def positive_int(text: str) -> int:

@@ -1,13 +1,13 @@
 """Quiet-STaR checkpoints in EleutherAI's lm-evaluation-harness (``lm_eval``), with their thoughts.
 
 :class:`QuietStarLM` is an ``lm_eval`` model, registered as ``qstar-mini`` (and ``qstar_mini``)
-when this module is imported. It loads a checkpoint (:func:`qstar_mini.checkpoint.load_checkpoint`)
+when this module is imported. It loads a checkpoint (:func:`qstar_mini.runs.checkpoint.load_checkpoint`)
 and answers the harness's three kinds of request:
 
 * ``loglikelihood(context, continuation)``: the sum over the continuation's tokens of
   log p^talk, the mixed post-thought prediction at offset 0 (Algorithm 1, line 2g) after the
   thought made right after the token before it, i.e. the with-thinking NLL of
-  :func:`qstar_mini.evaluate.evaluate_text` (a thought after every token the continuation
+  :func:`qstar_mini.evaluation.any_text.evaluate_text` (a thought after every token the continuation
   sees; thoughts never enter the text, so the thoughts of earlier context positions do not
   change these predictions and are not made). ``is_greedy``: every continuation token is the
   argmax of its mixed prediction.
@@ -15,18 +15,18 @@ and answers the harness's three kinds of request:
   ``</s>`` when the tokenizer has no ``<s>``), in windows of at most ``max_length`` tokens when
   it is longer, each token scored once.
 * ``generate_until(context, gen_kwargs)``: a thought before every generated token, as
-  :func:`qstar_mini.generate.generate_with_thoughts` does (same KV-cache steps), stopping at
+  :func:`qstar_mini.inference.generate_with_thoughts` does (same KV-cache steps), stopping at
   ``</s>``, at a stop string of ``until`` (cut off) or after ``max_gen_toks`` tokens.
 
 ``think=False`` answers the same requests with the checkpoint's LM alone (line 2a, no thought),
 so one harness run per setting gives the comparison; the model Quiet-STaR started from is the
 harness's own ``hf`` model. Every distribution is over the text vocabulary (the meta-tokens get
-probability 0, as in :mod:`qstar_mini.evaluate`). A context is ``<s>`` + its tokens; its trailing
+probability 0, as in :mod:`qstar_mini.evaluation`). A context is ``<s>`` + its tokens; its trailing
 spaces move to the continuation (the harness's convention), context and continuation are
 tokenized separately, and long inputs lose tokens on the left.
 
 Model arguments (``--model_args`` / ``model_args``): ``checkpoint`` (a folder, required; or a
-loaded :class:`~qstar_mini.checkpoint.Checkpoint` from Python), ``think`` (true), ``n_thoughts``
+loaded :class:`~qstar_mini.runs.checkpoint.Checkpoint` from Python), ``think`` (true), ``n_thoughts``
 (1) and ``greedy_thoughts`` (true; else ``n_thoughts`` thoughts sampled at
 ``thought_temperature``, 1.0, and the per-token log-probabilities averaged), ``seed`` (0),
 ``batch_size`` (8; ``auto`` means 8), ``max_length`` (the model's context minus
@@ -38,27 +38,27 @@ plugins), so a bare ``lm_eval --model qstar-mini`` does not know this model. Run
 own command line through this module instead, which imports (registers) it first and takes the
 same flags::
 
-    python -m qstar_mini.harness --model qstar-mini \\
+    python -m qstar_mini.evaluation.harness --model qstar-mini \\
         --model_args checkpoint=runs/x/checkpoint,think=true --tasks gsm8k --limit 50
-    python -m qstar_mini.harness --model qstar-mini \\
+    python -m qstar_mini.evaluation.harness --model qstar-mini \\
         --model_args checkpoint=runs/x/checkpoint,think=false --tasks gsm8k --limit 50
 
 ``--include_path DIR`` adds task YAML files of your own, as with ``lm_eval``.
 
 **Offline task.** ``gsm8k`` above needs the Hugging Face Hub. This package ships one that does not:
 ``qstar_gsm8k_format`` (:data:`TASKS_DIR`, added to ``--include_path`` by ``python -m
-qstar_mini.harness``; from Python ``task_manager=qstar_mini.harness.task_manager()``), the
+qstar_mini.evaluation.harness``; from Python ``task_manager=qstar_mini.evaluation.harness.task_manager()``), the
 project's ``data/gsm8k_format.jsonl`` asked zero-shot with qstar_mini's own prompt, 6 greedy
 tokens and answer extraction, so its ``exact_match`` is the GSM8K-format accuracy of
-``qstar-mini eval`` (:func:`qstar_mini.evaluate.gsm8k_eval`)::
+``qstar-mini eval`` (:func:`qstar_mini.evaluation.gsm8k.gsm8k_eval`)::
 
-    python -m qstar_mini.harness --model qstar-mini \
+    python -m qstar_mini.evaluation.harness --model qstar-mini \
         --model_args checkpoint=runs/x/checkpoint,think=true --tasks qstar_gsm8k_format --limit 50
 
 **From Python**::
 
     import lm_eval
-    import qstar_mini.harness                    # registers "qstar-mini"
+    import qstar_mini.evaluation.harness                    # registers "qstar-mini"
     results = lm_eval.simple_evaluate(model="qstar-mini", model_args="checkpoint=runs/x/checkpoint",
                                       tasks=["hellaswag"], limit=100)
 
@@ -74,14 +74,14 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, DataError
+from qstar_mini.errors import ConfigError, DataError
 
 try:
     import lm_eval.models  # noqa: F401 - the harness's own models stay registered next to ours
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as error:  # pragma: no cover - depends on the environment
-    raise ImportError("qstar_mini.harness needs lm_eval: pip install 'qstar-mini[harness]' "
+    raise ImportError("qstar_mini.evaluation.harness needs lm_eval: pip install 'qstar-mini[harness]' "
                       f"(lm_eval>=0.4.13,<0.5) ({error})") from None
 
 MODEL_NAMES = ("qstar-mini", "qstar_mini")
@@ -143,11 +143,11 @@ class QuietStarLM(LM):
                  seed=0, batch_size=DEFAULT_BATCH, max_length=None, max_gen_toks=DEFAULT_GEN_TOKENS, device=None,
                  dtype="float32", max_batch_size=None, **unknown):
         super().__init__()
-        from .checkpoint import Checkpoint, load_checkpoint
-        from .eval_cli import DTYPES
+        from qstar_mini.runs.checkpoint import Checkpoint, load_checkpoint
+        from qstar_mini.cli.eval import DTYPES
 
         if unknown:
-            raise ConfigError(f"unknown model argument(s) {sorted(unknown)} for qstar-mini; see qstar_mini.harness")
+            raise ConfigError(f"unknown model argument(s) {sorted(unknown)} for qstar-mini; see qstar_mini.evaluation.harness")
         if checkpoint is None:
             raise ConfigError("model argument checkpoint is required (checkpoint=runs/<name>/checkpoint)")
         if dtype not in DTYPES:
@@ -203,10 +203,10 @@ class QuietStarLM(LM):
         """log p(next token) at ``positions``: ids, mask (b, l) right-padded, positions (b, m)
         -> (b, m, vocab); the mixed prediction after a thought (mean over the thoughts' log-probs)
         or, with think=False, the LM's own."""
-        from .generate import predict_with_thoughts
-        from .lm import lm_head, text_log_probs
-        from .step import at_positions
-        from .thoughts import plain_forward
+        from qstar_mini.inference import predict_with_thoughts
+        from qstar_mini.lm import lm_head, text_log_probs
+        from qstar_mini.step import at_positions
+        from qstar_mini.thoughts import plain_forward
 
         if self.think:
             pred = predict_with_thoughts(self.model, self.meta, self.head, self.cfg, ids, mask, self.n_thoughts,
@@ -280,9 +280,9 @@ class QuietStarLM(LM):
         """New token ids after ``ids``: a thought before each (unless think=False), stopping at
         ``</s>`` (not returned), once the decoded text holds a string of ``until``, or after
         ``max_new_tokens``. Greedy, or sampled at ``temperature``; never a meta-token."""
-        from .generate import think_once
-        from .lm import forward_hidden, lm_head, text_log_probs
-        from .thoughts import gumbel_noise, plain_forward
+        from qstar_mini.inference import think_once
+        from qstar_mini.lm import forward_hidden, lm_head, text_log_probs
+        from qstar_mini.thoughts import gumbel_noise, plain_forward
 
         model, meta, device = self.model, self.meta, self._device
         x = torch.tensor([ids], device=device)                                 # (1, seq)
@@ -357,7 +357,7 @@ def _with_shipped_tasks(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m qstar_mini.harness [lm_eval flags]``: lm_eval's command line, with
+    """``python -m qstar_mini.evaluation.harness [lm_eval flags]``: lm_eval's command line, with
     ``qstar-mini`` registered and the shipped tasks (:data:`TASKS_DIR`) included unless
     ``--include_path`` names a folder of your own."""
     from lm_eval.__main__ import cli_evaluate
@@ -367,8 +367,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # Run as a script this file is ``__main__``, not ``qstar_mini.harness``: import the real
+    # Run as a script this file is ``__main__``, not ``qstar_mini.evaluation.harness``: import the real
     # module (which registers the model once) and hand over to lm_eval's command line.
-    from qstar_mini.harness import main as _main
+    from qstar_mini.evaluation.harness import main as _main
 
     _main()

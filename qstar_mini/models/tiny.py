@@ -37,12 +37,12 @@ from pathlib import Path
 
 import torch
 
-from .data import (CONFIG_FILE, WORK_CLOSE, WORK_OPEN, CorpusConfig, answer_index, generate_splits,
+from qstar_mini.data import (CONFIG_FILE, WORK_CLOSE, WORK_OPEN, CorpusConfig, answer_index, generate_splits,
                    get_task, read_jsonl, split_prompt, task_for_question, working_is_correct)
-from .files import make_portable, write_dir_atomic
-from .errors import ModelError
-from .paths import DATA_DIR, TINY_BASE, looks_local
-from .records import encode_lines  # the one encoder; also qstar_mini.models.encode_lines for the notebooks
+from qstar_mini.files import make_portable, write_dir_atomic
+from qstar_mini.errors import ModelError
+from qstar_mini.paths import DATA_DIR, TINY_BASE, looks_local
+from qstar_mini.records import encode_lines  # the one encoder; also qstar_mini.models.tiny.encode_lines for the notebooks
 
 # ----------------------------------------------------------------------------- tokenizer
 
@@ -391,7 +391,7 @@ def load_model(name_or_path=TINY_BASE, dtype: torch.dtype = torch.float32,
 
     name_or_path: a directory made by ``save_pretrained`` (default: the shipped tiny base), the
     short name of a real model fetched once with ``qstar-mini models fetch NAME`` (``"smollm2"``:
-    SmolLM2-135M-Instruct, see :mod:`qstar_mini.real_models`; a string equal to such a name
+    SmolLM2-135M-Instruct, see :mod:`qstar_mini.models.pretrained`; a string equal to such a name
     always means that model, write ``"./smollm2"`` for a folder of that name) or a Hugging Face
     model name (needs the network unless cached). Returns ``(model, tokenizer)``,
     the model in eval mode on ``device``; the tokenizer pads on the right and has a pad token
@@ -400,7 +400,7 @@ def load_model(name_or_path=TINY_BASE, dtype: torch.dtype = torch.float32,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(name_or_path, str):
-        from .real_models import KNOWN, resolve
+        from qstar_mini.models.pretrained import KNOWN, resolve
 
         if name_or_path in KNOWN:                 # "smollm2" -> its cache folder, or how to fetch it
             name_or_path = resolve(name_or_path)

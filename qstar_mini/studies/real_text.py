@@ -21,7 +21,7 @@ question of a real language model, on CPU, in well under an hour:
    n_thoughts sampled thoughts); binned by the base's NLL, as in the paper's "which tokens
    benefit". The numbers are reported whatever they show.
 
-``python -m qstar_mini.real_text`` (``make real``) writes ``runs/real/report.json`` and prints the
+``python -m qstar_mini.studies.real_text`` (``make real``) writes ``runs/real/report.json`` and prints the
 table; README quotes the result and the time it took. On a GPU raise ``--steps`` and
 ``--lines``; settings below.
 """
@@ -36,14 +36,14 @@ from pathlib import Path
 
 import torch
 
-from .config import official
-from .data import read_jsonl
-from .errors import ConfigError, QStarError
-from .lm import lm_head, text_log_probs
-from .losses import token_log_probs
-from .paths import DATA_DIR, RUNS_DIR
-from .step import at_positions, prepare_model, quiet_star_step
-from .thoughts import plain_forward
+from qstar_mini.config import official
+from qstar_mini.data import read_jsonl
+from qstar_mini.errors import ConfigError, QStarError
+from qstar_mini.lm import lm_head, text_log_probs
+from qstar_mini.losses import token_log_probs
+from qstar_mini.paths import DATA_DIR, RUNS_DIR
+from qstar_mini.step import at_positions, prepare_model, quiet_star_step
+from qstar_mini.thoughts import plain_forward
 
 # The official step's structure with the tiny preset's choices where a few dozen steps on a CPU
 # need them: a bounded mixing weight that starts at 0.05 (the base, nearly), the summed log p(T_j)
@@ -106,7 +106,7 @@ def hardest_positions(nll: torch.Tensor, k: int, starts: torch.Tensor | None = N
 
 def train_arm(model, tokenizer, meta, head, cfg, ids, mask, positions, *, log=print) -> list[dict]:
     """cfg.steps optimiser steps over the training lines in a seeded order; returns the log."""
-    from .train import QuietStarModule, build_optimizer, make_schedule
+    from qstar_mini.train import QuietStarModule, build_optimizer, make_schedule
 
     module = QuietStarModule(model, meta, head)
     optimizer, history = build_optimizer(module, cfg), []
@@ -173,7 +173,7 @@ def binned(base: torch.Tensor, other: torch.Tensor) -> list[dict]:
 
 def run(model_name="smollm2", steps: int | None = None, out_dir=RUNS_DIR / "real", seed: int = 0,
         log=print) -> dict:
-    from .models import load_model
+    from qstar_mini.models.tiny import load_model
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -257,7 +257,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qstar_mini.real_text", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m qstar_mini.studies.real_text", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", help="a model folder or short name (default: smollm2)")
     parser.add_argument("--steps", type=int, default=None, help=f"optimiser steps per arm (default {REAL.steps})")
     parser.add_argument("--out", default=str(RUNS_DIR / "real"), help="where report.json goes")

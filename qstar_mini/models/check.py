@@ -25,11 +25,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import QuietStarConfig
-from .errors import ModelError
-from .lm import body, lm_head
-from .meta_tokens import MetaTokens, embedding_scale_of
-from .thoughts import generate_thoughts, naive_thoughts, plain_forward
+from qstar_mini.config import QuietStarConfig
+from qstar_mini.errors import ModelError
+from qstar_mini.lm import body, lm_head
+from qstar_mini.meta_tokens import MetaTokens, embedding_scale_of
+from qstar_mini.thoughts import generate_thoughts, naive_thoughts, plain_forward
 
 # Relative error allowed between the two paths, by the model's dtype: rounding differs
 # between a fused causal kernel and our masked one, nothing else may.

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import ModelError
+from qstar_mini.errors import ModelError
 
 NAME = "qstar_blocks"
 
@@ -90,7 +90,7 @@ def block_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
                          f"use attention='mask' (the model's own attention with the Figure 3 mask)")
     layout = _LAYOUT.get()
     if layout is None:
-        raise ModelError(f"attention implementation {NAME!r} is only valid inside qstar_mini.block_attention."
+        raise ModelError(f"attention implementation {NAME!r} is only valid inside qstar_mini.fast.block_attention."
                          f"structured(); load the model with attn_implementation='sdpa' or 'eager'")
     seq, m, step = layout.seq, layout.m, layout.step
     batch, heads, q_len, dim = query.shape

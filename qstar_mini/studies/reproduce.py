@@ -26,7 +26,7 @@ trains and evaluates them for every seed, :func:`aggregate` turns per-seed numbe
 
 * :func:`run_demo_pipeline`: ``make demo``, one seed.
 * :func:`run_reproduction`: ``make reproduce``, three seeds and the controls.
-* :func:`run_ablations`: ``python -m qstar_mini.experiments ablations``, one seed of each of
+* :func:`run_ablations`: ``python -m qstar_mini.studies.reproduce ablations``, one seed of each of
   :data:`ABLATIONS`; :func:`run_differences` (``... differences``) does the same for
   :data:`DIFFERENCES` on tier 1.
 
@@ -55,10 +55,12 @@ from pathlib import Path
 
 import torch
 
-from .config import QuietStarConfig, tiny
-from .data import CorpusConfig, generate_splits, read_jsonl
-from .evaluate import answer_only, best_temperature, evaluate
-from .paths import DATA_DIR, RUNS_DIR, TINY_BASE, TINY_BASE_NOISY
+from qstar_mini.config import QuietStarConfig, tiny
+from qstar_mini.data import CorpusConfig, generate_splits, read_jsonl
+from qstar_mini.evaluation.token_gains import answer_only
+from qstar_mini.evaluation.thought_quality import best_temperature
+from qstar_mini.evaluation.arithmetic import evaluate
+from qstar_mini.paths import DATA_DIR, RUNS_DIR, TINY_BASE, TINY_BASE_NOISY
 
 
 @dataclass
@@ -107,7 +109,7 @@ TIER2_REPRO = dataclasses.replace(TIER2, cfg=TIER2.cfg.replace(n_thoughts=8),
 
 # The tier-2 search's best setting (docs/results/tier2_search.md): a smaller LM learning rate, a 10x policy
 # loss, three times the steps; with the three thought controls (thinking off has no thoughts to
-# compare). `python -m qstar_mini.experiments long --seed N` runs one seed, `... long --merge`
+# compare). `python -m qstar_mini.studies.reproduce long --seed N` runs one seed, `... long --merge`
 # makes the 3-seed report README's table is rendered from.
 TIER2_LONG = dataclasses.replace(TIER2_REPRO, name="tier2_long",
                                  cfg=TIER2_REPRO.cfg.replace(lr=5e-5, policy_loss_weight=10.0, steps=900),
@@ -177,7 +179,7 @@ def run_arm(tier: Tier, arm: Arm, seed: int, out_dir: Path, *, base_model=None, 
     "thought_correct_greedy" (test, after), "w_answer", "by_difficulty", "evals", "seconds",
     "w_by_position", "metrics" (path)}.
     """
-    from .train import train
+    from qstar_mini.train import train
 
     cfg = tier.cfg.replace(seed=seed, **arm.changes, **({"steps": steps} if steps else {}))
     run_dir = Path(out_dir) / tier.name / f"{arm.name}-seed{seed}"
@@ -222,8 +224,8 @@ def run_arm(tier: Tier, arm: Arm, seed: int, out_dir: Path, *, base_model=None, 
 def evaluate_untrained_base(tier: Tier, seed: int = 0, test_records=None) -> dict:
     """The untrained base on the held-out lines (plain prediction), and its thoughts (meta-tokens
     initialised as in training) at several sampling temperatures."""
-    from .models import load_model
-    from .step import prepare_model
+    from qstar_mini.models.tiny import load_model
+    from qstar_mini.step import prepare_model
 
     records = test_records or answer_only(read_jsonl(DATA_DIR / "test.jsonl"))[: tier.eval_lines]
     model, tokenizer = load_model(tier.base)
@@ -238,7 +240,7 @@ def evaluate_untrained_base(tier: Tier, seed: int = 0, test_records=None) -> dic
                    thought_correct=temps["by_temperature"].get("1"),
                    thought_correct_greedy=temps["by_temperature"]["greedy"])
     if tier.visible_working and tier.temperatures:
-        from .evaluate import visible_working_accuracy
+        from qstar_mini.evaluation.thought_quality import visible_working_accuracy
 
         out["visible_working_by_temperature"] = visible_working_accuracy(
             model, tokenizer, records, tier.temperatures, seed=seed)["by_temperature"]
@@ -291,7 +293,7 @@ def _log(*args) -> None:
 
 def run_tier(tier: Tier, seeds, out_dir: Path, *, progress: bool = True, log=_log) -> dict:
     """Every arm of the tier for every seed, the base, and the aggregated results."""
-    from .models import load_model
+    from qstar_mini.models.tiny import load_model
 
     records = answer_only(read_jsonl(DATA_DIR / "test.jsonl"))[: tier.eval_lines]
     base_model, _ = load_model(tier.base)
@@ -353,7 +355,7 @@ def write_plots(summary: dict, out_dir: Path, prefix: str) -> list[str]:
     """Loss curves, which-tokens-benefit, w over positions, thought correctness, model bars."""
     import matplotlib.pyplot as plt
 
-    from .teaching import plots as viz
+    from qstar_mini.teaching import plots as viz
 
     runs = summary["_runs"]
     paths = []
@@ -445,14 +447,14 @@ def run_demo_pipeline(out_dir=RUNS_DIR / "demo", seeds=(0,), *, progress: bool =
     shuffled-reward controls and the base's best temperature) for one seed; writes
     ``report.json`` and PNG plots to ``out_dir`` and prints the tables."""
     tiers = list(tiers) if tiers is not None else [TIER1, TIER2]
-    return _run(tiers, seeds, out_dir, "make demo (qstar_mini.experiments.run_demo_pipeline)", progress)
+    return _run(tiers, seeds, out_dir, "make demo (qstar_mini.studies.reproduce.run_demo_pipeline)", progress)
 
 
 def run_reproduction(seeds=(0, 1, 2), out_dir=RUNS_DIR / "reproduce", *, progress: bool = False) -> dict:
     """``make reproduce``: both tiers over three seeds, with every control (its time: README.md,
     "How long things take")."""
     return _run([TIER1_REPRO, TIER2_REPRO], seeds, out_dir,
-                "make reproduce (qstar_mini.experiments.run_reproduction)", progress)
+                "make reproduce (qstar_mini.studies.reproduce.run_reproduction)", progress)
 
 
 def run_ablations(out_dir=RUNS_DIR / "ablations", seed: int = 0, arms=ABLATIONS, *, tier: Tier = TIER2,
@@ -514,7 +516,7 @@ def search_row(name: str, changes: dict | None = None, seed: int = 0, steps: int
     row["curve"] = [{k: e.get(k) for k in ("step", "thought_correct", "thought_correct_greedy", "answer_acc")}
                     for e in r["evals"]]
     args = " ".join(f"{k}={v!r}".replace(" ", "") for k, v in changes.items())
-    row["command"] = (f"python -m qstar_mini.experiments search {name} {args} --seed {seed} --steps {steps}"
+    row["command"] = (f"python -m qstar_mini.studies.reproduce search {name} {args} --seed {seed} --steps {steps}"
                       + (f" --think-where {think_where}" if think_where != "answer" else "")
                       + (" --shuffle-rewards" if shuffle_rewards else "")
                       + (f" --lines {lines}" if lines != "answer_only" else "")).replace("  ", " ")
@@ -530,7 +532,7 @@ def reward_audit(model, tokenizer, meta, head, cfg: QuietStarConfig, records: li
                  batch_size: int = 64) -> dict:
     """Where REINFORCE's reward goes: one training step's rewards (Algorithm 1, line 2i; thinking
     at the answer, ``cfg.n_thoughts`` thoughts a line, no update) on answer-only ``records``,
-    each thought judged by :func:`qstar_mini.evaluate.running_sum_agreement`.
+    each thought judged by :func:`qstar_mini.evaluation.thought_quality.running_sum_agreement`.
 
     The clamped reward max(r_j, 0) is what line 2j multiplies log p(T_j) by (with
     ``cfg.clamp_negative_rewards``): its mass split by the kind of thought shows whether the
@@ -541,10 +543,10 @@ def reward_audit(model, tokenizer, meta, head, cfg: QuietStarConfig, records: li
     "groups_all_wrong_paid": the fraction of the clamped reward mass paid in groups (one line's
     n_thoughts) where no thought is right, "n_thoughts", "n_lines"}.
     """
-    from .evaluate import running_sum_agreement
-    from .generate import decode_thought
-    from .records import encode_records
-    from .step import quiet_star_step
+    from qstar_mini.evaluation.thought_quality import running_sum_agreement
+    from qstar_mini.inference import decode_thought
+    from qstar_mini.records import encode_records
+    from qstar_mini.step import quiet_star_step
 
     records = [r for r in answer_only(records) if r.get("question")]
     if not records:
@@ -670,9 +672,9 @@ def merge_long(out_dir=LONG_DIR, seeds=(0, 1, 2)) -> dict:
     missing = [p.name for p in needed if not p.exists()]
     if missing:
         raise SystemExit(f"long --merge: {len(missing)} piece(s) missing in {out_dir}: {', '.join(missing)}; "
-                         "run them with python -m qstar_mini.experiments long PART --seed N")
+                         "run them with python -m qstar_mini.studies.reproduce long PART --seed N")
     read = lambda p: json.loads(p.read_text())["result"]                      # noqa: E731
-    report = {"command": "python -m qstar_mini.experiments long PART --seed N (each arm and seed, and base), "
+    report = {"command": "python -m qstar_mini.studies.reproduce long PART --seed N (each arm and seed, and base), "
                          "then long --merge", "seeds": list(seeds), "config": TIER2_LONG.cfg.to_dict(),
               "base_model": str(TIER2_LONG.base.name), "base": read(out_dir / "base.json"), "arms": {}}
     for arm in TIER2_LONG.arms:
@@ -760,7 +762,7 @@ def parse_search_args(argv: list[str]) -> dict:
     import ast
 
     if not argv or argv[0].startswith("-"):
-        raise SystemExit("usage: python -m qstar_mini.experiments search NAME [field=value ...] "
+        raise SystemExit("usage: python -m qstar_mini.studies.reproduce search NAME [field=value ...] "
                          "[--seed N] [--steps N] [--think-where answer|all] [--shuffle-rewards] [--lines L]")
     kwargs, changes, rest = {"name": argv[0]}, {}, list(argv[1:])
     while rest:
@@ -789,7 +791,7 @@ def parse_search_args(argv: list[str]) -> dict:
     return kwargs
 
 
-if __name__ == "__main__":  # python -m qstar_mini.experiments [demo|reproduce|ablations|differences|search]
+if __name__ == "__main__":  # python -m qstar_mini.studies.reproduce [demo|reproduce|ablations|differences|search]
     what = sys.argv[1] if len(sys.argv) > 1 else "demo"
     if what == "search":
         torch.set_num_threads(1)
@@ -806,7 +808,7 @@ if __name__ == "__main__":  # python -m qstar_mini.experiments [demo|reproduce|a
             seed = int(rest[rest.index("--seed") + 1]) if "--seed" in rest else 0
             print(json.dumps({k: v for k, v in run_long_part(rest[0], seed, out).items() if k != "evals"}))
         else:
-            sys.exit("usage: python -m qstar_mini.experiments long PART [--seed N] [--out DIR] | long --merge "
+            sys.exit("usage: python -m qstar_mini.studies.reproduce long PART [--seed N] [--out DIR] | long --merge "
                      "[--out DIR]; PART: base, " + ", ".join(arm.name for arm in TIER2_LONG.arms))
         sys.exit(0)
     runs = {"demo": run_demo_pipeline, "reproduce": run_reproduction, "ablations": run_ablations,

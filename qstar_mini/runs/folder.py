@@ -24,7 +24,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import CheckpointError, ConfigError
+from qstar_mini.errors import CheckpointError, ConfigError
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"

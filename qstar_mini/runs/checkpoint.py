@@ -41,11 +41,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import QuietStarConfig
-from .errors import CheckpointError
-from .files import MANIFEST, check_files, make_portable, read_manifest, write_dir_atomic, write_json, write_manifest
-from .meta_tokens import MetaTokens
-from .mixing import MixingHead
+from qstar_mini.config import QuietStarConfig
+from qstar_mini.errors import CheckpointError
+from qstar_mini.files import MANIFEST, check_files, make_portable, read_manifest, write_dir_atomic, write_json, write_manifest
+from qstar_mini.meta_tokens import MetaTokens
+from qstar_mini.mixing import MixingHead
 
 META_FILE = "meta_tokens.safetensors"
 HEAD_FILE = "mixing_head.safetensors"
@@ -232,7 +232,7 @@ def load_checkpoint(path: str | os.PathLike, *, device=None, dtype: torch.dtype 
     """Load model, tokenizer, meta-tokens, mixing head and config from a checkpoint folder,
     the files it reads first checked against the manifest (``verify``: see
     :func:`verify_checkpoint`; the training state is hashed by :func:`load_training_state`)."""
-    from .models import load_model
+    from qstar_mini.models.tiny import load_model
 
     path = verify_checkpoint(path, verify, part="model")
     cfg = load_config(path)

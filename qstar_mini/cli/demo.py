@@ -18,7 +18,7 @@ Later, Quiet-STaR lets the model write its working *silently*, as a thought betw
 
 Structure (each step a function, so a notebook or a later demo can reuse it):
     load_test_records  -> held-out lines (qstar_mini.data)
-    load_demo_model    -> the tiny base model and its tokenizer (qstar_mini.models.load_model)
+    load_demo_model    -> the tiny base model and its tokenizer (qstar_mini.models.tiny.load_model)
     greedy_complete    -> model.generate, greedy, optionally forbidding tokens
     complete_mode      -> one mode over all lines: Completion rows
     format_table       -> the printed table
@@ -32,9 +32,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import WORK_CLOSE, WORK_OPEN, answer_index, read_jsonl, split_path, split_prompt, working_is_correct
-from .errors import DataError, ModelError
-from .paths import DATA_DIR, TINY_BASE
+from qstar_mini.data import WORK_CLOSE, WORK_OPEN, answer_index, read_jsonl, split_path, split_prompt, working_is_correct
+from qstar_mini.errors import DataError, ModelError
+from qstar_mini.paths import DATA_DIR, TINY_BASE
 
 N_LINES = 200       # held-out lines scored in each mode
 N_SHOWN = 6         # of which this many are printed in the table
@@ -105,7 +105,7 @@ def load_test_records(data_dir: str | Path = DATA_DIR, n: int = N_LINES) -> list
 
 def load_demo_model(model_dir: str | Path = TINY_BASE, device=None):
     """``(model, tokenizer)``; for the default path, a missing model says how to make it."""
-    from .models import load_model
+    from qstar_mini.models.tiny import load_model
 
     if Path(model_dir) == TINY_BASE and not (TINY_BASE / "config.json").exists():
         raise ModelError(f"no tiny base model in {TINY_BASE}; make it with `make pretrain` "

@@ -27,7 +27,7 @@ notebook 02 check it against :func:`qstar_mini.masks.thought_visibility` entry b
 
 How it runs
 -----------
-:func:`structured` (used through :func:`qstar_mini.attention.masked_step`) builds the step's
+:func:`structured` (used through :func:`qstar_mini.fast.attention.masked_step`) builds the step's
 ``BlockMask`` once and switches the model to the attention function :func:`flex_attention_forward`
 (registered with Hugging Face as ``"qstar_flex"``) for that one forward pass; every layer
 shares the mask. The dense additive mask the model still receives is not read.
@@ -54,8 +54,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .block_attention import PASSIVE
-from .errors import ModelError
+from qstar_mini.fast.block_attention import PASSIVE
+from qstar_mini.errors import ModelError
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
@@ -200,7 +200,7 @@ def flex_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
                          f"use attention='mask' (the model's own attention with the Figure 3 mask)")
     step = _STEP.get()
     if step is None:
-        raise ModelError(f"attention implementation {NAME!r} is only valid inside qstar_mini.flex_attention."
+        raise ModelError(f"attention implementation {NAME!r} is only valid inside qstar_mini.fast.flex_attention."
                          f"structured(); load the model with attn_implementation='sdpa' or 'eager'")
     seq, m, k = step.seq, step.m, step.step
     rows, heads, q_len, dim = query.shape

@@ -34,13 +34,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import QuietStarConfig
-from .data import task_for_question, working_is_correct
-from .errors import DataError
-from .lm import forward_hidden, lm_head, text_log_probs
-from .meta_tokens import MetaTokens
-from .mixing import MixingHead, mix_log_probs, mixing_weight
-from .thoughts import generate_thoughts, gumbel_noise, plain_forward, sample_tokens
+from qstar_mini.config import QuietStarConfig
+from qstar_mini.data import task_for_question, working_is_correct
+from qstar_mini.errors import DataError
+from qstar_mini.lm import forward_hidden, lm_head, text_log_probs
+from qstar_mini.meta_tokens import MetaTokens
+from qstar_mini.mixing import MixingHead, mix_log_probs, mixing_weight
+from qstar_mini.thoughts import generate_thoughts, gumbel_noise, plain_forward, sample_tokens
 
 
 # ----------------------------------------------------------------------------- reading thoughts
@@ -97,7 +97,7 @@ def predict_with_thoughts(model: nn.Module, meta: MetaTokens, head: MixingHead, 
     sampling (default ``cfg.thought_temperature``); ``greedy``: argmax thoughts.
     positions: (batch, m) long, think only after these positions (default: every position).
     """
-    from .step import at_positions
+    from qstar_mini.step import at_positions
 
     temperature = cfg.thought_temperature if temperature is None else temperature
     head_fn = lm_head(model)

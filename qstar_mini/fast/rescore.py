@@ -10,7 +10,7 @@ S = t + n_true - 1 steps the saved keys add up to about ``seq * S + m * S^2 / 2`
 instead of ``seq + m * S``: memory quadratic in the thought length. (This holds for the
 concatenating cache of ``attention="mask"``; ``"blocks"``, the default where the model allows
 it, writes each step's keys once into preallocated buffers and saves no attention
-probabilities, see :mod:`qstar_mini.block_attention`.)
+probabilities, see :mod:`qstar_mini.fast.block_attention`.)
 
 The alternative (``QuietStarConfig.memory``)
 --------------------------------------------
@@ -43,11 +43,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .errors import ModelError
-from .lm import body, lm_head, text_log_probs
-from .masks import check_right_padded, one_pass_position_ids, one_pass_visibility, to_additive
-from .meta_tokens import MetaTokens
-from .talk import shift_left
+from qstar_mini.errors import ModelError
+from qstar_mini.lm import body, lm_head, text_log_probs
+from qstar_mini.masks import check_right_padded, one_pass_position_ids, one_pass_visibility, to_additive
+from qstar_mini.meta_tokens import MetaTokens
+from qstar_mini.talk import shift_left
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
