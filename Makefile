@@ -41,19 +41,20 @@ NOISY_FLAGS ?= --frac-working 0.8 --working-error 0.12
 
 help:
 	@echo "make demo       set up (if needed); the base model with and without working, then Quiet-STaR and its controls trained and evaluated (runs/demo/)"
-	@echo "make reproduce  all seeds and controls behind README's results table (runs/reproduce/)"
+	@echo "make reproduce  all seeds and controls behind README's results table (runs/reproduce/; qstar-mini reproduce reproduce)"
 	@echo "make test       set up with the dev extras (if needed), then run pytest (unit tests + notebooks)"
 	@echo "make setup      install the package with the notebooks extra into $(ENV_DIR)"
 	@echo "make setup-dev  install the package with the dev and notebooks extras into $(ENV_DIR)"
 	@echo "make data       regenerate the corpus under $(DATA_DIR)/ (byte-identical to the committed one)"
 	@echo "make pretrain   pretrain the tiny base models into $(TINY_BASE)/ and $(TINY_BASE_NOISY)/ (CPU minutes)"
 	@echo "make smollm2    fetch the real SmolLM2-135M-Instruct once into the cache (qstar-mini models fetch smollm2)"
-	@echo "make real       Quiet-STaR vs the control on SmolLM2 at the hardest tokens of word problems (runs/real/)"
+	@echo "make real       Quiet-STaR vs the control on SmolLM2 at the hardest tokens of word problems (runs/real/; qstar-mini real)"
 	@echo "make compat     opt-in: the compatibility matrix, the whole suite on each declared stack (scripts/compat.py; ROWS=low,... for some)"
 	@echo "make nbgrader-check opt-in: real nbgrader 0.9.6 on notebooks 02-05 as four students (instructor, a correct answer that warns, a cheater, a deleted check cell; scripts/nbgrader_check.sh)"
 	@echo "make colab-check    opt-in: every notebook, setup cell included, twice, in a Colab-like environment (ipywidgets 7.7.1, a google.colab stand-in, a local clone; scripts/colab_check.sh)"
 	@echo "make browser-check  opt-in: notebooks 01, 02, 08 in JupyterLab + headless Chromium, one control per explorer moved (scripts/browser_check.py; needs /usr/bin/chromium)"
 	@echo "make clean      remove caches and build output (keeps .venv, data/ and runs/)"
+	@echo "Every job is a qstar-mini subcommand: $(PY) -m qstar_mini --help lists them (reproduce ablations, bench, harness, ...)"
 	@echo "Python used: $(PY)"
 
 setup: $(STAMP_RUN)
@@ -63,7 +64,7 @@ demo: $(STAMP_RUN)
 	$(PY) -m qstar_mini demo
 
 reproduce: $(STAMP_RUN)
-	$(PY) -m qstar_mini.studies.reproduce reproduce
+	$(PY) -m qstar_mini reproduce reproduce
 
 # The real model (SmolLM2) is fetched like a user fetches it (once; later runs only verify it):
 # notebook 10 and tests/test_real_model.py use it.
@@ -96,10 +97,10 @@ smollm2: $(STAMP_REAL)
 	$(PY) -m qstar_mini models fetch smollm2
 
 # Quiet-STaR on SmolLM2 at the hardest answer tokens of the word problems, against the
-# no-thought control (qstar_mini/studies/real_text.py; runs/real/report.json; README gives the time).
+# no-thought control (qstar-mini real: qstar_mini/studies/real_text.py; runs/real/report.json; README gives the time).
 .PHONY: real
 real: smollm2
-	$(PY) -m qstar_mini.studies.real_text
+	$(PY) -m qstar_mini real
 
 $(STAMP_REAL): pyproject.toml $(STAMP_RUN)
 	$(PY) -m pip install -e ".[real]"

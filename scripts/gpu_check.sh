@@ -86,7 +86,7 @@ PYEOF
 
 echo "== 2. benchmark on $DEVICE"
 if [ "${QUICK:-0}" = 1 ]; then MODE=--quick; else MODE=; fi
-run_py -m qstar_mini.studies.bench $MODE --device "$DEVICE" --json "$OUT/bench_$DEVICE.json" | tee "$OUT/bench_$DEVICE.txt"
+run_py -m qstar_mini bench $MODE --device "$DEVICE" --json "$OUT/bench_$DEVICE.json" | tee "$OUT/bench_$DEVICE.txt"
 
 # The notebooks on a GPU (docs/compatibility.md, "Notebooks on a GPU"): every cell must run and
 # every asserted claim hold; saved outputs are not compared (--nbval-lax), because on CUDA the

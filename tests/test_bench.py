@@ -142,7 +142,7 @@ def test_gpu_check_dry_run_runs_step_1_on_the_device_then_the_bench(tmp_path, en
     bench_args = [*quick, "--device", device, "--json", f"{tmp_path}/bench_{device}.json"]
     notebooks = ["-m", "pytest", "-p", "no:cacheprovider", "-q", "--nbval-lax", "--nbval-current-env",
                  "--nbval-cell-timeout=600", "--durations=15", "notebooks/"]
-    assert runs == [["-", device], ["-m", "qstar_mini.studies.bench", *bench_args], notebooks]
+    assert runs == [["-", device], ["-m", "qstar_mini", "bench", *bench_args], notebooks]
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)
     assert parser.parse_args(bench_args).device == device

@@ -10,6 +10,8 @@ main()'s return value into the process's exit status and print where a user sees
 
 from __future__ import annotations
 
+import argparse
+import ast
 import json
 import os
 import subprocess
@@ -71,17 +73,33 @@ def small_corpus(tmp_path_factory) -> Path:
 
 # ---- what works -----------------------------------------------------------------------------
 
-def test_help_lists_every_subcommand(capsys):
+JOBS = ["data", "pretrain", "demo", "train", "eval", "bench", "assignments", "models", "reproduce", "real",
+        "harness"]
+
+
+def _one_line_helps() -> dict[str, str]:
+    """{subcommand: its one-line help} as the parser holds them."""
+    (commands,) = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return {action.dest: action.help for action in commands._choices_actions}
+
+
+def test_help_lists_every_subcommand_with_its_one_line_description(capsys):
     result = run_cli(capsys, "--help")
     assert result.code == 0, result.err
-    names = cli.build_parser().command_names
-    assert {"data", "pretrain", "demo", "train", "eval", "bench", "models"} <= set(names)
-    for command in names:
-        assert command in result.out
+    helps = _one_line_helps()
+    assert list(helps) == cli.build_parser().command_names == JOBS
+    squeezed = "".join(result.out.split())                # argparse wraps lines (also after a hyphen)
+    for command, text in helps.items():
+        assert text and "\n" not in text, command
+        assert "".join(f"{command} {text}".split()) in squeezed, command
 
 
-@pytest.mark.parametrize("command", ["data", "pretrain", "demo", "train", "eval", "bench", "assignments",
-                                     "models"])
+def test_the_module_docstring_lists_every_subcommand():
+    listed = [line.split()[1] for line in cli.__doc__.splitlines() if line.strip().startswith("qstar-mini ")]
+    assert listed == JOBS
+
+
+@pytest.mark.parametrize("command", JOBS)
 def test_each_subcommand_has_help(capsys, command):
     result = run_cli(capsys, command, "--help")
     assert result.code == 0, result.err
@@ -147,6 +165,104 @@ def test_bad_input_is_one_line_status_2_and_writes_nothing(small_corpus, tmp_pat
     result = run_cli(capsys, *[a.format(tmp=tmp_path, corpus=small_corpus) for a in args])
     assert_one_line_error(result, *words)
     assert snapshot(tmp_path) == before
+
+
+# ---- one way to start things -------------------------------------------------------------------
+
+#: Where a package module may touch sys.argv: lm_eval's cli_evaluate() takes no arguments and parses
+#: sys.argv, so `qstar-mini harness` sets it for that call (and restores it).
+ARGV_ALLOWED = {("evaluation/harness.py", "run_lm_eval_cli")}
+
+
+def _entry_points(path: Path) -> list[tuple[int, str, str]]:
+    """(line, enclosing function, what) for each ``__name__ == "__main__"`` test and each use of
+    ``sys.argv`` (``sys.argv`` or ``from sys import argv``) in the module at ``path``."""
+    found = []
+
+    def visit(node, function):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function = node.name
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if (any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides)
+                    and any(isinstance(x, ast.Constant) and x.value == "__main__" for x in sides)):
+                found.append((node.lineno, function, '__name__ == "__main__"'))
+        if (isinstance(node, ast.Attribute) and node.attr == "argv" and isinstance(node.value, ast.Name)
+                and node.value.id == "sys"):
+            found.append((node.lineno, function, "sys.argv"))
+        if isinstance(node, ast.ImportFrom) and node.module == "sys" and any(a.name == "argv" for a in node.names):
+            found.append((node.lineno, function, "from sys import argv"))
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(ast.parse(path.read_text(), str(path)), "<module>")
+    return found
+
+
+def test_no_package_module_is_a_script_or_reads_sys_argv():
+    """Every job starts as a `qstar-mini` subcommand: only qstar_mini/__main__.py is run as a module."""
+    package = REPO_ROOT / "qstar_mini"
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        where = path.relative_to(package).as_posix()
+        if where == "__main__.py":
+            continue
+        offenders += [f"{where}:{line} ({function}): {what}" for line, function, what in _entry_points(path)
+                      if (where, function) not in ARGV_ALLOWED]
+    assert not offenders, "make these a qstar-mini subcommand (qstar_mini/cli): " + "; ".join(offenders)
+
+
+def test_the_entry_point_check_sees_both_forms(tmp_path):
+    script = tmp_path / "m.py"
+    script.write_text("import sys\n\ndef f():\n    return sys.argv[1:]\n\nif '__main__' == __name__:\n    f()\n")
+    assert [(line, what) for line, _, what in _entry_points(script)] == [(4, "sys.argv"), (6, '__name__ == "__main__"')]
+    script.write_text("from sys import argv\nprint('sys.argv in a string is not a use')\n")
+    assert [what for _, _, what in _entry_points(script)] == ["from sys import argv"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["reproduce"], ["reproduce: choose an action", "demo", "long"]),
+    (["reproduce", "nonsense"], ["invalid choice: 'nonsense'", "ablations"]),
+    (["reproduce", "long"], ["PART", "--merge"]),
+    (["reproduce", "long", "base", "--merge"], ["PART", "--merge", "not both"]),
+    (["reproduce", "long", "everything"], ["invalid choice: 'everything'", "quiet_star"]),
+    (["reproduce", "ablations", "--seed", "x"], ["--seed", "invalid int value"]),
+    (["real", "--steps", "0"], ["--steps", ">= 1"]),
+    (["data", "--bogus"], ["unrecognized arguments: --bogus"]),
+])
+def test_bad_study_commands_are_one_line(capsys, args, words):
+    assert_one_line_error(run_cli(capsys, *args), *words)
+
+
+def test_real_with_a_missing_model_is_one_line_and_writes_nothing(capsys, tmp_path):
+    out = tmp_path / "real"
+    line = assert_one_line_error(run_cli(capsys, "real", "--model", str(tmp_path / "no-model"), "--steps", "1",
+                                         "--out", str(out)), "no-model", "does not exist")
+    assert "--model" in line or "model path" in line
+    assert not out.exists()
+
+
+def test_harness_without_lm_eval_is_one_line_naming_the_install(capsys, monkeypatch):
+    """Without lm_eval installed (here: its import blocked), `qstar-mini harness` says what to install."""
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delitem(sys.modules, "qstar_mini.evaluation.harness", raising=False)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)           # `import lm_eval` now raises ImportError
+    assert_one_line_error(run_cli(capsys, "harness", "--model", "qstar-mini", "--tasks", "x"),
+                          "needs lm_eval", "pip install 'qstar-mini[harness]'")
+
+
+@pytest.mark.skipif(os.environ.get("QSTAR_SLOW") != "1", reason="about a minute; set QSTAR_SLOW=1")
+def test_real_runs_on_the_tiny_base(capsys, tmp_path):
+    """`qstar-mini real`'s smallest form: one step per arm of the tiny base, report.json written."""
+    from qstar_mini.paths import TINY_BASE
+
+    result = run_cli(capsys, "real", "--model", str(TINY_BASE), "--steps", "1", "--out", str(tmp_path))
+    assert result.code == 0, result.err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["steps"] == 1 and set(report["nll_at_hard_tokens"]) == {
+        "base", "control", "quiet_star", "quiet_star_thinking"}
+    assert "Quiet-STaR model, thinking" in result.out
 
 
 # ---- main(): Ctrl-C, library errors, real bugs -------------------------------------------------

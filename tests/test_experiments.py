@@ -1,28 +1,38 @@
-"""Issue #21's measuring tools: the base's visible working as the bar for the answer, thoughts
-judged step by step, and the search driver (``python -m qstar_mini.studies.reproduce search``).
+"""The tier-2 measuring tools: the base's visible working as the bar for the answer, thoughts
+judged step by step, the long tier-2 runs (``qstar-mini reproduce long``) and the search script
+outside the package (``scripts/tier2_search.py``).
 
-The training run of :func:`search_row` takes about a minute (it evaluates 500 validation lines
+The training run of ``search_row`` takes about a minute (it evaluates 500 validation lines
 twice): it runs only with ``QSTAR_SLOW=1 python -m pytest tests/test_experiments.py``.
 """
 
 import dataclasses
+import functools
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from qstar_mini.config import tiny
 from qstar_mini.data import read_jsonl
+from qstar_mini import cli
 from qstar_mini.errors import DataError
 from qstar_mini.evaluation.token_gains import answer_only
 from qstar_mini.evaluation.thought_quality import running_sum_agreement, thought_correctness, thought_sum_agreement, visible_working_accuracy
-from qstar_mini.studies.reproduce import TIER2_REPRO, parse_search_args, search_row
+from qstar_mini.studies.reproduce import TIER2_REPRO
 from qstar_mini.models.tiny import evaluate_base, load_model
-from qstar_mini.paths import DATA_DIR, TINY_BASE, TINY_BASE_NOISY
+from qstar_mini.paths import DATA_DIR, REPO_ROOT, TINY_BASE, TINY_BASE_NOISY
 from qstar_mini.step import prepare_model
 
 torch.set_num_threads(1)
+SEARCH_SCRIPT = REPO_ROOT / "scripts" / "tier2_search.py"
+_spec = importlib.util.spec_from_file_location("tier2_search", SEARCH_SCRIPT)
+search = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(search)
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +117,10 @@ def test_visible_working_needs_questions():
         visible_working_accuracy(model, tok, [{"text": "hello"}])
 
 
-# ----------------------------------------------------------------------------- the search driver
+# ----------------------------------------------------------------------------- the search script
 
 def test_parse_search_args():
+    parse_search_args = search.parse_search_args
     got = parse_search_args(["long", "clamp_negative_rewards=False", "lr=2e-4", "mixing=hidden",
                              "--seed", "2", "--steps", "900", "--think-where", "all", "--shuffle-rewards",
                              "--lines", "answer_only+base_working"])
@@ -129,19 +140,28 @@ def test_parse_search_args():
 @pytest.mark.skipif(os.environ.get("QSTAR_SLOW") != "1", reason="about a minute; set QSTAR_SLOW=1")
 def test_search_row_writes_a_row(tmp_path):
     tier = dataclasses.replace(TIER2_REPRO, eval_lines=8, cfg=TIER2_REPRO.cfg.replace(batch_size=4, n_thoughts=2))
-    row = search_row("t", {"lr": 2e-4}, seed=0, steps=1, tier=tier, out_dir=tmp_path)
+    row = search.search_row("t", {"lr": 2e-4}, seed=0, steps=1, tier=tier, out_dir=tmp_path)
     saved = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert saved == [row]
     assert row["changes"] == {"lr": 2e-4} and row["steps"] == 1 and row["n_thoughts"] == 2
     assert row["shuffle_rewards"] is False
     assert [c["step"] for c in row["curve"]] == [0, 1]
     assert 0 <= row["thought_correct"] <= 1 and 0 <= row["answer_acc_greedy"] <= 1
-    assert row["command"] == "python -m qstar_mini.studies.reproduce search t lr=0.0002 --seed 0 --steps 1"
+    assert row["command"] == "python scripts/tier2_search.py t lr=0.0002 --seed 0 --steps 1"
+
+
+def test_the_search_script_runs_as_a_script_outside_the_package():
+    """`python scripts/tier2_search.py ...` from any folder: the usage, and a bad field named, exit 1."""
+    for argv, words in (([], "usage: python scripts/tier2_search.py NAME"),
+                        (["x", "n_thought=4"], "unknown config field(s) ['n_thought']")):
+        done = subprocess.run([sys.executable, str(SEARCH_SCRIPT), *argv], capture_output=True, text=True,
+                              cwd=REPO_ROOT / "docs", timeout=300)
+        assert done.returncode == 1 and words in done.stderr, done.stderr[-2000:]
+    assert not hasattr(search, "plot_search_curves")           # nothing called it: not carried over
 
 
 def test_reward_audit_splits_the_reward(records):
-    from qstar_mini.studies.reproduce import reward_audit
-
+    reward_audit = search.reward_audit
     cfg = tiny(n_thoughts=4)
     model, tok = load_model(TINY_BASE_NOISY)
     torch.manual_seed(0)
@@ -160,7 +180,7 @@ def test_reward_audit_splits_the_reward(records):
         reward_audit(model, tok, meta, head, cfg, [r | {"has_working": True} for r in records[:2]])
 
 
-# ----------------------------------------------------------------------------- issue #21's 3-seed table
+# ----------------------------------------------------------------------------- the long runs' 3-seed table
 
 def _fake_long_pieces(out, seeds=(0, 1, 2)):
     """Pieces as run_long_part writes them, with made-up figures (known means) and 2-point curves."""
@@ -204,13 +224,57 @@ def test_long_merge_names_a_missing_piece(tmp_path):
 
     _fake_long_pieces(tmp_path)
     (tmp_path / "shuffled_reward-seed1.json").unlink()
-    with pytest.raises(SystemExit, match=r"1 piece\(s\) missing .*shuffled_reward-seed1.json"):
+    with pytest.raises(DataError, match=r"1 piece\(s\) missing .*shuffled_reward-seed1.json.*reproduce long PART"):
         merge_long(tmp_path)
 
 
+def test_qstar_mini_reproduce_long_merge(tmp_path, capsys):
+    """`qstar-mini reproduce long --merge --out DIR`: report.json written, README's table printed, the
+    curves drawn; a missing piece is one line, exit status 2."""
+    from qstar_mini.studies.reproduce import format_long_table
+
+    _fake_long_pieces(tmp_path)
+    assert cli.main(["reproduce", "long", "--merge", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert out.startswith(format_long_table(report) + "\n")
+    assert (tmp_path / "tier2_long_thought_correct.png").stat().st_size > 1000
+    assert report["command"].startswith("qstar-mini reproduce long PART --seed N")
+    (tmp_path / "base.json").unlink()
+    assert cli.main(["reproduce", "long", "--merge", "--out", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("qstar-mini: error: long --merge: 1 piece(s) missing") and "base.json" in line
+
+
+def test_qstar_mini_reproduce_actions_call_the_study(tmp_path, monkeypatch, capsys):
+    """Each action runs its study function with --out and --seed (the functions are stubbed: each
+    trains for minutes; the long pieces' own code runs in the test above)."""
+    from qstar_mini.studies import reproduce
+
+    calls = []
+
+    def stub(name):
+        @functools.wraps(getattr(reproduce, name))            # the parser reads the defaults from the signature
+        def record(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            return {}
+        return record
+
+    for name in ("run_demo_pipeline", "run_reproduction", "run_ablations", "run_differences", "run_long_part"):
+        monkeypatch.setattr(reproduce, name, stub(name))
+    out = str(tmp_path / "o")
+    for argv in (["demo", "--out", out], ["reproduce", "--out", out], ["ablations", "--out", out, "--seed", "3"],
+                 ["differences", "--out", out], ["long", "no_policy", "--seed", "2", "--out", out]):
+        assert cli.main(["reproduce", *argv]) == 0, capsys.readouterr().err
+    o = tmp_path / "o"
+    assert calls == [("run_demo_pipeline", (), {"out_dir": o}), ("run_reproduction", (), {"out_dir": o}),
+                     ("run_ablations", (o, 3), {}), ("run_differences", (o, 0), {}),
+                     ("run_long_part", ("no_policy", 2, o), {})]
+
+
 def test_readme_tier2_long_table_is_the_committed_report_rendered():
-    """README's issue-#21 table is made from docs/results/tier2_long_report.json by
-    format_long_table (``python -m qstar_mini.studies.reproduce long --merge`` prints it), not typed."""
+    """README's tier-2 long table is made from docs/results/tier2_long_report.json by
+    format_long_table (``qstar-mini reproduce long --merge`` prints it), not typed."""
     from qstar_mini.studies.reproduce import TIER2_LONG, format_long_table
     from qstar_mini.paths import REPO_ROOT
 

@@ -198,11 +198,11 @@ def test_bad_model_arguments_are_one_line(args, error, word):
 @pytest.mark.skipif(os.environ.get("QSTAR_SLOW") != "1",
                     reason="about 30 s (lm_eval indexes all its tasks); set QSTAR_SLOW=1")
 def test_the_command_line_route(run, tmp_path):
-    """``python -m qstar_mini.evaluation.harness`` is lm_eval's command line with qstar-mini registered."""
+    """``qstar-mini harness`` is lm_eval's command line with qstar-mini registered, in a real process."""
     ck, results, tasks = run
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "qstar_mini.evaluation.harness", "--model", "qstar-mini", "--model_args",
+    done = subprocess.run([sys.executable, "-m", "qstar_mini", "harness", "--model", "qstar-mini", "--model_args",
                            f"checkpoint={ck.path},think=false", "--tasks", "qstar_gsm_mc", "--include_path",
                            str(tasks), "--limit", str(LIMIT), "--device", "cpu", "--output_path", str(out)],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -269,4 +269,33 @@ def test_the_shipped_gsm8k_format_task_is_qstar_minis_own_accuracy(run, think, t
 def test_the_command_line_includes_the_shipped_tasks():
     assert _with_shipped_tasks(["--tasks", "qstar_gsm8k_format"])[-2:] == ["--include_path", str(TASKS_DIR)]
     assert _with_shipped_tasks(["--include_path", "mine"]) == ["--include_path", "mine"]
+    assert _with_shipped_tasks([]) == []                         # no flags: lm_eval prints its help
     assert (TASKS_DIR / "qstar_gsm8k_format.yaml").is_file()
+
+
+def test_qstar_mini_harness_hands_every_argument_to_lm_eval(monkeypatch):
+    """`qstar-mini harness ARGS`: lm_eval's cli_evaluate() sees exactly ARGS (and the shipped tasks) in
+    sys.argv, flags our parser does not know included, in order; sys.argv is restored after."""
+    import lm_eval.__main__
+
+    from qstar_mini import cli
+
+    seen = []
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(list(sys.argv)))
+    before = list(sys.argv)
+    args = ["--model", "qstar-mini", "--model_args", "checkpoint=runs/x/checkpoint,think=false", "--tasks",
+            "qstar_gsm8k_format", "--limit", "3", "--log_samples"]
+    assert cli.main(["harness", *args]) == 0
+    assert cli.main(["harness", "--", "--help"]) == 0
+    assert seen == [["lm-eval", *args, "--include_path", str(TASKS_DIR)],
+                    ["lm-eval", "--help", "--include_path", str(TASKS_DIR)]]
+    assert sys.argv == before
+
+
+def test_qstar_mini_harness_alone_prints_lm_evals_help(capsys):
+    """The smallest form, lm_eval for real: no arguments, its help on stdout, exit status 0."""
+    from qstar_mini import cli
+
+    assert cli.main(["harness"]) == 0
+    out = capsys.readouterr().out
+    assert "lm-eval" in out and "--tasks" in out

@@ -1,9 +1,19 @@
 """The ``qstar-mini`` command line: one subcommand per job, each a thin shell around a function.
 
-    qstar-mini data      --out DIR [--n-train N ...]   write the corpus (qstar_mini.data.write_corpus)
-    qstar-mini pretrain  --out DIR [--steps N ...]     pretrain the tiny base model (qstar_mini.models.tiny.pretrain)
-    qstar-mini demo      [--model DIR] [--n N]         show it completing held-out lines (qstar_mini.cli.demo.run_demo)
-    qstar-mini models    fetch smollm2 | list          a real pretrained model, once, offline after (qstar_mini.models.pretrained)
+    qstar-mini data        --out DIR [--n-train N ...]   write the corpus (qstar_mini.data.write_corpus)
+    qstar-mini pretrain    --out DIR [--steps N ...]     pretrain the tiny base model (qstar_mini.models.tiny.pretrain)
+    qstar-mini demo        [--model DIR] [--n N]         the base completing held-out lines, then the demo
+                                                         pipeline (qstar_mini.cli.demo, qstar_mini.studies.reproduce)
+    qstar-mini train       [--preset P] [--model M] ...  the Quiet-STaR training loop (qstar_mini.cli.train)
+    qstar-mini eval        --checkpoint DIR ...          base, control and Quiet-STaR on held-out data (qstar_mini.cli.eval)
+    qstar-mini bench       [--quick] [--json PATH]       what thinking costs (qstar_mini.studies.bench)
+    qstar-mini assignments --out DIR | --check NB        the student notebooks (qstar_mini.teaching.assignments)
+    qstar-mini models      fetch smollm2 | verify | list a real pretrained model, once, offline after (qstar_mini.models.pretrained)
+    qstar-mini reproduce   demo | reproduce | ablations | differences | long PART --seed N | long --merge
+                                                         the miniature reproduction (qstar_mini.studies.reproduce)
+    qstar-mini real        [--model M] [--steps N]       Quiet-STaR on SmolLM2 at the hardest tokens (qstar_mini.studies.real_text)
+    qstar-mini harness     [lm_eval flags ...]           lm_eval's command line with qstar-mini registered
+                                                         (qstar_mini.evaluation.harness)
 
 Errors: every :class:`~qstar_mini.errors.QStarError` (bad input: an impossible config, a missing
 model, a broken data file), every usage error (a bad flag, an unknown subcommand) and Ctrl-C
@@ -12,12 +22,16 @@ no traceback. Anything else is a bug and keeps its traceback.
 
 Adding a subcommand: write ``add_<name>_command(subparsers)`` that builds its parser and sets
 ``func`` to a ``run_<name>(args) -> int`` handler, and append it to :data:`COMMANDS`. Handlers
-import what they need inside the function, so ``qstar-mini --help`` stays fast (no torch import).
+import what they need inside the function. A flag's default is written once: where a study's
+function has a default, the parser reads it from the function's signature (:func:`_default`).
+A subcommand that hands its arguments to another program's command line (``harness``) sets
+``passthrough=[]``: the arguments its own parser does not know are put there, in order.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,6 +60,12 @@ def _given(args: argparse.Namespace, names: Sequence[str]) -> dict:
     """The options among ``names`` that the user set (flags default to None), as keyword
     arguments, so that the library's own defaults apply to everything else."""
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _default(function: Callable, name: str):
+    """The default of ``function``'s parameter ``name``: the one place a study's setting is written,
+    so that the flag that sets it shows the same value in its help."""
+    return inspect.signature(function).parameters[name].default
 
 
 def _existing_dir_or_new(path: str) -> Path:
@@ -192,7 +212,7 @@ def _print_report(report: dict, indent: str = "") -> None:
 def add_demo_command(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="show the tiny base model completing held-out lines, with and without working",
+        help="the tiny base completing held-out lines, then Quiet-STaR and its controls trained (make demo)",
         description="Load the tiny base model and greedily complete held-out test lines, once "
         "answering directly and once forced to show its working; print a table, both "
         "accuracies and the timings.",
@@ -397,18 +417,165 @@ def run_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- reproduce ----------------------------------------------------------------------------
+
+def add_reproduce_command(subparsers) -> None:
+    from qstar_mini.studies import reproduce as study
+
+    p = subparsers.add_parser(
+        "reproduce",
+        help="the miniature reproduction: both tiers, their controls, the ablations, the long tier-2 runs",
+        description="Train and evaluate the arms of qstar_mini.studies.reproduce on the tiny bases (CPU) and "
+        "write report.json, the plots and the tables. README.md's results come from these actions.",
+    )
+    actions = p.add_subparsers(dest="reproduce_action", metavar="ACTION", title="actions")
+
+    def out_flag(parser, function, what):
+        parser.add_argument("--out", default=str(_default(function, "out_dir")), metavar="DIR",
+                            help=f"where the runs and {what} go (default: %(default)s)")
+
+    def seed_flag(parser, function, what):
+        parser.add_argument("--seed", type=int, default=_default(function, "seed"), metavar="N",
+                            help=f"random seed {what} (default: %(default)s)")
+
+    demo = actions.add_parser("demo", help="both tiers, one seed (make demo's pipeline)",
+                              description="Tier 1 (Quiet-STaR, the no-thought control, the base) and tier 2 "
+                              "(with the policy-off and shuffled-reward controls), one seed.")
+    out_flag(demo, study.run_demo_pipeline, "report.json with the plots")
+
+    full = actions.add_parser("reproduce", help="both tiers over three seeds with every control (make reproduce)",
+                              description="Both tiers over three seeds, every control, tier 1 also with every "
+                              "position thinking: the runs behind README's results table (about an hour of CPU).")
+    out_flag(full, study.run_reproduction, "report.json with the plots")
+
+    ablations = actions.add_parser("ablations", help="one seed of each tier-2 ablation next to tier 2 as it is",
+                                   description="One seed of each arm of ABLATIONS on tier 2, next to the tier's "
+                                   "default; one JSON line per arm, then tier2_ablations.json.")
+    out_flag(ablations, study.run_ablations, "tier2_ablations.json")
+    seed_flag(ablations, study.run_ablations, "of every arm")
+
+    differences = actions.add_parser(
+        "differences", help="tier 1 with each departure from the official code switched back, one seed",
+        description="One seed of each arm of DIFFERENCES on tier 1 next to the tiny preset "
+        "(docs/differences.md reports the result); tier1_ablations.json.")
+    out_flag(differences, study.run_differences, "tier1_ablations.json")
+    seed_flag(differences, study.run_differences, "of every arm")
+    for action in (demo, full, ablations, differences):
+        action.set_defaults(func=run_reproduce)
+
+    parts = ["base", *(arm.name for arm in study.TIER2_LONG.arms)]
+    long = actions.add_parser(
+        "long", help="tier 2's long runs in pieces (an arm and a seed, or the base), then --merge",
+        description="TIER2_LONG (lr 5e-5, policy loss weight 10, 900 steps) with its thought controls, one "
+        "piece per call so that pieces can run side by side: `long PART --seed N` for every arm and seed "
+        "and for `base`, then `long --merge` writes report.json, prints README's table and draws the curves.")
+    long.add_argument("part", nargs="?", choices=parts, metavar="PART",
+                      help=f"the piece to run: {', '.join(parts)}")
+    seed_flag(long, study.run_long_part, "of the piece")
+    long.add_argument("--merge", action="store_true",
+                      help=f"instead of a piece: merge seeds {', '.join(map(str, _default(study.merge_long, 'seeds')))} "
+                           "of every arm and the base into report.json (a missing piece is named)")
+    out_flag(long, study.run_long_part, "the pieces (PART-seedN.json, base.json), report.json and the plot")
+    long.set_defaults(func=run_reproduce_long)
+
+    def no_action(args: argparse.Namespace) -> int:
+        raise UsageError(f"reproduce: choose an action: {', '.join(actions.choices)} (see {PROG} reproduce --help)")
+
+    p.set_defaults(func=no_action)
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    """demo, reproduce, ablations, differences: each prints its tables and writes its report in --out."""
+    from qstar_mini.studies import reproduce as study
+
+    out = check_writable(args.out)                  # before minutes of training, not after
+    runs = {"demo": lambda: study.run_demo_pipeline(out_dir=out),
+            "reproduce": lambda: study.run_reproduction(out_dir=out),
+            "ablations": lambda: study.run_ablations(out, args.seed),
+            "differences": lambda: study.run_differences(out, args.seed)}
+    runs[args.reproduce_action]()
+    return 0
+
+
+def run_reproduce_long(args: argparse.Namespace) -> int:
+    import json
+
+    from qstar_mini.studies.reproduce import format_long_table, merge_long, plot_long, run_long_part
+
+    if args.merge == (args.part is not None):
+        raise UsageError("reproduce long: give a PART to run or --merge, not both and not neither "
+                         f"(see {PROG} reproduce long --help)")
+    out = Path(args.out)
+    if args.merge:
+        report = merge_long(out)
+        print(format_long_table(report))
+        print(plot_long(report, out / "tier2_long_thought_correct.png"))
+        return 0
+    check_writable(out)
+    result = run_long_part(args.part, args.seed, out)
+    print(json.dumps({k: v for k, v in result.items() if k != "evals"}))
+    return 0
+
+
+# ---- real ---------------------------------------------------------------------------------
+
+def add_real_command(subparsers) -> None:
+    from qstar_mini.studies.real_text import add_real_arguments, run_real
+
+    p = subparsers.add_parser(
+        "real",
+        help="Quiet-STaR vs the no-thought control on SmolLM2-135M at the hardest tokens of word problems",
+        description="Fine-tune a real pretrained model (default: SmolLM2-135M-Instruct, fetched with "
+        f"`{PROG} models fetch smollm2`) with and without thinking on the GSM8K-format word problems, "
+        "and compare the held-out NLL at the tokens the base finds hardest (qstar_mini.studies.real_text).",
+    )
+    add_real_arguments(p)
+    p.set_defaults(func=run_real)
+
+
+# ---- harness ------------------------------------------------------------------------------
+
+def add_harness_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "harness",
+        help="EleutherAI's lm-evaluation-harness (lm_eval) on a Quiet-STaR checkpoint, with its thoughts",
+        usage=f"{PROG} harness [-h] [lm_eval flags ...]",
+        description="lm_eval's own command line with the `qstar-mini` model registered and the offline task "
+        "qstar_gsm8k_format included (unless --include_path names a folder of yours). Every argument goes to "
+        f"lm_eval unchanged; `{PROG} harness -- --help` shows lm_eval's flags. Needs lm_eval: "
+        "pip install 'qstar-mini[harness]'.",
+        epilog=f"example: {PROG} harness --model qstar-mini --model_args checkpoint=runs/x/checkpoint,think=true "
+        "--tasks qstar_gsm8k_format --limit 50",
+        allow_abbrev=False,
+    )
+    p.set_defaults(func=run_harness, passthrough=[])
+
+
+def run_harness(args: argparse.Namespace) -> int:
+    try:
+        from qstar_mini.evaluation.harness import run_lm_eval_cli
+    except ImportError as error:
+        raise ConfigError(_one_line(error)) from None  # names the missing package and the pip install
+    forward = list(args.passthrough)
+    if forward[:1] == ["--"]:                       # `qstar-mini harness -- --help`: lm_eval's own help
+        forward = forward[1:]
+    run_lm_eval_cli(forward)
+    return 0
+
+
 # ---- the parser and main ------------------------------------------------------------------
 
 #: The subcommands, in the order ``--help`` lists them. Later subcommands append here.
 COMMANDS: list[Callable] = [add_data_command, add_pretrain_command, add_demo_command, add_train_command,
                             add_eval_command, add_bench_command, add_assignments_command,
-                            add_models_command]
+                            add_models_command, add_reproduce_command, add_real_command, add_harness_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
-        description="Quiet-STaR, small enough to read: data, a tiny base model, and the demo.",
+        description="Quiet-STaR, small enough to read. Every job is one of the commands below; "
+        f"`{PROG} COMMAND --help` gives its flags.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -437,7 +604,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 2 bad input, 130 interrupted)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and getattr(args, "passthrough", None) is None:
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
+        if extra:
+            args.passthrough = extra
         if args.func is None:
             commands = ", ".join(parser.command_names)
             raise UsageError(f"no command given; choose one of: {commands} (see {PROG} --help)")
@@ -454,6 +625,3 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"what was saved before, such as the last checkpoint, is kept)", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

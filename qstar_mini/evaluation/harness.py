@@ -34,25 +34,25 @@ loaded :class:`~qstar_mini.runs.checkpoint.Checkpoint` from Python), ``think`` (
 (float32, bfloat16 or float16).
 
 **From the command line.** ``lm_eval`` 0.4 finds models only in its own registry (no entry-point
-plugins), so a bare ``lm_eval --model qstar-mini`` does not know this model. Run the harness's
-own command line through this module instead, which imports (registers) it first and takes the
-same flags::
+plugins), so a bare ``lm_eval --model qstar-mini`` does not know this model. ``qstar-mini harness``
+runs the harness's own command line (:func:`run_lm_eval_cli`) after importing (registering) it,
+with the same flags::
 
-    python -m qstar_mini.evaluation.harness --model qstar-mini \\
+    qstar-mini harness --model qstar-mini \\
         --model_args checkpoint=runs/x/checkpoint,think=true --tasks gsm8k --limit 50
-    python -m qstar_mini.evaluation.harness --model qstar-mini \\
+    qstar-mini harness --model qstar-mini \\
         --model_args checkpoint=runs/x/checkpoint,think=false --tasks gsm8k --limit 50
 
 ``--include_path DIR`` adds task YAML files of your own, as with ``lm_eval``.
 
 **Offline task.** ``gsm8k`` above needs the Hugging Face Hub. This package ships one that does not:
-``qstar_gsm8k_format`` (:data:`TASKS_DIR`, added to ``--include_path`` by ``python -m
-qstar_mini.evaluation.harness``; from Python ``task_manager=qstar_mini.evaluation.harness.task_manager()``), the
+``qstar_gsm8k_format`` (:data:`TASKS_DIR`, added to ``--include_path`` by ``qstar-mini
+harness``; from Python ``task_manager=qstar_mini.evaluation.harness.task_manager()``), the
 project's ``data/gsm8k_format.jsonl`` asked zero-shot with qstar_mini's own prompt, 6 greedy
 tokens and answer extraction, so its ``exact_match`` is the GSM8K-format accuracy of
 ``qstar-mini eval`` (:func:`qstar_mini.evaluation.gsm8k.gsm8k_eval`)::
 
-    python -m qstar_mini.evaluation.harness --model qstar-mini \
+    qstar-mini harness --model qstar-mini \
         --model_args checkpoint=runs/x/checkpoint,think=true --tasks qstar_gsm8k_format --limit 50
 
 **From Python**::
@@ -330,8 +330,7 @@ class QuietStarLM(LM):
         return out
 
 
-if __name__ != "__main__":          # as a script, the import in the last lines registers it
-    register_model(*MODEL_NAMES)(QuietStarLM)
+register_model(*MODEL_NAMES)(QuietStarLM)
 
 
 def task_manager(include_path=None, include_defaults: bool = False, metadata: dict | None = None):
@@ -347,7 +346,10 @@ def task_manager(include_path=None, include_defaults: bool = False, metadata: di
 
 
 def _with_shipped_tasks(argv: list[str]) -> list[str]:
-    """lm_eval's flags with :data:`TASKS_DIR` added to ``--include_path`` (one folder there)."""
+    """lm_eval's flags with :data:`TASKS_DIR` added to ``--include_path`` (one folder there); no
+    flags stay none (lm_eval then prints its help)."""
+    if not argv:
+        return argv
     for i, arg in enumerate(argv):
         if arg == "--include_path" and i + 1 < len(argv):
             return argv                                   # the user's own folder: theirs alone
@@ -356,19 +358,16 @@ def _with_shipped_tasks(argv: list[str]) -> list[str]:
     return [*argv, "--include_path", str(TASKS_DIR)]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m qstar_mini.evaluation.harness [lm_eval flags]``: lm_eval's command line, with
-    ``qstar-mini`` registered and the shipped tasks (:data:`TASKS_DIR`) included unless
-    ``--include_path`` names a folder of your own."""
+def run_lm_eval_cli(argv: list[str]) -> None:
+    """``qstar-mini harness [lm_eval flags]``: lm_eval's command line on ``argv``, with ``qstar-mini``
+    registered (importing this module does that) and the shipped tasks (:data:`TASKS_DIR`) included
+    unless ``--include_path`` names a folder of your own. ``lm_eval.__main__.cli_evaluate`` takes no
+    arguments and parses ``sys.argv``, so ``sys.argv`` is set for the call and restored after it."""
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = [sys.argv[0], *_with_shipped_tasks(list(sys.argv[1:] if argv is None else argv))]
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    # Run as a script this file is ``__main__``, not ``qstar_mini.evaluation.harness``: import the real
-    # module (which registers the model once) and hand over to lm_eval's command line.
-    from qstar_mini.evaluation.harness import main as _main
-
-    _main()
+    saved = sys.argv
+    sys.argv = ["lm-eval", *_with_shipped_tasks(list(argv))]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved

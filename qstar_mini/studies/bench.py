@@ -1,4 +1,4 @@
-"""What a thought after every token costs, measured: ``qstar-mini bench`` / ``python -m qstar_mini.studies.bench``.
+"""What a thought after every token costs, measured: ``qstar-mini bench``.
 
 Rows (all on one machine, in one run, medians of ``repeats`` timings after ``warmup`` runs):
 
@@ -858,17 +858,3 @@ def run_bench(args) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qstar_mini.studies.bench", description=__doc__.splitlines()[0])
-    add_bench_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_bench(args)
-    except ConfigError as error:
-        parser.error(str(error))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

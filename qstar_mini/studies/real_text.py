@@ -21,7 +21,7 @@ question of a real language model, on CPU, in well under an hour:
    n_thoughts sampled thoughts); binned by the base's NLL, as in the paper's "which tokens
    benefit". The numbers are reported whatever they show.
 
-``python -m qstar_mini.studies.real_text`` (``make real``) writes ``runs/real/report.json`` and prints the
+``qstar-mini real`` (``make real``) writes ``runs/real/report.json`` and prints the
 table; README quotes the result and the time it took. On a GPU raise ``--steps`` and
 ``--lines``; settings below.
 """
@@ -29,8 +29,8 @@ table; README quotes the result and the time it took. On a GPU raise ``--steps``
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -38,7 +38,7 @@ import torch
 
 from qstar_mini.config import official
 from qstar_mini.data import read_jsonl
-from qstar_mini.errors import ConfigError, QStarError
+from qstar_mini.errors import ConfigError
 from qstar_mini.lm import lm_head, text_log_probs
 from qstar_mini.losses import token_log_probs
 from qstar_mini.paths import DATA_DIR, RUNS_DIR
@@ -256,21 +256,20 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qstar_mini.studies.real_text", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2", help="a model folder or short name (default: smollm2)")
-    parser.add_argument("--steps", type=int, default=None, help=f"optimiser steps per arm (default {REAL.steps})")
-    parser.add_argument("--out", default=str(RUNS_DIR / "real"), help="where report.json goes")
-    args = parser.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be >= 1 (got {args.steps})")
-    try:
-        run(args.model, args.steps, args.out)
-    except QStarError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def add_real_arguments(parser: argparse.ArgumentParser) -> None:
+    """``qstar-mini real``'s flags; their defaults are :func:`run`'s and :data:`REAL`'s."""
+    from qstar_mini.cli.args import positive_int
+
+    defaults = inspect.signature(run).parameters
+    parser.add_argument("--model", default=defaults["model_name"].default, metavar="NAME_OR_DIR",
+                        help="a model folder or the short name of a fetched model (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=REAL.steps, metavar="N",
+                        help="optimiser steps per arm (default: %(default)s)")
+    parser.add_argument("--out", default=str(defaults["out_dir"].default), metavar="DIR",
+                        help="where report.json goes (default: %(default)s)")
+
+
+def run_real(args: argparse.Namespace) -> int:
+    """``qstar-mini real``: :func:`run` with the flags of :func:`add_real_arguments`."""
+    run(args.model, args.steps, args.out)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

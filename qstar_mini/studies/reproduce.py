@@ -24,11 +24,14 @@ Arms are defined in :data:`TIER1` / :data:`TIER2` (one :class:`Arm` each); :func
 trains and evaluates them for every seed, :func:`aggregate` turns per-seed numbers into
 ``{"mean", "std", "per_seed"}``, :func:`write_report` writes ``report.json`` and the plots.
 
-* :func:`run_demo_pipeline`: ``make demo``, one seed.
-* :func:`run_reproduction`: ``make reproduce``, three seeds and the controls.
-* :func:`run_ablations`: ``python -m qstar_mini.studies.reproduce ablations``, one seed of each of
-  :data:`ABLATIONS`; :func:`run_differences` (``... differences``) does the same for
-  :data:`DIFFERENCES` on tier 1.
+* :func:`run_demo_pipeline`: ``make demo`` (``qstar-mini demo``), one seed.
+* :func:`run_reproduction`: ``make reproduce`` (``qstar-mini reproduce reproduce``), three seeds
+  and the controls.
+* :func:`run_ablations`: ``qstar-mini reproduce ablations``, one seed of each of
+  :data:`ABLATIONS`; :func:`run_differences` (``qstar-mini reproduce differences``) does the
+  same for :data:`DIFFERENCES` on tier 1.
+* :func:`run_long_part` and :func:`merge_long`: ``qstar-mini reproduce long PART --seed N`` and
+  ``qstar-mini reproduce long --merge``, :data:`TIER2_LONG` over three seeds, run in pieces.
 
 "Think only where it matters": both tiers think only before the answer digit
 (``think_where="answer"``), so one position of a line thinks instead of every one (the
@@ -57,6 +60,7 @@ import torch
 
 from qstar_mini.config import QuietStarConfig, tiny
 from qstar_mini.data import CorpusConfig, generate_splits, read_jsonl
+from qstar_mini.errors import ConfigError, DataError
 from qstar_mini.evaluation.token_gains import answer_only
 from qstar_mini.evaluation.thought_quality import best_temperature
 from qstar_mini.evaluation.arithmetic import evaluate
@@ -107,10 +111,10 @@ TIER1_REPRO = dataclasses.replace(TIER1, arms=(QUIET_STAR, BASELINE, QUIET_STAR_
 TIER2_REPRO = dataclasses.replace(TIER2, cfg=TIER2.cfg.replace(n_thoughts=8),
                                   arms=(QUIET_STAR, NO_POLICY, SHUFFLED, NO_POLICY_MIXED, BASELINE))
 
-# The tier-2 search's best setting (docs/results/tier2_search.md): a smaller LM learning rate, a 10x policy
-# loss, three times the steps; with the three thought controls (thinking off has no thoughts to
-# compare). `python -m qstar_mini.studies.reproduce long --seed N` runs one seed, `... long --merge`
-# makes the 3-seed report README's table is rendered from.
+# Tier 2 with a smaller LM learning rate, a 10x policy loss and three times the steps (the best
+# setting of the search in docs/results/tier2_search.md), with the three thought controls
+# (thinking off has no thoughts to compare). `qstar-mini reproduce long PART --seed N` runs one
+# piece, `qstar-mini reproduce long --merge` makes the 3-seed report README's table is rendered from.
 TIER2_LONG = dataclasses.replace(TIER2_REPRO, name="tier2_long",
                                  cfg=TIER2_REPRO.cfg.replace(lr=5e-5, policy_loss_weight=10.0, steps=900),
                                  arms=(QUIET_STAR, NO_POLICY, SHUFFLED, NO_POLICY_MIXED), visible_working=True)
@@ -398,8 +402,8 @@ def write_plots(summary: dict, out_dir: Path, prefix: str) -> list[str]:
 
 
 def report_from(summaries: dict[str, dict], seeds, seconds: float, command: str) -> dict:
-    """The report.json layout of the issue: the tier-2 arms at the top level (base, baseline,
-    quiet_star, no_policy, shuffled_reward, by_difficulty), every tier in full under "tiers"."""
+    """report.json: the tier-2 arms at the top level (base, baseline, quiet_star, no_policy,
+    shuffled_reward, by_difficulty), every tier in full under "tiers"."""
     main = summaries.get("tier2") or summaries.get("tier1")
     clean = {name: {k: v for k, v in s.items() if k != "_runs"} for name, s in summaries.items()}
     report = {"command": command, "seeds": list(seeds), "seconds": round(seconds, 1),
@@ -483,161 +487,10 @@ def run_differences(out_dir=RUNS_DIR / "differences", seed: int = 0) -> dict:
     return run_ablations(out_dir, seed, DIFFERENCES, tier=TIER1)
 
 
-# ----------------------------------------------------------------------------- tier 2 past the base's best temperature
-
-SEARCH_DIR = RUNS_DIR / "tier2_search"
-SEARCH_FIGURES = ("thought_correct", "thought_correct_greedy", "answer_acc", "answer_acc_greedy", "answer_nll",
-                  "w_answer", "seconds")
-
-
-def search_row(name: str, changes: dict | None = None, seed: int = 0, steps: int = 300, *,
-               think_where: str = "answer", shuffle_rewards: bool = False, lines: str = "answer_only",
-               tier: Tier = TIER2_REPRO,
-               out_dir=SEARCH_DIR, progress: bool = False) -> dict:
-    """One setting of tier 2 (``tier.cfg`` with ``changes``), one seed: trained, evaluated on the
-    test lines, and appended as one JSON line to ``out_dir/rows.jsonl`` (the tier-2 search).
-    ``shuffle_rewards``: the shuffled-reward control of that setting; ``lines``: the training
-    lines (:func:`training_lines`; ``"answer_only+base_working"`` for the cannot-forget control).
-
-    returns: {"name", "changes", "seed", "steps", "think_where", "thought_correct" (test, T = 1,
-    4 thoughts a line), "thought_correct_greedy", "answer_acc" (after sampled thoughts),
-    "answer_acc_greedy" (after the greedy thought), "answer_nll", "w_answer", "seconds",
-    "curve": [{"step", "thought_correct", "thought_correct_greedy", "answer_acc"}] (validation,
-    during training), "command"}.
-    """
-    changes = dict(changes or {})
-    arm = Arm(name, changes, think_where=think_where, lines=lines, shuffle_rewards=shuffle_rewards)
-    r = run_arm(tier, arm, seed, out_dir, progress=progress, steps=steps)
-    ev = json.loads((Path(out_dir) / tier.name / f"{name}-seed{seed}" / "eval.json").read_text())["eval"]
-    row = {"name": name, "changes": changes, "seed": seed, "steps": r["steps"], "think_where": think_where,
-           "shuffle_rewards": shuffle_rewards, "lines": lines, "n_thoughts": tier.cfg.replace(**changes).n_thoughts}
-    row.update({k: r.get(k) for k in SEARCH_FIGURES if k in r})
-    row["answer_acc_greedy"] = ev["quiet_star"].get("answer_acc_greedy")
-    row["curve"] = [{k: e.get(k) for k in ("step", "thought_correct", "thought_correct_greedy", "answer_acc")}
-                    for e in r["evals"]]
-    args = " ".join(f"{k}={v!r}".replace(" ", "") for k, v in changes.items())
-    row["command"] = (f"python -m qstar_mini.studies.reproduce search {name} {args} --seed {seed} --steps {steps}"
-                      + (f" --think-where {think_where}" if think_where != "answer" else "")
-                      + (" --shuffle-rewards" if shuffle_rewards else "")
-                      + (f" --lines {lines}" if lines != "answer_only" else "")).replace("  ", " ")
-    out = Path(out_dir) / "rows.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    return row
-
-
-@torch.no_grad()
-def reward_audit(model, tokenizer, meta, head, cfg: QuietStarConfig, records: list[dict], *, seed: int = 0,
-                 batch_size: int = 64) -> dict:
-    """Where REINFORCE's reward goes: one training step's rewards (Algorithm 1, line 2i; thinking
-    at the answer, ``cfg.n_thoughts`` thoughts a line, no update) on answer-only ``records``,
-    each thought judged by :func:`qstar_mini.evaluation.thought_quality.running_sum_agreement`.
-
-    The clamped reward max(r_j, 0) is what line 2j multiplies log p(T_j) by (with
-    ``cfg.clamp_negative_rewards``): its mass split by the kind of thought shows whether the
-    reward pays for right working or for thoughts that only end on the answer, or for neither.
-    returns: {"thoughts": {"all_right", "last_right_not_all", "last_wrong"} (fractions of the
-    thoughts), "positive_reward_share": the same three kinds' shares of the clamped reward mass,
-    "positive_reward_rate": per kind, the fraction of its thoughts with r_j > 0,
-    "groups_all_wrong_paid": the fraction of the clamped reward mass paid in groups (one line's
-    n_thoughts) where no thought is right, "n_thoughts", "n_lines"}.
-    """
-    from qstar_mini.evaluation.thought_quality import running_sum_agreement
-    from qstar_mini.inference import decode_thought
-    from qstar_mini.records import encode_records
-    from qstar_mini.step import quiet_star_step
-
-    records = [r for r in answer_only(records) if r.get("question")]
-    if not records:
-        raise ValueError("reward_audit needs answer-only lines with a 'question' (31415=4)")
-    enc = encode_records(tokenizer, records, cfg.seq_len)
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    kinds, paid, positive, group_right = [], [], [], []
-    was = model.training
-    model.eval()
-    try:
-        for start in range(0, len(records), batch_size):
-            sl = slice(start, min(len(records), start + batch_size))
-            seq = int(enc.attention_mask[sl].sum(1).max())
-            ids, mask = enc.input_ids[sl, :seq].to(device), enc.attention_mask[sl, :seq].to(device)
-            out = quiet_star_step(model, meta, head, ids, mask, cfg, generator=generator,
-                                  positions=enc.think_pos[sl, None].to(device))
-            r = out.rewards[:, :, 0]                                           # (b, n): one position a line
-            for i, q in enumerate(enc.questions[sl]):
-                judged = [running_sum_agreement(q, decode_thought(tokenizer, out.thoughts[i, k, 0]))
-                          for k in range(r.shape[1])]
-                kinds += ["all_right" if j["all"] else "last_right_not_all" if j["last"] else "last_wrong"
-                          for j in judged]
-                paid += r[i].clamp(min=0).tolist()
-                positive += (r[i] > 0).tolist()
-                group_right += [any(j["all"] for j in judged)] * len(judged)
-    finally:
-        model.train(was)
-    total = sum(paid) or 1.0
-    names = ("all_right", "last_right_not_all", "last_wrong")
-    count = {k: sum(1 for x in kinds if x == k) for k in names}
-    return {"thoughts": {k: round(count[k] / len(kinds), 4) for k in names},
-            "positive_reward_share": {k: round(sum(p for p, x in zip(paid, kinds) if x == k) / total, 4)
-                                      for k in names},
-            "positive_reward_rate": {k: (round(sum(p for p, x in zip(positive, kinds) if x == k) / count[k], 4)
-                                         if count[k] else None) for k in names},
-            "groups_all_wrong_paid": round(sum(p for p, g in zip(paid, group_right) if not g) / total, 4),
-            "n_thoughts": cfg.n_thoughts, "n_lines": len(records)}
-
-
-def read_search_rows(out_dir=SEARCH_DIR) -> list[dict]:
-    """The rows :func:`search_row` appended to ``out_dir/rows.jsonl``, in order."""
-    path = Path(out_dir) / "rows.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def format_search_table(rows: list[dict]) -> str:
-    """A markdown table of search rows: setting, seed, steps, wall time, right thoughts on the
-    test lines (T = 1 / greedy), answer accuracy (after sampled / greedy thoughts), the command."""
-    lines = ["| setting | seed | steps | wall s | right thoughts T=1 | greedy | answer acc. (sampled / greedy thought) "
-             "| command |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    f = lambda v: "-" if v is None else f"{v:.3f}"                               # noqa: E731
-    for r in rows:
-        changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "tier 2 as in make reproduce"
-        note = f" ({r['note']})" if r.get("note") else ""
-        note += ", rewards shuffled" if r.get("shuffle_rewards") else ""
-        note += f", lines {r['lines']}" if r.get("lines", "answer_only") != "answer_only" else ""
-        where = "" if r.get("think_where", "answer") == "answer" else f", thinking at {r['think_where']} positions"
-        lines.append(f"| {r['name']}: {changes}{where}{note} | {r['seed']} | {r['steps']} | {r['seconds']:.0f} | "
-                     f"{f(r['thought_correct'])} | {f(r['thought_correct_greedy'])} | "
-                     f"{f(r['answer_acc'])} / {f(r.get('answer_acc_greedy'))} | `{r['command']}` |")
-    return "\n".join(lines)
-
-
-def plot_search_curves(rows: list[dict], path, *, title: str = "", reference: dict | None = None) -> str:
-    """Right thoughts on the validation lines over training (T = 1 solid, greedy dashed), one
-    colour per row; ``reference``: {label: value} drawn as horizontal lines (the base's best)."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, r in enumerate(rows):
-        colour = f"C{i % 10}"
-        steps = [c["step"] for c in r["curve"]]
-        ax.plot(steps, [c["thought_correct"] for c in r["curve"]], "-o", ms=3, color=colour,
-                label=f"{r['name']} seed {r['seed']}")
-        ax.plot(steps, [c["thought_correct_greedy"] for c in r["curve"]], "--", color=colour)
-    for j, (label, value) in enumerate((reference or {}).items()):
-        ax.axhline(value, color="k", ls=":" if j else "-.", lw=1, label=label)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("right thoughts (validation); solid T=1, dashed greedy")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return str(path)
-
-
 # ----------------------------------------------------------------------------- the best setting, 3 seeds
 
 LONG_DIR = RUNS_DIR / "tier2_long"
+LONG_COMMAND = "qstar-mini reproduce long"
 LONG_KEEP = ("answer_nll", "answer_acc", "answer_acc_greedy", "thought_correct", "thought_correct_greedy",
              "thought_correct_start", "thought_correct_end", "w_answer", "seconds", "steps", "evals")
 
@@ -656,7 +509,7 @@ def run_long_part(part: str, seed: int = 0, out_dir=LONG_DIR, *, progress: bool 
         r = run_arm(TIER2_LONG, arms[part], seed, out_dir, progress=progress)
         result, path = {k: r.get(k) for k in LONG_KEEP}, out_dir / f"{part}-seed{seed}.json"
     else:
-        raise SystemExit(f"long: unknown part {part!r}; choose 'base' or one of {sorted(arms)}")
+        raise ConfigError(f"long: unknown part {part!r}; choose 'base' or one of {sorted(arms)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"part": part, "seed": seed, "result": result}, indent=2, default=str) + "\n")
     return result
@@ -671,11 +524,11 @@ def merge_long(out_dir=LONG_DIR, seeds=(0, 1, 2)) -> dict:
                                         for s in seeds]
     missing = [p.name for p in needed if not p.exists()]
     if missing:
-        raise SystemExit(f"long --merge: {len(missing)} piece(s) missing in {out_dir}: {', '.join(missing)}; "
-                         "run them with python -m qstar_mini.studies.reproduce long PART --seed N")
+        raise DataError(f"long --merge: {len(missing)} piece(s) missing in {out_dir}: {', '.join(missing)}; "
+                        f"run each with {LONG_COMMAND} PART --seed N --out {out_dir}")
     read = lambda p: json.loads(p.read_text())["result"]                      # noqa: E731
-    report = {"command": "python -m qstar_mini.studies.reproduce long PART --seed N (each arm and seed, and base), "
-                         "then long --merge", "seeds": list(seeds), "config": TIER2_LONG.cfg.to_dict(),
+    report = {"command": f"{LONG_COMMAND} PART --seed N (each arm and seed, and base), "
+                         f"then {LONG_COMMAND} --merge", "seeds": list(seeds), "config": TIER2_LONG.cfg.to_dict(),
               "base_model": str(TIER2_LONG.base.name), "base": read(out_dir / "base.json"), "arms": {}}
     for arm in TIER2_LONG.arms:
         per_seed = [read(out_dir / f"{arm.name}-seed{s}.json") for s in seeds]
@@ -753,66 +606,3 @@ def plot_long(report: dict, path) -> str:
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return str(path)
-
-
-def parse_search_args(argv: list[str]) -> dict:
-    """``NAME [field=value ...] [--seed N] [--steps N] [--think-where answer|all] [--shuffle-rewards] [--lines L]`` -> the
-    keyword arguments of :func:`search_row`; values are Python literals (``lr=2e-4``,
-    ``clamp_negative_rewards=False``)."""
-    import ast
-
-    if not argv or argv[0].startswith("-"):
-        raise SystemExit("usage: python -m qstar_mini.studies.reproduce search NAME [field=value ...] "
-                         "[--seed N] [--steps N] [--think-where answer|all] [--shuffle-rewards] [--lines L]")
-    kwargs, changes, rest = {"name": argv[0]}, {}, list(argv[1:])
-    while rest:
-        item = rest.pop(0)
-        if item == "--shuffle-rewards":
-            kwargs["shuffle_rewards"] = True
-        elif item in ("--seed", "--steps", "--think-where", "--lines"):
-            if not rest:
-                raise SystemExit(f"{item} needs a value")
-            value = rest.pop(0)
-            key = item[2:].replace("-", "_")
-            kwargs[key] = value if key in ("think_where", "lines") else int(value)
-        elif "=" in item:
-            key, value = item.split("=", 1)
-            try:
-                changes[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                changes[key] = value                                       # a plain string, e.g. mixing=hidden
-        else:
-            raise SystemExit(f"search: cannot read {item!r}; give config changes as field=value")
-    tier_fields = {f.name for f in dataclasses.fields(QuietStarConfig)}
-    unknown = sorted(set(changes) - tier_fields)
-    if unknown:
-        raise SystemExit(f"search: unknown config field(s) {unknown}; see qstar_mini.config.QuietStarConfig")
-    kwargs["changes"] = changes
-    return kwargs
-
-
-if __name__ == "__main__":  # python -m qstar_mini.studies.reproduce [demo|reproduce|ablations|differences|search]
-    what = sys.argv[1] if len(sys.argv) > 1 else "demo"
-    if what == "search":
-        torch.set_num_threads(1)
-        print(json.dumps({k: v for k, v in search_row(**parse_search_args(sys.argv[2:])).items() if k != "curve"}))
-        sys.exit(0)
-    if what == "long":                     # long PART [--seed N] [--out DIR] | long --merge [--out DIR]
-        rest = sys.argv[2:]
-        out = Path(rest[rest.index("--out") + 1]) if "--out" in rest else LONG_DIR
-        if "--merge" in rest:
-            report = merge_long(out)
-            print(format_long_table(report))
-            print(plot_long(report, out / "tier2_long_thought_correct.png"))
-        elif rest and not rest[0].startswith("-"):
-            seed = int(rest[rest.index("--seed") + 1]) if "--seed" in rest else 0
-            print(json.dumps({k: v for k, v in run_long_part(rest[0], seed, out).items() if k != "evals"}))
-        else:
-            sys.exit("usage: python -m qstar_mini.studies.reproduce long PART [--seed N] [--out DIR] | long --merge "
-                     "[--out DIR]; PART: base, " + ", ".join(arm.name for arm in TIER2_LONG.arms))
-        sys.exit(0)
-    runs = {"demo": run_demo_pipeline, "reproduce": run_reproduction, "ablations": run_ablations,
-            "differences": run_differences}
-    if what not in runs:
-        sys.exit(f"unknown experiment {what!r}; choose one of {sorted(runs)}")
-    runs[what]()
