@@ -53,6 +53,12 @@ TALK_NLL_POOLINGS = ("per_offset", "pooled")  # mean of per-offset means (offici
 POLICY_POSITIONS = ("official", "real")  # see QuietStarConfig.policy_positions
 LR_SCHEDULES = ("linear", "constant")  # HF Trainer warmup-then-linear-decay (official) / warmup-then-hold
 
+#: The fields that take one of a few names, and those names.
+CHOICES = {"reward_baseline": BASELINES, "attention": ATTENTION_MODES, "memory": MEMORY_MODES,
+           "mixing": MIXING_MODES, "meta_init": META_INITS, "scoring_vocab": SCORING_VOCABS,
+           "reinforce_reduction": REINFORCE_REDUCTIONS, "talk_nll_pooling": TALK_NLL_POOLINGS,
+           "policy_positions": POLICY_POSITIONS, "lr_schedule": LR_SCHEDULES, "mixer_init": HEAD_INITS}
+
 
 @dataclass
 class QuietStarConfig:
@@ -124,19 +130,19 @@ class QuietStarConfig:
                                       # GPUs); "auto": blocks where the model allows it, else mask
 
     # --- optimiser (official quiet-star-train.py) ------------------------------------------
-    lr: float = 1e-6
-    mixer_lr: float | None = None     # None = same as lr
-    weight_decay: float = 0.001
+    lr: float = 1e-6                  # AdamW's learning rate (LM and meta-tokens)
+    mixer_lr: float | None = None     # the mixing head's learning rate; None = same as lr
+    weight_decay: float = 0.001       # AdamW's decoupled weight decay
     decay_meta_tokens: bool = True    # weight decay on the meta-token embeddings (HF Trainer: yes)
     decay_bias_and_norm: bool = False  # weight decay on biases and LayerNorm weights (HF Trainer: no)
-    warmup_steps: int = 20
+    warmup_steps: int = 20            # optimiser steps of linear warmup
     lr_schedule: str = "linear"       # "linear": from 0 up to lr over warmup_steps, then down to 0
                                       # at lr_decay_steps (HF Trainer); "constant": from
                                       # lr / warmup_steps up to lr, then held
     lr_decay_steps: int = 100_000     # where "linear" reaches 0 (official `max_steps`; the run is
                                       # stopped after `kill_after` = 100 steps, so it barely decays)
-    grad_clip: float = 1.0
-    seed: int = 0
+    grad_clip: float = 1.0            # gradients clipped to this global norm
+    seed: int = 0                     # seeds torch, the data order and the thought sampler
 
     def __post_init__(self) -> None:
         self.validate()
@@ -187,21 +193,12 @@ class QuietStarConfig:
              f"n_true ({self.n_true}) must be smaller than seq_len ({self.seq_len}): each thought "
              f"is supervised by the next n_true true tokens of the sequence")
         need(self.n_thoughts >= 1, f"n_thoughts (official n_passes) must be >= 1 (got {self.n_thoughts})")
-        need(self.reward_baseline in BASELINES,
-             f"reward_baseline must be one of {BASELINES} (got {self.reward_baseline!r})")
+        for name, choices in CHOICES.items():
+            need(getattr(self, name) in choices, f"{name} must be one of {choices} (got {getattr(self, name)!r})")
         need(not (self.think and self.reward_baseline == "mean" and self.n_thoughts < 2),
              f"n_thoughts must be >= 2 with reward_baseline='mean' (got {self.n_thoughts}): with one "
              f"thought its reward minus the mean is always 0; use more thoughts or reward_baseline='base' "
              f"(the improvement over the base prediction, as the official code does with n_passes = 1)")
-        need(self.attention in ATTENTION_MODES,
-             f"attention must be one of {ATTENTION_MODES} (got {self.attention!r})")
-        need(self.memory in MEMORY_MODES, f"memory must be one of {MEMORY_MODES} (got {self.memory!r})")
-        need(self.mixing in MIXING_MODES, f"mixing must be one of {MIXING_MODES} (got {self.mixing!r})")
-        for name, choices in (("meta_init", META_INITS), ("scoring_vocab", SCORING_VOCABS),
-                              ("reinforce_reduction", REINFORCE_REDUCTIONS),
-                              ("talk_nll_pooling", TALK_NLL_POOLINGS), ("policy_positions", POLICY_POSITIONS),
-                              ("lr_schedule", LR_SCHEDULES), ("mixer_init", HEAD_INITS)):
-            need(getattr(self, name) in choices, f"{name} must be one of {choices} (got {getattr(self, name)!r})")
         need(self.mixer_depth >= 1, f"mixer_depth must be >= 1 hidden layer (got {self.mixer_depth})")
         need(self.mixer_bias_init is None or isinstance(self.mixer_bias_init, (int, float)),
              f"mixer_bias_init must be a number or None for no bias (got {self.mixer_bias_init!r})")

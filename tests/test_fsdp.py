@@ -177,7 +177,7 @@ def test_fsdp_settings_this_loop_cannot_use_are_refused():
     from accelerate.utils import FullyShardedDataParallelPlugin as Plugin
 
     from qstar_mini.errors import ConfigError
-    from qstar_mini.train import _check_fsdp_plugin
+    from qstar_mini.runs.sharding import _check_fsdp_plugin
 
     for bad, says in [(dict(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                             transformer_cls_names_to_wrap=["MistralDecoderLayer"]), "NO_WRAP"),
@@ -194,7 +194,7 @@ def test_shipped_accelerate_configs_are_what_the_loop_runs(name):
     import yaml
     from accelerate.utils import FullyShardedDataParallelPlugin as Plugin
 
-    from qstar_mini.train import _check_fsdp_plugin
+    from qstar_mini.runs.sharding import _check_fsdp_plugin
 
     values = yaml.safe_load((REPO / "configs" / "accelerate" / name).read_text())
     assert values["distributed_type"] == "FSDP" and values["use_cpu"] is False   # use_cpu: one process

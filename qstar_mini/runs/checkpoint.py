@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qstar_mini.config import QuietStarConfig
-from qstar_mini.errors import CheckpointError
+from qstar_mini.errors import CheckpointError, ConfigError
 from qstar_mini.files import MANIFEST, check_files, make_portable, read_manifest, write_dir_atomic, write_json, write_manifest
 from qstar_mini.meta_tokens import MetaTokens
 from qstar_mini.mixing import MixingHead
@@ -315,3 +315,46 @@ def load_training_state(path: str | os.PathLike, optimizer=None, scheduler=None,
         scheduler.load_state_dict(scheduler_state_from_json(sched, len(scheduler.base_lrs)))
     rng = _load_tensors(path / RNG_FILE) if (path / RNG_FILE).exists() else {}
     return state, rng
+
+
+# ============================================================================ the random state a checkpoint keeps
+
+def rng_state(generator: torch.Generator, accelerator=None) -> dict[str, torch.Tensor]:
+    """The RNG states a checkpoint keeps: torch's, CUDA's and the thought generator's. With
+    several processes every process calls this: each samples its own thoughts with its own
+    generator, so all their states are gathered ("thoughts" is process 0's, "thoughts1" process
+    1's, ...) for a resumed run to continue each one's stream."""
+    state = {"torch": torch.get_rng_state(), "thoughts": generator.get_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    if accelerator is not None and accelerator.num_processes > 1:
+        mine = generator.get_state().to(accelerator.device)[None]                 # (1, n) uint8
+        every = accelerator.gather(mine).cpu()                                     # (world, n)
+        state.update({f"thoughts{r}": every[r] for r in range(1, accelerator.num_processes)})
+    return state
+
+
+def restore_rng_state(rng: dict[str, torch.Tensor], generator: torch.Generator, rank: int = 0) -> None:
+    """Restore :func:`rng_state`'s states; process ``rank`` takes its own thought generator's
+    (one a checkpoint lacks, e.g. resuming with more processes, keeps its fresh seed)."""
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    key = "thoughts" if rank == 0 else f"thoughts{rank}"
+    if key in rng:
+        generator.set_state(rng[key])
+    if torch.cuda.is_available():
+        states = [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def load_checkpoint_to_resume(path, cfg: QuietStarConfig) -> Checkpoint:
+    """The checkpoint a resumed run continues from, refused (naming the fields) when its config
+    differs from ``cfg`` in anything but ``steps`` (more steps extend a finished run)."""
+    ck = load_checkpoint(path)
+    saved, asked = ck.cfg.to_dict(), cfg.to_dict()
+    changed = sorted(k for k, v in asked.items() if k != "steps" and saved.get(k) != v)
+    if changed:
+        raise ConfigError(f"--resume: {path}'s config differs in {changed}; use its settings, or a new --out")
+    return ck

@@ -18,13 +18,16 @@ checkpoint itself is missing, and temporary folders of dead processes are remove
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from qstar_mini.errors import CheckpointError, ConfigError
+from qstar_mini.files import write_file_atomic
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
@@ -230,3 +233,81 @@ def clear_run(out_dir: str | os.PathLike) -> None:
     out_dir = Path(out_dir)
     (out_dir / METRICS_FILE).unlink(missing_ok=True)
     shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+
+
+# ============================================================================ the folder of a run in progress
+
+@dataclass
+class RunFolder:
+    """Where a run writes; every path is None for a run without files (``out_dir=None``).
+
+    out_dir: the run folder.  checkpoint: ``out_dir/checkpoint``.  metrics: ``out_dir/metrics.jsonl``.
+    resuming: ``resume`` was asked and the checkpoint holds a training state to continue from.
+    """
+
+    out_dir: Path | None
+    checkpoint: Path | None
+    metrics: Path | None
+    resuming: bool
+
+
+def run_settings(opts) -> dict:
+    """What ``trainer_state.json`` records of a run (its :class:`~qstar_mini.train.TrainOptions`)
+    and a resumed run must share (:data:`RESUME_KEYS`): local paths made absolute, so that
+    ``data`` and ``./data`` are the same; records passed in memory are not recorded."""
+    def name(value):
+        if isinstance(value, (str, os.PathLike)):
+            return str(Path(value).resolve()) if Path(value).exists() else os.fspath(value)
+        return None
+    return {"model": name(opts.model), "data": name(opts.data), "text_field": opts.text_field,
+            "max_lines": opts.max_lines, "think_where": opts.think_where, "lines": opts.lines,
+            "shuffle_rewards": bool(opts.shuffle_rewards)}
+
+
+@contextmanager
+def prepare_run_folder(out_dir, settings: dict, *, resume: bool, overwrite: bool):
+    """The one place :func:`qstar_mini.train.train` opens its run folder, before the data and the model are
+    loaded: :func:`open_run` checks it can be written, locks it, repairs an
+    interrupted save and refuses to overwrite or wrongly resume a run (main process only;
+    the others only read). Yields the :class:`RunFolder`."""
+    if out_dir is None:
+        if resume:
+            raise ConfigError("resume=True needs an out_dir holding the run to continue")
+        yield RunFolder(None, None, None, False)
+        return
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    if int(os.environ.get("RANK", "0")) != 0:               # other processes of a distributed run
+        yield RunFolder(out_dir, ckpt_dir, out_dir / METRICS_FILE, bool(resume))
+        return
+    with open_run(out_dir, settings, resume=resume, overwrite=overwrite) as state:
+        yield RunFolder(out_dir, ckpt_dir, out_dir / METRICS_FILE, state is not None)
+
+
+def start_metrics(run_dir: RunFolder, start_step: int) -> None:
+    """Create the run folder; a new run starts ``metrics.jsonl`` afresh, a resumed one keeps the
+    lines up to its checkpoint's step."""
+    if run_dir.metrics is None:
+        return
+    run_dir.out_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.resuming:
+        _truncate_metrics(run_dir.metrics, start_step)
+    else:
+        clear_run(run_dir.out_dir)         # the run overwrite replaces, kept until this one started
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only the lines of steps <= last_step (a resumed run rewrites what came after); a line
+    that is no JSON object (cut short by a full disk or a kill) goes too."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            keep.append(line)
+    write_file_atomic(path, "".join(line + "\n" for line in keep).encode())
+
