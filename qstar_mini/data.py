@@ -334,7 +334,7 @@ def _records(questions: list[str], flags: list[bool], task: Task, working_error:
     return out
 
 
-def generate_splits(cfg: CorpusConfig) -> dict[str, list[dict]]:
+def make_splits(cfg: CorpusConfig) -> dict[str, list[dict]]:
     """The corpus in memory: ``{"train", "validation", "test", "gsm8k_format"}`` -> records."""
     cfg.validate()
     task = get_task(cfg.task)
@@ -348,7 +348,7 @@ def generate_splits(cfg: CorpusConfig) -> dict[str, list[dict]]:
                                task, 0.0, _rng(cfg, "valid-errors")),
         "test": _records(test_q, _working_flags(cfg.n_test, cfg.n_test // 2, _rng(cfg, "test-flags")),
                          task, 0.0, _rng(cfg, "test-errors")),
-        GSM_SPLIT: generate_gsm(cfg.n_gsm, _rng(cfg, "gsm")),
+        GSM_SPLIT: make_gsm_problems(cfg.n_gsm, _rng(cfg, "gsm")),
     }
     return splits
 
@@ -420,7 +420,7 @@ def _gsm_change(rng, name, he, his, item):
 GSM_TEMPLATES = (_gsm_add, _gsm_sub, _gsm_mul, _gsm_div, _gsm_two_step, _gsm_change)
 
 
-def generate_gsm(n: int, rng: random.Random) -> list[dict]:
+def make_gsm_problems(n: int, rng: random.Random) -> list[dict]:
     """``n`` templated word problems in GSM8K's format: answer = working + ``"\\n#### N"``."""
     out = []
     for _ in range(n):
@@ -468,7 +468,7 @@ def write_corpus(out_dir: str | os.PathLike, cfg: CorpusConfig | None = None) ->
     if not isinstance(cfg, CorpusConfig):
         raise DataError(f"cfg must be a CorpusConfig (got {type(cfg).__name__})")
     cfg.validate()
-    splits = generate_splits(cfg)
+    splits = make_splits(cfg)
     payloads = {name: _jsonl_bytes(records) for name, records in splits.items()}
     config_payload = _config_bytes(cfg)
 

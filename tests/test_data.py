@@ -6,7 +6,7 @@ import re
 import pytest
 
 from qstar_mini.data import (GSM_SPLIT, TASKS, WORK_CLOSE, WORK_OPEN, CorpusConfig, answer_index,
-                             generate_splits, gsm_final_answer, load_split, make_record, read_jsonl,
+                             make_splits, gsm_final_answer, load_split, make_record, read_jsonl,
                              split_prompt, working_is_correct, write_corpus, wrong_steps)
 from qstar_mini.errors import DataError
 from qstar_mini.paths import DATA_DIR
@@ -55,7 +55,7 @@ def test_shipped_data_equals_a_regeneration(tmp_path):
 
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_working_and_answers_are_right_without_errors(task):
-    splits = generate_splits(CorpusConfig(task=task, **SMALL))
+    splits = make_splits(CorpusConfig(task=task, **SMALL))
     n_digits = TASKS[task].n_digits
     for name in ("train", "validation", "test"):
         for r in splits[name]:
@@ -74,7 +74,7 @@ def test_working_and_answers_are_right_without_errors(task):
 
 def test_fraction_of_wrong_steps_is_about_working_error():
     cfg = CorpusConfig(n_train=6000, n_valid=10, n_test=10, n_gsm=1, working_error=0.2, frac_working=1.0)
-    train = generate_splits(cfg)["train"]
+    train = make_splits(cfg)["train"]
     steps = [w for r in train for w in wrong_steps(r["question"], r["working"])]
     assert len(steps) == 6000 * 5
     assert abs(sum(steps) / len(steps) - 0.2) < 0.01
@@ -88,22 +88,22 @@ def test_fraction_of_wrong_steps_is_about_working_error():
     frac_correct = sum(r["working_correct"] for r in train) / len(train)
     assert 0.8 ** 5 - 0.02 < frac_correct < 0.8 ** 5 + 0.05   # + the rare cancellations
     # validation and test working is never corrupted
-    assert all(r["working_correct"] for r in generate_splits(cfg)["test"] if r["has_working"])
+    assert all(r["working_correct"] for r in make_splits(cfg)["test"] if r["has_working"])
 
 
 def test_frac_working_and_answer_only_lines_in_test():
-    splits = generate_splits(CorpusConfig(frac_working=1.0, **SMALL))
+    splits = make_splits(CorpusConfig(frac_working=1.0, **SMALL))
     assert all(r["has_working"] for r in splits["train"])
     for name, n in (("validation", 40), ("test", 41)):
         with_w = sum(r["has_working"] for r in splits[name])
         assert with_w == n // 2                       # half with working, whatever frac_working
         assert n - with_w >= 1                        # answer-only held-out lines exist
-    splits = generate_splits(CorpusConfig(frac_working=0.25, **SMALL))
+    splits = make_splits(CorpusConfig(frac_working=0.25, **SMALL))
     assert sum(r["has_working"] for r in splits["train"]) == 75
 
 
 def test_eval_questions_are_held_out_from_train():
-    splits = generate_splits(CorpusConfig(n_train=5000, n_valid=300, n_test=300, n_gsm=1))
+    splits = make_splits(CorpusConfig(n_train=5000, n_valid=300, n_test=300, n_gsm=1))
     train_q = {r["question"] for r in splits["train"]}
     test_q = [r["question"] for r in splits["test"]]
     valid_q = [r["question"] for r in splits["validation"]]
@@ -112,8 +112,8 @@ def test_eval_questions_are_held_out_from_train():
 
 
 def test_working_error_does_not_change_questions_or_test():
-    clean = generate_splits(CorpusConfig(**SMALL))
-    noisy = generate_splits(CorpusConfig(working_error=0.5, **SMALL))
+    clean = make_splits(CorpusConfig(**SMALL))
+    noisy = make_splits(CorpusConfig(working_error=0.5, **SMALL))
     assert clean["test"] == noisy["test"]
     assert [r["question"] for r in clean["train"]] == [r["question"] for r in noisy["train"]]
     assert clean["train"] != noisy["train"]
@@ -136,7 +136,7 @@ def test_line_helpers():
 
 
 def test_gsm_answers_end_with_the_right_number():
-    gsm = generate_splits(CorpusConfig(n_gsm=200, n_train=1, n_valid=1, n_test=1))[GSM_SPLIT]
+    gsm = make_splits(CorpusConfig(n_gsm=200, n_train=1, n_valid=1, n_test=1))[GSM_SPLIT]
     assert len(gsm) == 200
     templates = set()
     for r in gsm:

@@ -8,7 +8,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qstar_mini.data import CorpusConfig, generate_splits, read_jsonl
+from qstar_mini.data import CorpusConfig, make_splits, read_jsonl
 from qstar_mini.errors import ModelError
 from qstar_mini.models.tiny import (BOS_ID, CHARACTERS, EOS_ID, PAD_ID, UNK_ID, build_tokenizer,
                                encode_lines, evaluate_base, lm_labels, load_model, pretrain,
@@ -16,7 +16,7 @@ from qstar_mini.models.tiny import (BOS_ID, CHARACTERS, EOS_ID, PAD_ID, UNK_ID, 
 from qstar_mini.paths import DATA_DIR, TINY_BASE, TINY_BASE_NOISY
 
 LINES = ["31415=(34894)4", "31415=4", "00000=(00000)0", "99999=(98765)5", "314=(348)8"]
-GSM = generate_splits(CorpusConfig(n_train=1, n_valid=1, n_test=1, n_gsm=30))["gsm8k_format"]
+GSM = make_splits(CorpusConfig(n_train=1, n_valid=1, n_test=1, n_gsm=30))["gsm8k_format"]
 GSM_TEXTS = [r["question"] for r in GSM] + [r["answer"] for r in GSM] + [
     "Ana's 3 apples: $4, 5/2 = 2.5! Really?\n#### 7"]
 

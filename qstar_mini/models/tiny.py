@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from qstar_mini.data import (CONFIG_FILE, WORK_CLOSE, WORK_OPEN, CorpusConfig, answer_index, generate_splits,
+from qstar_mini.data import (CONFIG_FILE, WORK_CLOSE, WORK_OPEN, CorpusConfig, answer_index, make_splits,
                    get_task, read_jsonl, split_prompt, task_for_question, working_is_correct)
 from qstar_mini.files import make_portable, write_dir_atomic
 from qstar_mini.errors import ModelError
@@ -313,7 +313,7 @@ def pretrain(out_dir, data_dir=DATA_DIR, corpus: CorpusConfig | None = None, ste
         raise ModelError(f"steps, batch_size and lr must be positive (got {steps}, {batch_size}, {lr})")
     out_dir = Path(out_dir)
     if corpus is not None:
-        splits = generate_splits(corpus)
+        splits = make_splits(corpus)
         train, test, corpus_dict = splits["train"], splits["test"], corpus.to_dict()
     else:
         data_dir = Path(data_dir)

@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 
 from qstar_mini.config import QuietStarConfig, tiny
-from qstar_mini.data import CorpusConfig, generate_splits, read_jsonl
+from qstar_mini.data import CorpusConfig, make_splits, read_jsonl
 from qstar_mini.errors import ConfigError, DataError
 from qstar_mini.evaluation.token_gains import answer_only
 from qstar_mini.evaluation.thought_quality import best_temperature
@@ -164,7 +164,7 @@ def training_lines(arm: Arm, base: Path, data_dir: Path = DATA_DIR) -> list[dict
         raise ValueError(f"unknown lines {arm.lines!r}")
     report = json.loads((Path(base) / "pretrain_report.json").read_text())
     corpus = CorpusConfig.from_dict(report["corpus"])
-    working = [r for r in generate_splits(corpus)["train"] if r["has_working"]][: len(records)]
+    working = [r for r in make_splits(corpus)["train"] if r["has_working"]][: len(records)]
     mixed = [x for pair in zip(records, working) for x in pair]            # alternate the two kinds
     return mixed
 
