@@ -67,7 +67,7 @@ reproduce: $(STAMP_RUN)
 	$(PY) -m qstar_mini reproduce reproduce
 
 # The real model (SmolLM2) is fetched like a user fetches it (once; later runs only verify it):
-# notebook 10 and tests/test_real_model.py use it.
+# notebook 10 and tests/models/test_pretrained.py use it.
 # Two pytest workers (pytest-xdist): the notebooks and the CLI matrix on one, in order (conftest.py),
 # the other tests shared out. TEST_WORKERS=0 runs everything in one process.
 # The lowest transformers we declare is also fetched (pip --target, about 10 MB, once), so that

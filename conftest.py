@@ -25,7 +25,7 @@ def pytest_configure(config):
 
 # `make test` runs two pytest-xdist workers (`pytest -n 2`). Everything that writes into the
 # repository's runs/ (the notebooks: 06-08 share runs/course, 06 and 09 have folders of their own) or
-# watches it for changes (tests/test_cli_matrix.py asserts that runs/, data/ and notebooks/ stay
+# watches it for changes (tests/cli/test_cli_matrix.py asserts that runs/, data/ and notebooks/ stay
 # untouched) must run on one worker, in collection order: nbval also needs a notebook's cells in
 # order, in one kernel. The scheduler below sends them as one unit of work and shares out the rest
 # test by test. It replaces `--dist loadgroup` and the `xdist_group` mark, which pytest-xdist 3.8

@@ -17,7 +17,7 @@ in training, where every position thinks on its own.
 **The official README's pitfall.** The meta-tokens must never be emitted as text, and never be
 sampled inside a thought. Every distribution here goes through
 :func:`qstar_mini.lm.text_log_probs`, which gives them probability 0;
-``tests/test_generate.py`` checks that no generated token is a meta-token.
+``tests/test_inference.py`` checks that no generated token is a meta-token.
 
 :func:`generate_plain` is the same loop without thoughts: the baseline that notebook 08 times.
 

@@ -15,7 +15,7 @@
 # What is not: the setup cell's two literals are replaced in the copies, /content/qstar-mini by
 # COLAB_CHECK_DIR/content/qstar-mini and the repository address (pyproject.toml) by a file:// URL
 # of this checkout, so the clone is of this checkout's HEAD (commit first) and needs no GitHub.
-# Then tests/test_colab.py's explorer tests run again in that environment, on ipywidgets 7.7.1.
+# Then tests/teaching/test_colab.py's explorer tests run again in that environment, on ipywidgets 7.7.1.
 #
 # nbval runs with --nbval-lax: every cell must run without error, outputs are not compared
 # (the setup cell prints git's and pip's messages; the default `make test` compares outputs).
@@ -90,6 +90,6 @@ assert qstar_mini.__file__.startswith(clone), f"qstar_mini imported from {qstar_
 print(f"colab-check: torch {torch.__version__} kept, ipywidgets {ipywidgets.__version__} kept, "
       f"qstar_mini from the clone")
 EOF
-(cd "$CONTENT/qstar-mini" && "$ENV/bin/python" -m pytest -p no:cacheprovider -q tests/test_colab.py \
+(cd "$CONTENT/qstar-mini" && "$ENV/bin/python" -m pytest -p no:cacheprovider -q tests/teaching/test_colab.py \
     -k "explorer or widget")
 echo "colab-check: passed in $(( $(date +%s) - start )) s ($WORK)"

@@ -65,8 +65,8 @@ class Row:
 # the tests that compare numbers (the official fixture, the conformance suite, parallel == naive,
 # block attention == mask, the memory modes), not the file-handling and command-line tests.
 NUMERIC = ("notebooks", "tests/test_official.py", "tests/test_conformance.py", "tests/test_step.py",
-           "tests/test_parallel.py", "tests/test_block_attention.py", "tests/test_masks.py",
-           "tests/test_mixing.py", "tests/test_rescore.py")
+           "tests/test_parallel.py", "tests/fast/test_block_attention.py", "tests/test_masks.py",
+           "tests/test_mixing.py", "tests/fast/test_rescore.py")
 MAKE_TEST = ("torch==2.13.0",)
 
 ROWS = [

@@ -7,7 +7,7 @@ process with accelerate 1.15 unless MPI is configured.
 
     QSTAR_SLOW=1 python -m pytest tests/test_train.py -k accelerate
 
-tests/test_fsdp.py compares two DDP or FSDP (sharded) processes with one, number for number.
+tests/runs/test_fsdp.py compares two DDP or FSDP (sharded) processes with one, number for number.
 """
 
 import argparse

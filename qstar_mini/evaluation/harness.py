@@ -62,7 +62,7 @@ tokens and answer extraction, so its ``exact_match`` is the GSM8K-format accurac
     results = lm_eval.simple_evaluate(model="qstar-mini", model_args="checkpoint=runs/x/checkpoint",
                                       tasks=["hellaswag"], limit=100)
 
-or pass ``model=QuietStarLM(checkpoint=...)``. ``tests/test_harness.py`` runs a multiple-choice,
+or pass ``model=QuietStarLM(checkpoint=...)``. ``tests/evaluation/test_harness.py`` runs a multiple-choice,
 a rolling-loglikelihood and a ``generate_until`` task written on ``data/gsm8k_format.jsonl`` and
 checks every number against qstar_mini's own functions.
 """

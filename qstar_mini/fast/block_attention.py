@@ -20,7 +20,7 @@ It is registered as a Hugging Face attention implementation and switched on only
 :func:`structured`, i.e. only for the masked thought/talk steps that have this layout
 (``generate_thoughts(..., attention="blocks")``, ``QuietStarConfig.attention = "blocks"``).
 Everything else keeps the model's own attention. Tested equal to the masked sdpa/eager
-attention, values and gradients (``tests/test_block_attention.py``).
+attention, values and gradients (``tests/fast/test_block_attention.py``).
 
 **The cache without copies.** A ``DynamicCache`` grows by concatenation: step k copies the
 whole cache (seq + m * k keys per layer), so S steps copy O(S^2 * m) keys, and autograd keeps

@@ -22,7 +22,7 @@ and query q (thinking after position p = positions[b, q], or p = q when every po
         (j - \\text{seq}) \\bmod m = q & j \\ge \\text{seq} \\quad\\text{(thoughts: its own column in every block)}
     \\end{cases}
 
-:func:`figure3_visible` returns exactly this function; ``tests/test_flex_attention.py`` and
+:func:`figure3_visible` returns exactly this function; ``tests/fast/test_flex_attention.py`` and
 notebook 02 check it against :func:`qstar_mini.masks.thought_visibility` entry by entry.
 
 How it runs

@@ -22,7 +22,7 @@ The alternative (``QuietStarConfig.memory``)
        with :func:`qstar_mini.masks.one_pass_visibility` (the Figure 3 mask of every step at
        once, in the order the cache held them) and the same position ids. That pass, with
        gradients, gives the same log p(T_j) and talk hidden states as the stepwise graph,
-       hence the same loss and gradients (tests/test_rescore.py, float64). Cost: the
+       hence the same loss and gradients (tests/fast/test_rescore.py, float64). Cost: the
        generation's forward passes run twice (once without graph) and the text once more
        per thought.
 ``"rescore_checkpointed"``

@@ -72,7 +72,7 @@ TEXT_STUB = ["YOUR ANSWER HERE"]                                          # nbgr
 HIDDEN_TEST_TAGS = frozenset({"hidden-tests", "hidden_tests", "hidden-test", "hidden_test"})
 
 #: pytest's ``testpaths`` and the folder names its ``norecursedirs`` skips for student copies
-#: (pyproject.toml; tests/test_assignments.py checks that the two agree).
+#: (pyproject.toml; tests/teaching/test_assignments.py checks that the two agree).
 TEST_PATHS = ("tests", "notebooks")
 NOT_COLLECTED = ("assignments", "student", "students")
 

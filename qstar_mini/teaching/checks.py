@@ -42,7 +42,7 @@ result on float64 inputs is judged at float32's precision; half precision fails,
 **Hints by level.** A failure says what is wrong (which shape, which entries, which rule) without
 the answer's code, and points to :func:`hint`: ``checks.hint("check_rewards")`` shows one level
 more at each call (1: a nudge, 2: the concept, 3: the formula, see :data:`HINTS`).
-tests/test_grading_messages.py fails where the answer's code appears below level 3.
+tests/teaching/test_grading_messages.py fails where the answer's code appears below level 3.
 
 **Short failures.** A failure is one message: no chained cause, the check's frames marked
 ``__tracebackhide__`` (pytest and IPython skip them); under IPython (Jupyter, Colab, nbgrader's
@@ -707,7 +707,7 @@ def _references_disabled(check: str, fn: Callable, calls: list[str]):
 
 #: Progressively more help for each check: level 1 a nudge (what to think about), level 2 the
 #: concept, in words, without the answer's code; level 3 the formula. A failure shows level 1 only;
-#: :func:`hint` shows more. tests/test_grading_messages.py keeps the answer's code out of levels 1-2.
+#: :func:`hint` shows more. tests/teaching/test_grading_messages.py keeps the answer's code out of levels 1-2.
 HINTS: dict[str, tuple[str, ...]] = {
     "check_thought_mask": (
         "look at the picture of the mask: the keys are the text, then one block of thought tokens per step",

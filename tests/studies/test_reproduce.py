@@ -3,7 +3,7 @@ judged step by step, the long tier-2 runs (``qstar-mini reproduce long``) and th
 outside the package (``scripts/tier2_search.py``).
 
 The training run of ``search_row`` takes about a minute (it evaluates 500 validation lines
-twice): it runs only with ``QSTAR_SLOW=1 python -m pytest tests/test_experiments.py``.
+twice): it runs only with ``QSTAR_SLOW=1 python -m pytest tests/studies/test_reproduce.py``.
 """
 
 import dataclasses

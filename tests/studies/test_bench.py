@@ -231,7 +231,7 @@ def test_readme_performance_block_is_the_committed_goals_json_rendered():
 
     from qstar_mini.studies.bench import readme_section
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     result = json.loads((root / "docs/results/bench_goals_cpu.json").read_text())
     readme = (root / "README.md").read_text()
     start, end = "<!-- bench-goals: start -->\n", "<!-- bench-goals: end -->"

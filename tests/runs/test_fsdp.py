@@ -4,7 +4,7 @@ and AdamW state, and train exactly as one process does.
 Opt-in: it starts three Python runs, each with its own start-up (76-105 s on two cores shared
 with other jobs; see the README's multi-process paragraph)::
 
-    QSTAR_SLOW=1 python -m pytest tests/test_fsdp.py
+    QSTAR_SLOW=1 python -m pytest tests/runs/test_fsdp.py
 
 On one global batch (8 lines, same seed, two steps) it shows:
 
@@ -29,7 +29,7 @@ same line, and their losses differ by design. :func:`line_noise` makes a line's 
 of its tokens and the step, the same whichever process takes the line, so the comparison is of
 the sharding alone. The resume check (3) uses the real generators.
 
-This file is also the script the launched processes run: ``python tests/test_fsdp.py MODE OUT
+This file is also the script the launched processes run: ``python tests/runs/test_fsdp.py MODE OUT
 MODEL DATA`` (MODE one, ddp or fsdp).
 """
 
@@ -43,7 +43,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp_cpu_2proc.yaml"
 FILES = ("model.safetensors", "mixing_head.safetensors", "meta_tokens.safetensors", "optimizer.safetensors")
 

@@ -8,7 +8,7 @@
 - A config field of the wrong type, in a saved config or anywhere, is refused naming the field.
 
 The command-line side of the same promises (``--resume`` on damaged weights, ...) is in the
-matrix of tests/test_cli_matrix.py.
+matrix of tests/cli/test_cli_matrix.py.
 """
 
 from __future__ import annotations
