@@ -128,3 +128,52 @@ def test_anchors_follow_githubs_rule(tmp_path):
                     "```\n## not a heading\n```\n\n### Notes\n\n## `--out` and resume (FSDP)\n")
     assert anchors(page) == {"a-page", "past-the-bases-best-temperature-long-runs", "notes",
                              "notes-1", "--out-and-resume-fsdp"}
+
+
+# ---- names of the package --------------------------------------------------------------------------
+
+WHEEL_ONLY = {"qstar_mini/_data"}          # made when the wheel is built (pyproject), not in a checkout
+
+
+def module_file(parts: list[str]) -> Path | None:
+    base = ROOT.joinpath(*parts)
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def defines(source: str, name: str) -> bool:
+    """A top-level or class-level def, class, assignment, field or import of ``name``."""
+    return bool(re.search(rf"^\s*(?:(?:async\s+)?def|class)\s+{name}\b|^\s*{name}\s*[:=]|^\s*(?:from\s+\S+\s+)?import\s+.*\b{name}\b",
+                          source, re.M))
+
+
+def stale_names(text: str) -> list[str]:
+    """Every ``qstar_mini.a.b`` dotted name and ``qstar_mini/a/b.py`` path in ``text`` that the
+    package does not have (a URL's path is not a name)."""
+    stale = []
+    for name in sorted(set(re.findall(r"(?<![\w/.])qstar_mini(?:\.[A-Za-z_]\w*)+", text))):
+        parts = name.split(".")
+        i = next((i for i in range(len(parts), 0, -1) if module_file(parts[:i])), 0)
+        if i == 0:
+            stale.append(name)
+        elif i < len(parts) and not defines(module_file(parts[:i]).read_text(), parts[i]):
+            stale.append(name)
+    for path in sorted(set(re.findall(r"(?<![\w/.-])qstar_mini/[\w/.]*\w", text))):
+        if path not in WHEEL_ONLY and not (ROOT / path).exists():
+            stale.append(path)
+    return stale
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
+def test_every_package_name_on_a_page_exists(page):
+    assert not stale_names(page.read_text()), f"{page.relative_to(ROOT)} names what does not exist"
+
+
+def test_stale_names_are_found():
+    assert stale_names("`qstar_mini.step.quiet_star_step`, qstar_mini/fast/rescore.py, "
+                       "https://github.com/qstar-mini/qstar_mini/blob/main/x") == []
+    assert stale_names("`qstar_mini.evaluate.evaluate`, `qstar_mini.step.no_such_function`, "
+                       "qstar_mini/support.py") == ["qstar_mini.evaluate.evaluate",
+                                                    "qstar_mini.step.no_such_function", "qstar_mini/support.py"]
