@@ -4,7 +4,7 @@ stack we declare, each in an environment built from this checkout's own files.
     python scripts/compat.py                    # every row; writes docs/results/compat.json
     python scripts/compat.py --rows low,colab   # some rows (the others keep their last result)
     python scripts/compat.py --list             # the rows, nothing run
-    python scripts/compat.py --readme           # only README's table, from the JSON
+    python scripts/compat.py --table            # only docs/compatibility.md's table, from the JSON
     python scripts/compat.py lowest-transformers DIR   # only the lowest transformers we declare,
                                                 # as `pip install --target DIR` (make test uses it)
 
@@ -15,7 +15,7 @@ in how the CPU computes share one environment, the clone cleaned (runs/ removed)
 each row trains the course runs itself. The real model comes from the shared cache
 (QSTAR_MINI_CACHE, else ~/.cache/qstar_mini): it was converted once, and every row must load it.
 
-README's compatibility table is rendered from the JSON (tests/test_compat.py checks that it is).
+docs/compatibility.md's table is rendered from the JSON (tests/test_compat.py checks that it is).
 """
 
 from __future__ import annotations
@@ -196,10 +196,10 @@ def run_row(row: Row) -> dict:
     fetch = sh([python, "-m", "qstar_mini", "models", "fetch", "smollm2"], cwd=src, env=env, check=False, log=log)
     junit = src / "compat-junit.xml"
     t0 = time.time()
-    # README's table is this script's output, so the clone cannot hold the table of its own run:
+    # docs/compatibility.md's table is this script's output, so the clone cannot hold the table of its own run:
     # make test checks it, the matrix does not.
     test = sh([python, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-q", f"--junitxml={junit}",
-               "--deselect", "tests/test_compat.py::test_readme_shows_the_matrix_output", *row.tests],
+               "--deselect", "tests/test_compat.py::test_compatibility_page_shows_the_matrix_output", *row.tests],
               cwd=src, env=env, check=False, log=log)
     result = {
         "row": row.name, "what": row.what, "env": row.env, "tests": list(row.tests) or "all",
@@ -231,10 +231,10 @@ def lowest_transformers(target: Path) -> None:
     stamp.write_text(pin)
 
 
-# ----------------------------------------------------------------------------- README table
+# ----------------------------------------------------------------------------- the page's table
 
 def render_table(results: list[dict]) -> str:
-    """The Markdown table README shows (between its compat-table markers): every row of ROWS, its
+    """The Markdown table docs/compatibility.md shows (between its compat-table markers): every row of ROWS, its
     last result, or "not run" where the matrix has none."""
     lines = ["| row | Python | torch | transformers | ipywidgets | CPU kernels, threads | tests | result |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -253,15 +253,15 @@ def render_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(results: list[dict]) -> None:
-    """Put the table between README's compat-table markers."""
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+def write_table(results: list[dict]) -> None:
+    """Put the table between docs/compatibility.md's compat-table markers."""
+    page = ROOT / "docs" / "compatibility.md"
+    text = page.read_text()
     new = re.sub(r"(<!-- compat-table -->\n).*?(<!-- /compat-table -->)",
                  lambda m: m[1] + render_table(results) + "\n" + m[2], text, count=1, flags=re.S)
     if new == text and "<!-- compat-table -->" not in text:
-        raise SystemExit("compat: README.md has no <!-- compat-table --> markers")
-    readme.write_text(new)
+        raise SystemExit("compat: docs/compatibility.md has no <!-- compat-table --> markers")
+    page.write_text(new)
 
 
 def load_results() -> list[dict]:
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     p.add_argument("what", nargs="*", help="`lowest-transformers DIR` to prepare only that folder")
     p.add_argument("--rows", default=",".join(r.name for r in ROWS), help="comma-separated rows")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
-    p.add_argument("--readme", action="store_true", help="only render README's table from the JSON")
+    p.add_argument("--table", action="store_true", help="only render docs/compatibility.md's table from the JSON")
     args = p.parse_args(argv)
     if args.what[:1] == ["lowest-transformers"]:
         if len(args.what) != 2:
@@ -284,8 +284,8 @@ def main(argv=None) -> int:
         return 0
     if args.what:
         p.error(f"unknown job {args.what[0]!r}; the only job is lowest-transformers DIR")
-    if args.readme:
-        write_readme(load_results())
+    if args.table:
+        write_table(load_results())
         return 0
     if args.list:
         for r in ROWS:
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     results = [old[r.name] for r in ROWS if r.name in old]
-    write_readme(results)
+    write_table(results)
     print(render_table(results))
     return 0 if all(old[n]["ok"] for n in names) else 1
 

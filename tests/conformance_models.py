@@ -1,7 +1,7 @@
 """Conformance of qstar_mini with every decoder-only causal LM the installed transformers can build.
 
 Shared by ``tests/test_conformance.py`` (the pytest suite) and ``tests/conformance_table.py``
-(the markdown table for the README), so both run the same checks.
+(the markdown table of docs/conformance.md), so both run the same checks.
 
 The families are ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` of the installed transformers, not a
 hand-picked list: a new release's new family is covered without editing anything here.

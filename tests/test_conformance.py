@@ -20,7 +20,7 @@ implementations and the full batch:
 
     QSTAR_CONFORMANCE=full python -m pytest tests/test_conformance.py
 
-The table for the README: ``python tests/conformance_table.py PATH [--full]``.
+The table of docs/conformance.md: ``python tests/conformance_table.py PATH [--full]``.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ DOC = cm.REPO_ROOT / "docs" / "conformance.md"
 
 
 def test_the_published_table_matches_this_run():
-    """docs/conformance.md (README links it) says, for this transformers version, what this run
+    """docs/conformance.md (README and docs/setup.md link it) says, for this transformers version, what this run
     finds: the same families, and each one supported, refused or excluded as the table says."""
     import re
 

@@ -4,7 +4,7 @@ The fixture in ``tests/fixtures/official_step/`` was written by ``scripts/offici
 the released ``modeling_mistral.py`` of ezelikman/quiet-star (on transformers 4.37.2), run
 forward and backward on a tiny seeded Mistral with fixed Gumbel noise, for n_ahead = 6 and 12, and
 for n_ahead = 12 with one thought per position (n_passes = 1, where the official reward is the
-improvement over the base) (README, "Checking against the official code", says how to rerun it). Here the same weights are
+improvement over the base) (docs/fidelity.md says how to rerun it). Here the same weights are
 loaded into a *stock* transformers Mistral and run through :func:`qstar_mini.step.quiet_star_step`
 with :func:`qstar_mini.config.official`; every per-entry tensor, the loss and every gradient
 must agree. The last tests switch each departure of qstar_mini on, one at a time, and check

@@ -176,7 +176,7 @@ def test_notebook_is_saved_executed_in_order(path):
     nb = json.loads(path.read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert [c["execution_count"] for c in code] == list(range(1, len(code) + 1)), \
-        f"re-execute {path.name} from a fresh kernel (see README, Notebooks)"
+        f"re-execute {path.name} from a fresh kernel (docs/setup.md, \"Editing a notebook\")"
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
     for cell in code:
         for out in cell["outputs"]:

@@ -1,7 +1,7 @@
 """A careless or unlucky user at the command line: more than a hundred bad command lines.
 
 Every case runs ``qstar_mini.cli.main`` in-process against a copy of one finished two-step run
-and checks the promises README makes:
+and checks the promises docs/troubleshooting.md makes:
 
 - the exit status is 0 (done), 2 (refused, with ONE line on stderr naming the problem and the
   way out), 130 or 143 (interrupted) -- never a traceback;

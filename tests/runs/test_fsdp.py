@@ -2,7 +2,7 @@
 and AdamW state, and train exactly as one process does.
 
 Opt-in: it starts three Python runs, each with its own start-up (76-105 s on two cores shared
-with other jobs; see the README's multi-process paragraph)::
+with other jobs; see docs/setup.md, "Sharding a 7B (FSDP)")::
 
     QSTAR_SLOW=1 python -m pytest tests/runs/test_fsdp.py
 

@@ -224,20 +224,23 @@ def test_goal_summary_says_met_only_when_the_measured_value_is_on_the_right_side
     assert summary["memory"]["value"] is None and summary["memory"]["met"] is None   # not measured
 
 
-def test_readme_performance_block_is_the_committed_goals_json_rendered():
-    """README's goal tables are made from docs/results/bench_goals_cpu.json by
-    ``qstar-mini bench --readme``, not typed: a rerun of the bench updates both at once."""
+def test_performance_page_block_is_the_committed_goals_json_rendered():
+    """docs/performance.md's goal tables are made from docs/results/bench_goals_cpu.json by
+    ``qstar-mini bench --readme``, not typed: a rerun of the bench updates both at once. The page
+    lives in docs/, so the block's link to the JSON is read relative to that folder."""
     from pathlib import Path
 
     from qstar_mini.studies.bench import readme_section
 
     root = Path(__file__).resolve().parents[2]
     result = json.loads((root / "docs/results/bench_goals_cpu.json").read_text())
-    readme = (root / "README.md").read_text()
+    page = (root / "docs" / "performance.md").read_text()
     start, end = "<!-- bench-goals: start -->\n", "<!-- bench-goals: end -->"
-    assert start in readme and end in readme
-    block = readme.split(start, 1)[1].split(end, 1)[0]
-    assert block == readme_section(result)
+    assert start in page and end in page
+    block = page.split(start, 1)[1].split(end, 1)[0]
+    json_link = f"]({result['json']})"
+    assert json_link.startswith("](docs/")
+    assert block == readme_section(result).replace(json_link, "](" + result["json"].removeprefix("docs/") + ")")
     assert {g["goal"] for g in result["goals"]} == {"vs_official", "overhead", "thoughts", "memory"}
 
 

@@ -272,16 +272,17 @@ def test_qstar_mini_reproduce_actions_call_the_study(tmp_path, monkeypatch, caps
                      ("run_long_part", ("no_policy", 2, o), {})]
 
 
-def test_readme_tier2_long_table_is_the_committed_report_rendered():
-    """README's tier-2 long table is made from docs/results/tier2_long_report.json by
-    format_long_table (``qstar-mini reproduce long --merge`` prints it), not typed."""
+def test_reproduction_page_long_table_is_the_committed_report_rendered():
+    """docs/reproduction.md's table of the long tier-2 runs is made from
+    docs/results/tier2_long_report.json by format_long_table (``qstar-mini reproduce long --merge``
+    prints it), not typed."""
     from qstar_mini.studies.reproduce import TIER2_LONG, format_long_table
     from qstar_mini.paths import REPO_ROOT
 
     report = json.loads((REPO_ROOT / "docs/results/tier2_long_report.json").read_text())
-    readme = (REPO_ROOT / "README.md").read_text()
+    page = (REPO_ROOT / "docs" / "reproduction.md").read_text()
     start, end = "<!-- tier2-long: start -->\n", "\n<!-- tier2-long: end -->"
-    assert start in readme and end in readme
-    assert readme.split(start, 1)[1].split(end, 1)[0] == format_long_table(report)
+    assert start in page and end in page
+    assert page.split(start, 1)[1].split(end, 1)[0] == format_long_table(report)
     assert report["seeds"] == [0, 1, 2] and set(report["arms"]) == {arm.name for arm in TIER2_LONG.arms}
     assert report["config"] == TIER2_LONG.cfg.to_dict()

@@ -157,11 +157,14 @@ def test_setup_cell_clones_the_address_keeps_torch_and_installs_the_notebooks_ex
     assert re.search(r'REPO \+ "\[notebooks(,real)?\]"', pip), pip
 
 
-def test_readme_uses_the_one_address():
+def test_readme_and_docs_use_the_one_address():
+    """README (its badge) and every docs page name the project's repository by the one address."""
+    official = {"https://github.com/ezelikman/quiet-star"}               # the official code
     readme = (REPO_ROOT / "README.md").read_text()
-    addresses = {colab_address(m) for m in GITHUB.findall(readme)} - {
-        "https://github.com/ezelikman/quiet-star"}                        # the official code
-    assert addresses == {REPO_URL}, addresses
+    assert {colab_address(m) for m in GITHUB.findall(readme)} - official == {REPO_URL}
+    for page in sorted((REPO_ROOT / "docs").rglob("*.md")):
+        addresses = {colab_address(m) for m in GITHUB.findall(page.read_text())} - official
+        assert addresses <= {REPO_URL}, f"{page.relative_to(REPO_ROOT)}: {addresses}"
 
 
 def test_notebooks_extra_admits_colabs_ipywidgets():
