@@ -41,7 +41,7 @@ NOISY_FLAGS ?= --frac-working 0.8 --working-error 0.12
 
 help:
 	@echo "make demo       set up (if needed); the base model with and without working, then Quiet-STaR and its controls trained and evaluated (runs/demo/)"
-	@echo "make reproduce  all seeds and controls behind README's results table (runs/reproduce/; qstar-mini reproduce reproduce)"
+	@echo "make reproduce  all seeds and controls behind README's results tables (runs/reproduce/; qstar-mini reproduce reproduce)"
 	@echo "make test       set up with the dev extras (if needed), then run pytest (unit tests + notebooks)"
 	@echo "make setup      install the package with the notebooks extra into $(ENV_DIR)"
 	@echo "make setup-dev  install the package with the dev and notebooks extras into $(ENV_DIR)"
@@ -106,14 +106,14 @@ $(STAMP_REAL): pyproject.toml $(STAMP_RUN)
 	$(PY) -m pip install -e ".[real]"
 	@touch $@
 
-# The compatibility matrix (opt-in; README's "Compatibility" gives its cost): the whole suite in
+# The compatibility matrix (opt-in; docs/compatibility.md gives its cost): the whole suite in
 # one environment per declared stack, each built from a clone of HEAD (commit first) under .compat/.
 # ROWS=low,colab runs some rows; `python3 scripts/compat.py --list` names them.
 .PHONY: compat
 compat:
 	$(PYTHON3) scripts/compat.py $(if $(ROWS),--rows $(ROWS))
 
-# Opt-in checks (minutes, not part of `make test`): README's "Notebooks" section gives their times.
+# Opt-in checks (minutes, not part of `make test`): docs/commands.md gives their times.
 # colab-check clones this checkout's HEAD (commit first); COLAB_CHECK_DIR says where it works.
 .PHONY: colab-check browser-check nbgrader-check
 nbgrader-check: $(STAMP_DEV)

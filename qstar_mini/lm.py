@@ -13,7 +13,7 @@ Supported: any causal LM whose attention accepts a custom 4D float mask together
 accept arbitrary 4D masks). Whether a model does is not assumed: :func:`check_supported`
 refuses the known exceptions, and :mod:`qstar_mini.models.check` probes the rest against the
 model's own forward. ``tests/test_conformance.py`` runs every causal-LM family of the installed
-transformers through both (README, "Supported models").
+transformers through both (docs/setup.md, "Supported models").
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def prepare_model(model: nn.Module, tokenizer, cfg: QuietStarConfig) -> tuple[Me
     except Exception as e:        # anything else inside transformers: this model does not run our way
         first = str(e).splitlines()[0][:160] if str(e) else ""
         raise ModelError(f"{type(model).__name__} does not run on qstar_mini's path ({type(e).__name__}: {first}); "
-                         f"this architecture is not supported (README, 'Supported models')") from None
+                         f"this architecture is not supported (docs/setup.md, 'Supported models')") from None
     weight = model.get_input_embeddings().weight
     head = MixingHead(weight.shape[1], cfg.mixer_hidden, cfg.mixer_bias_init, cfg.mixer_depth, cfg.mixer_init)
     return meta, head.to(weight.device, weight.dtype)

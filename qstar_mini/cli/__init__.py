@@ -468,7 +468,7 @@ def add_reproduce_command(subparsers) -> None:
         "long", help="tier 2's long runs in pieces (an arm and a seed, or the base), then --merge",
         description="TIER2_LONG (lr 5e-5, policy loss weight 10, 900 steps) with its thought controls, one "
         "piece per call so that pieces can run side by side: `long PART --seed N` for every arm and seed "
-        "and for `base`, then `long --merge` writes report.json, prints README's table and draws the curves.")
+        "and for `base`, then `long --merge` writes report.json, prints docs/reproduction.md's table and draws the curves.")
     long.add_argument("part", nargs="?", choices=parts, metavar="PART",
                       help=f"the piece to run: {', '.join(parts)}")
     seed_flag(long, study.run_long_part, "of the piece")

@@ -31,7 +31,7 @@ The alternative (``QuietStarConfig.memory``)
     possible because that pass has no KV cache. Cost: one more forward of the scoring pass.
 
 The single pass attends over a dense ``(seq + m * S)^2`` mask, so whether it pays depends on
-the attention kernel: ``qstar-mini bench`` measures all three (README, Performance).
+the attention kernel: ``qstar-mini bench`` measures all three (docs/performance.md).
 """
 
 from __future__ import annotations

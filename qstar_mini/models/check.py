@@ -90,7 +90,7 @@ def _probe(model: nn.Module, meta: MetaTokens, cfg: QuietStarConfig) -> None:
     err = _rel(h[real], own.last_hidden_state[real])
     if err > tol:
         raise ModelError(f"{name}'s hidden states through qstar_mini's 4D-mask path differ from its own forward "
-                         f"(relative {err:.2g}); this architecture is not supported, see README 'Supported models'")
+                         f"(relative {err:.2g}); this architecture is not supported, see docs/setup.md, 'Supported models'")
     ours = torch.log_softmax(lm_head(model)(own.last_hidden_state[real]).double(), -1)
     theirs = torch.log_softmax(own_logits[real].double(), -1)
     err = _rel(ours, theirs)

@@ -16,7 +16,7 @@ working) and ``tiny-base-noisy`` (12% of working steps wrong, 80% of lines with 
 own working is right only part of the time, which leaves REINFORCE something to improve.
 
 What they measure (accuracies, NLLs, own working right, pretraining time) is written by
-:func:`pretrain` to ``data/<base>/pretrain_report.json`` and tabulated in README.md, section
+:func:`pretrain` to ``data/<base>/pretrain_report.json`` and tabulated in docs/setup.md, section
 "Data and the tiny base model"; it is not repeated here.
 
 Tokenizer: one token per character (``tokenizers`` WordLevel over single characters, every

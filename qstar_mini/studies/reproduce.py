@@ -38,11 +38,10 @@ trains and evaluates them for every seed, :func:`aggregate` turns per-seed numbe
 paper's default, ``think_where="all"``); :func:`run_reproduction` also runs tier 1 with
 every position thinking, so the faithful variant is measured too.
 
-**What was measured** is kept in one place, not here: README.md, section "Results: a
-miniature reproduction" (both tiers, every control, the single-seed ablations, with the
-commands), and in full (per seed: all-token NLL, test-line thought correctness, the base by
+**What was measured** is kept in one place, not here: README.md ("Results", the two main tables) and docs/reproduction.md (both tiers, every
+control, the long runs, the single-seed ablations, with the commands), and in full (per seed: all-token NLL, test-line thought correctness, the base by
 temperature, seconds per run) in ``docs/results/reproduce_report.json``. How long each
-command takes: README.md, section "How long things take". The tier-1 differences from the
+command takes: docs/commands.md, "How long things take". The tier-1 differences from the
 official code: ``docs/differences.md``.
 """
 
@@ -114,7 +113,7 @@ TIER2_REPRO = dataclasses.replace(TIER2, cfg=TIER2.cfg.replace(n_thoughts=8),
 # Tier 2 with a smaller LM learning rate, a 10x policy loss and three times the steps (the best
 # setting of the search in docs/results/tier2_search.md), with the three thought controls
 # (thinking off has no thoughts to compare). `qstar-mini reproduce long PART --seed N` runs one
-# piece, `qstar-mini reproduce long --merge` makes the 3-seed report README's table is rendered from.
+# piece, `qstar-mini reproduce long --merge` makes the 3-seed report docs/reproduction.md's table is rendered from.
 TIER2_LONG = dataclasses.replace(TIER2_REPRO, name="tier2_long",
                                  cfg=TIER2_REPRO.cfg.replace(lr=5e-5, policy_loss_weight=10.0, steps=900),
                                  arms=(QUIET_STAR, NO_POLICY, SHUFFLED, NO_POLICY_MIXED), visible_working=True)
@@ -455,7 +454,7 @@ def run_demo_pipeline(out_dir=RUNS_DIR / "demo", seeds=(0,), *, progress: bool =
 
 
 def run_reproduction(seeds=(0, 1, 2), out_dir=RUNS_DIR / "reproduce", *, progress: bool = False) -> dict:
-    """``make reproduce``: both tiers over three seeds, with every control (its time: README.md,
+    """``make reproduce``: both tiers over three seeds, with every control (its time: docs/commands.md,
     "How long things take")."""
     return _run([TIER1_REPRO, TIER2_REPRO], seeds, out_dir,
                 "make reproduce (qstar_mini.studies.reproduce.run_reproduction)", progress)
@@ -465,7 +464,7 @@ def run_ablations(out_dir=RUNS_DIR / "ablations", seed: int = 0, arms=ABLATIONS,
                   progress: bool = False) -> dict:
     """One seed of each ablation (default :data:`ABLATIONS` on tier 2) next to the tier's
     default; prints one JSON line per arm and writes ``<tier>_ablations.json`` (the measured
-    figures: README.md, "Results: a miniature reproduction")."""
+    figures: README.md "Results" and docs/reproduction.md)."""
     torch.set_num_threads(1)
     out_dir = Path(out_dir)
     tier = dataclasses.replace(tier, arms=(QUIET_STAR, *arms))
@@ -549,7 +548,7 @@ LONG_LABELS = {"quiet_star": "**Quiet-STaR** (lr 5e-5, policy loss weight 10, 90
 
 
 def format_long_table(report: dict) -> str:
-    """README's table of the long tier-2 runs, from :func:`merge_long`'s report: the base at every sampling
+    """docs/reproduction.md's table of the long tier-2 runs, from :func:`merge_long`'s report: the base at every sampling
     temperature (hidden thought; visible working, then its answer) and the arms over the seeds
     (mean ± sample std, per seed in brackets). Figures on the test lines."""
     def ms(v):
