@@ -50,32 +50,32 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--data", default=str(DATA_DIR / "test.jsonl"),
                    help="held-out text: a JSONL file, a folder with <split>.jsonl, or a datasets name[:config] "
                         "(streamed: only --lines records are read); default data/test.jsonl")
-    p.add_argument("--split", default="test", help="split of a folder or datasets name (default test)")
+    p.add_argument("--split", default="test", help="split of a folder or datasets name (default %(default)s)")
     p.add_argument("--text-field", default="text",
-                   help="the field holding the text (default text); 'question+answer' for GSM8K-format "
+                   help="the field holding the text (default %(default)s); 'question+answer' for GSM8K-format "
                         "question/answer records: each line is the question, '\\nA: ' and the answer "
                         "(records without the field but with GSM8K-format question/answer get that too)")
     p.add_argument("--all-lines", action="store_true",
                    help="arithmetic corpus only: also lines with working (default: answer-only)")
-    p.add_argument("--lines", type=int, default=500, help="held-out lines to use (default 500)")
-    p.add_argument("--n-thoughts", type=int, default=4, help="sampled thoughts per position (default 4)")
+    p.add_argument("--lines", type=int, default=500, help="held-out lines to use (default %(default)s)")
+    p.add_argument("--n-thoughts", type=int, default=4, help="sampled thoughts per position (default %(default)s)")
     p.add_argument("--think-where", choices=("all", "answer"), default=None,
                    help="arithmetic corpus only: think before every token or only before the answer "
                         "(default: as trained); other text always thinks before every token")
     p.add_argument("--seq-len", type=int, default=None,
                    help="cut lines at this many tokens (default 512, at most the model's context - thought_length)")
     p.add_argument("--batch-size", type=int, default=8,
-                   help="lines per forward pass on text other than the arithmetic corpus (default 8)")
+                   help="lines per forward pass on text other than the arithmetic corpus (default %(default)s)")
     p.add_argument("--gsm8k", default=None,
                    help="GSM8K-format JSONL, 'hub' for real GSM8K via datasets, or '' to skip (default: "
                         "data/gsm8k_format.jsonl for the arithmetic corpus, the data itself when it has "
                         "GSM8K-format question/answer fields, else none)")
-    p.add_argument("--gsm-limit", type=int, default=50, help="GSM8K problems to ask (default 50)")
+    p.add_argument("--gsm-limit", type=int, default=50, help="GSM8K problems to ask (default %(default)s)")
     p.add_argument("--commonsense-qa", default="",
                    help="CommonsenseQA-format JSONL, 'hub' for the real one via datasets, or '' to skip (default)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights' dtype (default float32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights' dtype (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampled thoughts (default %(default)s)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     return p
 
