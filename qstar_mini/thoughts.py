@@ -155,7 +155,8 @@ def generate_thoughts(model: nn.Module, meta: MetaTokens, input_ids: torch.Tenso
     dtype = model.get_input_embeddings().weight.dtype
     masks = all_step_masks(mask_rows, thought_length + extra_steps, dtype, pos_rows)  # built once
     if attention == "blocks" and preallocation_works(model, meta):   # keys written in place, not copied
-        cache = step_cache(cache, thought_length + extra_steps, m, model)
+        limits = range(1, seq + 1) if pos_rows is None else pos_rows.amax(0) + 1   # text keys each query sees
+        cache = step_cache(cache, thought_length + extra_steps, m, model, [int(x) for x in limits])
     if noise is not None:
         noise = noise.reshape(rows, m, n_sampled, -1)
 

@@ -161,10 +161,12 @@ def structured(model: nn.Module, seq: int, m: int, step: int, cache=None):
 
 class _Steps:
     """What the StepLayers of one cache share: which layer was updated last (the attention
-    function that follows reads it) and the number of steps the buffers hold."""
+    function that follows reads it), the number of steps the buffers hold, and the query chunks
+    of the text part (:func:`query_chunks`)."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, chunks: list[tuple[int, int, int]]):
         self.capacity = capacity
+        self.chunks = chunks
         self.current = None
 
 
@@ -188,12 +190,15 @@ def attention_dropout(model: nn.Module) -> float:
     return p
 
 
-def step_cache(cache, steps: int, m: int, model: nn.Module | None = None):
+def step_cache(cache, steps: int, m: int, model: nn.Module | None = None, text_limits: list[int] | None = None):
     """Make the text's ``DynamicCache`` hold the next ``steps`` masked steps of m keys each
     in preallocated buffers (in place; returns the cache). Returned unchanged, growing by
     concatenation (the same numbers, only slower), when its layers are not plain dynamic layers
     (or transformers has no cache layers), and while ``model`` trains with attention dropout,
-    which only the concatenating path implements."""
+    which only the concatenating path implements. ``text_limits``: for each of the m queries, one
+    past the last text key the mask lets it see in any row (j + 1 for the query thinking after
+    position j); the attention then skips the text scores right of each query chunk's limit.
+    None: every query may see every text key."""
     layers = getattr(cache, "layers", None)
     DynamicLayer = _dynamic_layer()
     if not layers or not all(isinstance(layer, DynamicLayer) and getattr(layer, "is_initialized", False)
@@ -201,7 +206,8 @@ def step_cache(cache, steps: int, m: int, model: nn.Module | None = None):
         return cache
     if model is not None and model.training and attention_dropout(model) > 0:
         return cache
-    shared = _Steps(steps)
+    seq = layers[0].keys.shape[-2]
+    shared = _Steps(steps, query_chunks(text_limits or [seq] * m, chunk_size(m)))
     cache.layers = [StepLayer(layer.keys, layer.values, m, shared) for layer in layers]
     cache.qstar_steps = shared
     return cache
@@ -268,52 +274,79 @@ class StepLayer(_dynamic_layer()):
 
 
 def _exp(s: torch.Tensor) -> torch.Tensor:
-    """exp(s) for s <= 0 (scores minus their row's maximum), overwriting s. Entries below
-    log(smallest normal number), the masked ones among them, give exactly 0: on a CPU, exp of a
+    """exp(s) for s <= 0 (scores minus their row's maximum), overwriting s. Results at or below 4x
+    the smallest normal number, the masked entries among them, are exactly 0: on a CPU, exp of a
     huge negative number or one with a subnormal result takes a slow path (up to 10x), and
-    subnormal probabilities slow every product after it. What is dropped is below 1e-38 (float32)
-    of the row's largest probability, far under rounding."""
-    low = math.log(torch.finfo(s.dtype).tiny) + 1.0
-    p = torch.exp(s.clamp_(min=low))
-    return p.masked_fill_(s == low, 0.0)
+    subnormal probabilities slow every product after it. What is dropped is below 1e-37 (float32)
+    of the row's largest probability, far under rounding. Three passes in place: clamp at
+    log(smallest normal) + 1 (exp's fast path; its exp, e x the smallest normal, is then dropped),
+    exp, threshold."""
+    tiny = torch.finfo(s.dtype).tiny
+    return nn.functional.threshold_(s.clamp_(min=math.log(tiny) + 1.0).exp_(), 4 * tiny, 0.0)
 
 
 def _work_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+# ---------------------------------------------------------------- the text part in query chunks
+
+def query_chunks(limits: list[int], chunk: int) -> list[tuple[int, int, int]]:
+    """Split the m queries of a step into chunks that attend to a prefix of the text keys.
+
+    limits: for each query, one past the last text key it may see (the causal mask: q + 1).
+    returns [(first query, end query, end key)]: chunk [a, e) needs the text keys [0, end key),
+    the largest limit in it (at least 1). The scores right of a chunk's end key are masked for
+    all of its queries, so they are never computed: with the causal mask and n chunks, that is
+    (n - 1) / 2n of the m x seq scores (the triangle's right part, chunk by chunk)."""
+    m = len(limits)
+    return [(a, min(a + chunk, m), max(1, max(limits[a:a + chunk]))) for a in range(0, m, chunk)]
+
+
+def chunk_size(m: int, most: int = 8, least: int = 32) -> int:
+    """Queries per chunk: at most ``most`` chunks (each costs a dozen operator calls), of at least
+    ``least`` queries."""
+    return max(least, -(-m // most))
+
+
 class _StepAttention(torch.autograd.Function):
     """Masked step k of block attention over preallocated buffers, with its own backward.
 
-    q: (b, g, r, m, d) queries times the scale; k_new, v_new: (b, g, m, d) this step's keys;
-    k_text, v_text: (b, g, seq, d); text_mask: (b, 1, 1, m, seq) additive or None.
-    returns out (b, g, r, m, d) and a link (0-dim) that the next step takes as ``link``.
+    q: (b, g, m, r, d) queries times the scale, a query's r heads of kv head g together;
+    k_new, v_new: (b, g, m, d) this step's keys; k_text, v_text: (b, g, seq, d);
+    text_mask: (b, 1, m, seq) additive or None; chunks: :func:`query_chunks`.
+    returns out (b, g, m, r, d) and a link (0-dim) that the next step takes as ``link``.
+
+    One softmax over [text, own] per query, its text part computed chunk by chunk against the
+    chunk's visible prefix of text keys; the own part (m x step) in one go.
     """
 
     @staticmethod
-    def forward(ctx, q, k_new, v_new, k_text, v_text, link, text_mask, layer: StepLayer, step: int):
-        b, g, r, m, d = q.shape
-        dv = v_new.shape[-1]
+    def forward(ctx, q, k_new, v_new, k_text, v_text, link, text_mask, chunks, layer: StepLayer, step: int):
+        b, g, m, r, d = q.shape
         kb, vb = layer.buffers(k_new, v_new)
         kb[:, :, :, step - 1].copy_(k_new.detach())
         vb[:, :, :, step - 1].copy_(v_new.detach())
         k_own, v_own = kb[:, :, :, :step], vb[:, :, :, :step]                # (b, g, m, step, d) views
-        # the text part as plain batched matmuls over (b, g) with the r * m queries as rows
-        s_text = (q.view(b, g, r * m, d) @ k_text.transpose(-1, -2)).view(b, g, r, m, -1)  # (b, g, r, m, seq)
-        if text_mask is not None:
-            s_text += text_mask
-        s_own = torch.einsum("bgrmd,bgmkd->bgrmk", q, k_own)                 # (b, g, r, m, step)
-        # one softmax over [text, own] without concatenating them
-        top = torch.maximum(s_text.amax(-1, keepdim=True), s_own.amax(-1, keepdim=True))
-        p_text, p_own = _exp(s_text.sub_(top)), _exp(s_own.sub_(top))
-        z = p_text.sum(-1, keepdim=True) + p_own.sum(-1, keepdim=True)
-        p_text /= z
-        p_own /= z
-        lse = (top + z.log()).squeeze(-1)                                     # (b, g, r, m)
-        out = ((p_text.view(b, g, r * m, -1) @ v_text).view(b, g, r, m, dv)
-               + torch.einsum("bgrmk,bgmkd->bgrmd", p_own, v_own))
+        s_own = q @ k_own.transpose(-1, -2)                                  # (b, g, m, r, step)
+        q2, s_own2 = q.view(b, g, m * r, d), s_own.view(b, g, m * r, step)   # rows: query-major
+        out_text = q.new_empty(b, g, m * r, v_text.shape[-1])
+        lse = q.new_empty(b, g, m * r, 1)
+        for a, e, keys in chunks:
+            rows = slice(a * r, e * r)
+            s = q2[:, :, rows] @ k_text[:, :, :keys].transpose(-1, -2)       # (b, g, (e - a) * r, keys)
+            if text_mask is not None:
+                s.view(b, g, e - a, r, keys).add_(text_mask[:, :, a:e, None, :keys])
+            so = s_own2[:, :, rows]
+            top = torch.maximum(s.amax(-1, keepdim=True), so.amax(-1, keepdim=True))
+            p, p_own = _exp(s.sub_(top)), _exp(so.sub_(top))                 # so is s_own's own rows
+            z = p.sum(-1, keepdim=True) + p_own.sum(-1, keepdim=True)
+            p_own /= z
+            out_text[:, :, rows] = (p @ v_text[:, :, :keys]).div_(z)
+            lse[:, :, rows] = top + z.log()
+        out = out_text.view(b, g, m, r, -1) + s_own @ v_own                  # s_own holds p_own now
         ctx.save_for_backward(q, k_text, v_text, out, lse)
-        ctx.text_mask, ctx.state, ctx.step = text_mask, layer.state, step      # not the layer: see _StepBuffers
+        ctx.text_mask, ctx.chunks, ctx.state, ctx.step = text_mask, chunks, layer.state, step  # not the layer: see _StepBuffers
         ctx.link_shape = None if link is None else link.shape
         link_out = link.detach().clone() if link is not None else q.new_zeros(())
         return out, link_out
@@ -321,29 +354,32 @@ class _StepAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_link):
         q, k_text, v_text, out, lse = ctx.saved_tensors
-        state, step = ctx.state, ctx.step
-        b, g, r, m, d = q.shape
+        state, step, text_mask = ctx.state, ctx.step, ctx.text_mask
+        b, g, m, r, d = q.shape
         k_own, v_own = state.key_buffer[:, :, :, :step], state.value_buffer[:, :, :, :step]
-        q2 = q.view(b, g, r * m, d)
         grad_out = grad_out.contiguous()
-        go2 = grad_out.view(b, g, r * m, grad_out.shape[-1])
-        s_text = (q2 @ k_text.transpose(-1, -2)).view(b, g, r, m, -1)
-        if ctx.text_mask is not None:
-            s_text += ctx.text_mask
-        lse = lse[..., None]
-        p_text = _exp(s_text.sub_(lse)).view(b, g, r * m, -1)                # recomputed: (b, g, r*m, seq)
-        p_own = _exp(torch.einsum("bgrmd,bgmkd->bgrmk", q, k_own).sub_(lse))
-        row = (grad_out * out).sum(-1, keepdim=True)                         # (b, g, r, m, 1)
-        ds_text = (go2 @ v_text.transpose(-1, -2)).sub_(row.view(b, g, r * m, 1)).mul_(p_text)
-        ds_own = torch.einsum("bgrmd,bgmkd->bgrmk", grad_out, v_own).sub_(row).mul_(p_own)
-        dq = (ds_text @ k_text).view(b, g, r, m, d) + torch.einsum("bgrmk,bgmkd->bgrmd", ds_own, k_own)
-        dk_text = ds_text.transpose(-1, -2) @ q2                             # (b, g, seq, d)
-        dv_text = p_text.transpose(-1, -2) @ go2
+        row = (grad_out * out).sum(-1, keepdim=True)                         # (b, g, m, r, 1)
+        q2, go2, row2 = q.view(b, g, m * r, d), grad_out.view(b, g, m * r, -1), row.view(b, g, m * r, 1)
+        dq = q.new_empty(b, g, m * r, d)
+        dk_text, dv_text = torch.zeros_like(k_text), torch.zeros_like(v_text)
+        for a, e, keys in ctx.chunks:
+            rows = slice(a * r, e * r)
+            s = q2[:, :, rows] @ k_text[:, :, :keys].transpose(-1, -2)
+            if text_mask is not None:
+                s.view(b, g, e - a, r, keys).add_(text_mask[:, :, a:e, None, :keys])
+            p = _exp(s.sub_(lse[:, :, rows]))                                # recomputed: (b, g, rows, keys)
+            ds = (go2[:, :, rows] @ v_text[:, :, :keys].transpose(-1, -2)).sub_(row2[:, :, rows]).mul_(p)
+            dq[:, :, rows] = ds @ k_text[:, :, :keys]
+            dk_text[:, :, :keys] += ds.transpose(-1, -2) @ q2[:, :, rows]
+            dv_text[:, :, :keys] += p.transpose(-1, -2) @ go2[:, :, rows]
+        p_own = _exp((q @ k_own.transpose(-1, -2)).sub_(lse.view(b, g, m, r, 1)))   # (b, g, m, r, step)
+        ds_own = (grad_out @ v_own.transpose(-1, -2)).sub_(row).mul_(p_own)
+        dq = dq.view(q.shape) + ds_own @ k_own
         if state.key_grad is None:
             state.key_grad = torch.zeros_like(state.key_buffer)
             state.value_grad = torch.zeros_like(state.value_buffer)
-        state.key_grad[:, :, :, :step] += torch.einsum("bgrmk,bgrmd->bgmkd", ds_own, q)
-        state.value_grad[:, :, :, :step] += torch.einsum("bgrmk,bgrmd->bgmkd", p_own, grad_out)
+        state.key_grad[:, :, :, :step] += ds_own.transpose(-1, -2) @ q       # (b, g, m, step, d)
+        state.value_grad[:, :, :, :step] += p_own.transpose(-1, -2) @ grad_out
         # every later step has added its share by now (they consumed this step's link): hand the
         # finished slot on, and clear it so that a second backward starts from zero
         dk_new = state.key_grad[:, :, :, step - 1].clone()
@@ -351,7 +387,7 @@ class _StepAttention(torch.autograd.Function):
         state.key_grad[:, :, :, step - 1].zero_()
         state.value_grad[:, :, :, step - 1].zero_()
         dlink = None if ctx.link_shape is None else grad_out.new_zeros(ctx.link_shape)
-        return dq, dk_new, dv_new, dk_text, dv_text, dlink, None, None, None
+        return dq, dk_new, dv_new, dk_text, dv_text, dlink, None, None, None, None
 
 
 def _preallocated(module, query, key, value, attention_mask, dropout, scaling, layout: Layout):
@@ -375,9 +411,10 @@ def _preallocated(module, query, key, value, attention_mask, dropout, scaling, l
     group = heads // kv_heads
     work = _work_dtype(query.dtype)
     scale = dim ** -0.5 if scaling is None else scaling
-    q = (query.to(work).reshape(batch, kv_heads, group, m, dim) * scale).contiguous()
-    text_mask = None if attention_mask is None else attention_mask[:, :, None, :, :seq].to(work)
+    q = (query.to(work).view(batch, kv_heads, group, m, dim).transpose(2, 3) * scale).contiguous()  # (b, g, m, r, d)
+    text_mask = None if attention_mask is None else attention_mask[:, :, :, :seq].to(work)
     out, layer.link = _StepAttention.apply(q, key.to(work), value.to(work), layer.keys.to(work),
-                                           layer.values.to(work), layer.link, text_mask, layer, layout.step)
+                                           layer.values.to(work), layer.link, text_mask,
+                                           layout.cache.chunks, layer, layout.step)
     layer.done += 1
-    return out.to(query.dtype).reshape(batch, heads, m, -1).transpose(1, 2).contiguous(), None
+    return out.to(query.dtype).transpose(1, 2).reshape(batch, m, heads, -1), None
