@@ -55,6 +55,40 @@ def test_block_attention_equals_the_masked_attention_with_gradients(arch, attn):
         torch.testing.assert_close(g1[name], g0[name], atol=tol * scale, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("positions", [None, torch.tensor([[5, 1, 6, 0, 3, 2, 4], [-1, 4, 2, 3, 0, 1, 4]])])
+def test_block_attention_in_query_chunks_equals_the_masked_attention(monkeypatch, positions):
+    """The text part in chunks of 3 queries (each against its visible prefix of text keys only),
+    with padding and with positions in any order (one that sees no text): the numbers and
+    gradients of the dense mask."""
+    from qstar_mini.fast import block_attention
+
+    monkeypatch.setattr(block_attention, "chunk_size", lambda m: 3)
+    model, meta = tiny_random_model("llama", "sdpa"), tiny_meta()          # llama: grouped-query attention
+    ids, mask = batch((7, 5), seq=9)
+    real = mask.bool()[:, None, :].expand(-1, N, -1) if positions is None else torch.ones(2, N, 7, dtype=torch.bool)
+    noise = gumbel_noise((2, N, real.shape[-1], T - 2, VOCAB), torch.Generator().manual_seed(0), dtype=torch.float64)
+    results = []
+    for blocks in (False, True):
+        thoughts, h = think_and_talk(model, meta, ids, mask, noise, blocks, positions)
+        assert blocks == all(isinstance(layer, block_attention.StepLayer) for layer in thoughts.cache.layers)
+        (thoughts.logprobs[real].sum() + h[real].square().sum()).backward()
+        results.append((thoughts, h, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    (t0, h0, g0), (t1, h1, g1) = results
+    assert len(block_attention.query_chunks([9] * 9, 3)) == 3 and torch.equal(t0.ids, t1.ids)
+    torch.testing.assert_close(t1.logprobs[real], t0.logprobs[real], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(h1[real], h0[real], atol=1e-12, rtol=1e-12)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-12 * float(g0[name].abs().max()), rtol=0, msg=name)
+
+
+def test_query_chunks_skip_only_keys_no_query_of_the_chunk_sees():
+    from qstar_mini.fast.block_attention import query_chunks
+
+    assert query_chunks([1, 2, 3, 4, 5], 2) == [(0, 2, 2), (2, 4, 4), (4, 5, 5)]      # the causal mask
+    assert query_chunks([6, 1, 0, 0], 2) == [(0, 2, 6), (2, 4, 1)]                     # positions; none: 1 key
+
+
 def test_block_attention_equals_the_naive_loop():
     model, meta = tiny_random_model("qwen2", "sdpa"), tiny_meta()
     ids, mask = batch()
