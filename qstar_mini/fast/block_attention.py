@@ -32,6 +32,9 @@ step's attention is one :class:`_StepAttention` with a hand-written backward:
 
 * forward saves only q, the output and the softmax's log-normaliser (the probabilities are
   recomputed in the backward, as FlashAttention does), not the ``m x seq`` probabilities;
+* the text scores are computed for chunks of queries against the chunk's visible prefix of
+  text keys (:func:`query_chunks`): with the causal mask, the scores right of each chunk's
+  last visible key, nearly half of the ``m x seq`` rectangle, are never computed;
 * the gradient of step i's keys collects from every later step that read them: each
   backward adds its share into a gradient buffer of the same layout, and step i's backward,
   which autograd runs after all later steps' (a chain of "link" outputs makes step i + 1
