@@ -39,6 +39,7 @@ from qstar_mini.data import task_for_question, working_is_correct
 from qstar_mini.errors import DataError
 from qstar_mini.lm import forward_hidden, lm_head, text_log_probs
 from qstar_mini.meta_tokens import MetaTokens
+from qstar_mini.models.check import sampling_attention
 from qstar_mini.mixing import MixingHead, mix_log_probs, mixing_weight
 from qstar_mini.thoughts import generate_thoughts, gumbel_noise, plain_forward, sample_tokens
 
@@ -102,9 +103,11 @@ def predict_with_thoughts(model: nn.Module, meta: MetaTokens, head: MixingHead, 
     temperature = cfg.thought_temperature if temperature is None else temperature
     head_fn = lm_head(model)
     h_init, cache = plain_forward(model, meta, input_ids, attention_mask)      # (b, l, hidden)
+    m = input_ids.shape[1] if positions is None else positions.shape[1]
+    attention = sampling_attention(model, meta, cfg, input_ids.shape[0] * n_thoughts, m)
     thoughts = generate_thoughts(model, meta, input_ids, attention_mask, cache, cfg.thought_length,
                                  n_thoughts, thought_temperature=temperature, greedy=greedy,
-                                 generator=generator, positions=positions)
+                                 generator=generator, positions=positions, attention=attention)
     h_thought = thoughts.h_end                                                 # (b, n, m, hidden)
     h_init_n = at_positions(h_init, positions)[:, None].expand_as(h_thought)
     w = mixing_weight(head, h_init_n, h_thought, cfg.mixing, cfg.mixer_sigmoid)   # (b, n, m)

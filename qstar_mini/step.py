@@ -21,7 +21,7 @@ from qstar_mini.losses import (base_nll, check_finite, combined_loss, future_tar
 from qstar_mini.meta_tokens import MetaTokens, add_meta_tokens
 from qstar_mini.mixing import MixingHead, mix_log_probs, mixing_weight
 from qstar_mini.fast.rescore import rescore_thoughts
-from qstar_mini.models.check import check_model, resolve_attention
+from qstar_mini.models.check import check_model, resolve_attention, sampling_attention
 from qstar_mini.talk import talk_hidden
 from qstar_mini.thoughts import generate_thoughts, plain_forward
 
@@ -172,12 +172,15 @@ def quiet_star_step(model: nn.Module, meta: MetaTokens, head: MixingHead, input_
     # 2b-c. T_j <- [<|startofthought|>, t - 2 sampled tokens, <|endofthought|>], for all j at once
     index_positions = None if positions is None else positions.clamp(min=0)   # -1 slots masked below
     stepwise = cfg.memory == "stepwise"
+    m = input_ids.shape[1] if positions is None else positions.shape[1]
+    attention = (resolve_attention(model, meta, cfg) if stepwise
+                 else sampling_attention(model, meta, cfg, input_ids.shape[0] * cfg.n_thoughts, m))
     with contextlib.nullcontext() if stepwise else torch.no_grad():        # see qstar_mini.fast.rescore
         thoughts = generate_thoughts(
             model, meta, input_ids, attention_mask, cache, cfg.thought_length, cfg.n_thoughts,
             extra_steps=n_true - 1 if stepwise else 0, thought_temperature=cfg.thought_temperature,
             reinforce_temperature=cfg.reinforce_temperature, greedy=greedy, noise=noise,
-            generator=generator, positions=index_positions, attention=resolve_attention(model, meta, cfg))
+            generator=generator, positions=index_positions, attention=attention)
 
     # 2d. h^thought_{j:j+n_true} <- hidden states of [X_{:j}; T_j; X_{j+1:j+n_true}] (teacher forcing)
     if stepwise:

@@ -111,3 +111,19 @@ def test_meta_tokens_see_the_init_texts_embedding_under_gemmas_scaled_embeddings
     ids = torch.tensor([[5, 9, 12, 7, 3, 8, 2, 6]])
     out = quiet_star_step(model, meta, head, ids, torch.ones_like(ids), CFG, greedy=True)
     assert torch.isfinite(out.loss)
+
+
+def test_gradient_free_steps_take_the_fused_mask_for_a_few_queries_and_blocks_for_many():
+    """``sampling_attention``: "auto" without a backward is the sdpa mask for rows x m <= FEW_QUERIES
+    (one fused call per layer), block attention above; an explicit choice is kept, eager keeps blocks."""
+    from qstar_mini.models.check import FEW_QUERIES, sampling_attention
+    from qstar_mini.studies.bench import bench_model
+
+    cfg = tiny()
+    model, meta, _ = bench_model()                                        # sdpa
+    assert cfg.attention == "auto"
+    assert sampling_attention(model, meta, cfg, 4, FEW_QUERIES // 4) == "mask"
+    assert sampling_attention(model, meta, cfg, 4, FEW_QUERIES // 4 + 1) == "blocks"
+    assert sampling_attention(model, meta, cfg.replace(attention="blocks"), 1, 8) == "blocks"
+    eager, meta_e, _ = bench_model(attn="eager")
+    assert sampling_attention(eager, meta_e, cfg, 1, 8) == "blocks"
