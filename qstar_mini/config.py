@@ -119,7 +119,9 @@ class QuietStarConfig:
     # --- memory (not in the official code; see qstar_mini.fast.rescore) ----------------------
     memory: str = "stepwise"          # "stepwise": keep the graph of every cached thought step
                                       # (fastest); "rescore": sample without graph, score in one
-                                      # masked pass; "rescore_checkpointed": and recompute layers
+                                      # masked pass (no memory saver: it peaks higher than
+                                      # stepwise); "rescore_checkpointed": and recompute layers
+                                      # (peaks lower, slower; docs/performance.md)
 
     # --- attention of the thought steps (not in the official code) -----------------------
     attention: str = "auto"           # "mask": the model's attention with the Figure 3 mask (as

@@ -15,7 +15,8 @@ probabilities, see :mod:`qstar_mini.fast.block_attention`.)
 The alternative (``QuietStarConfig.memory``)
 --------------------------------------------
 ``"stepwise"`` (default)
-    the above: fastest, most memory.
+    the above: fastest. With block attention (the default where the model allows it) its
+    memory is no longer the most of the three, see below.
 ``"rescore"``
     1. sample every T_j under ``torch.no_grad()`` with the KV cache (no graph kept), then
     2. feed the text and all S steps' tokens as *one* sequence of ``seq + m * S`` tokens,
@@ -30,8 +31,12 @@ The alternative (``QuietStarConfig.memory``)
     backward pass (``torch.utils.checkpoint``) instead of keeping its activations. Only
     possible because that pass has no KV cache. Cost: one more forward of the scoring pass.
 
-The single pass attends over a dense ``(seq + m * S)^2`` mask, so whether it pays depends on
-the attention kernel: ``qstar-mini bench`` measures all three (docs/performance.md).
+The single pass attends over a dense ``(seq + m * S)^2`` mask (that square of floats per row,
+held during the pass), so whether it pays depends on the attention kernel. ``qstar-mini bench
+--goals`` measures all three the same way (peak RSS of a fresh process; docs/performance.md):
+there ``"rescore"`` peaks *higher* than the stepwise default, so it is no memory saver, only the
+reference that checkpointing builds on; ``"rescore_checkpointed"`` peaks lower than the default,
+at a multiple of its time.
 """
 
 from __future__ import annotations
@@ -128,7 +133,7 @@ def rescore_thoughts(model: nn.Module, meta: MetaTokens, input_ids: torch.Tensor
     input_ids, attention_mask: (batch, seq), right-padded.
     thought_ids: (batch, n_thoughts, m, t), e.g. ``generate_thoughts(...).ids`` made without grad.
     positions: (batch, m) thinking positions (None: all, m = seq), as given to generate_thoughts.
-    checkpoint_layers: recompute each decoder layer in the backward pass (less memory).
+    checkpoint_layers: recompute each decoder layer in the backward pass (less memory than without).
     returns: :class:`Rescored` (logprobs (batch, n_thoughts, m, t - 2), h_thought
     (batch, n_thoughts, m, n_true, hidden)).
     """
