@@ -162,7 +162,8 @@ def text_log_probs(logits: torch.Tensor, meta_ids: tuple[int, ...] = (), tempera
 
     logits: (..., vocab).   returns: (..., vocab) log-probs, ``-inf`` at ``meta_ids``.
     """
-    logits = logits / temperature
+    if temperature != 1.0:                 # x / 1 is x: no vocab-sized pass for nothing
+        logits = logits / temperature
     if meta_ids:
         logits = logits.index_fill(-1, torch.tensor(list(meta_ids), device=logits.device), float("-inf"))
     if logits.dtype in (torch.float16, torch.bfloat16):

@@ -104,7 +104,7 @@ def gumbel_noise(shape, generator: torch.Generator | None = None, device=None,
     if device is not None:
         u = u.to(device)
     tiny = torch.finfo(dtype).tiny
-    return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))
+    return u.clamp_(tiny, 1.0 - 1e-7).log_().neg_().log_().neg_()       # -log(-log(u)), in place: vocab-sized
 
 
 def sample_tokens(logits: torch.Tensor, meta_ids: tuple[int, ...], temperature: float = 1.0,
@@ -118,7 +118,7 @@ def sample_tokens(logits: torch.Tensor, meta_ids: tuple[int, ...], temperature: 
     if not greedy:
         if noise is None:
             noise = gumbel_noise(scores.shape, device=scores.device, dtype=scores.dtype)
-        scores = scores + noise.to(scores.dtype)
+        scores += noise.to(scores.dtype)                       # in place: scores is a fresh tensor
     return scores.argmax(-1)
 
 
