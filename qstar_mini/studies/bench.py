@@ -877,6 +877,134 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+
+# ----------------------------------------------------------- block attention: cost, before and after
+
+BEFORE_AFTER_SHAPES = {"tiny-b4": ({}, 4, 128), "tiny-b8": ({}, 8, 128), "real-width": (REAL, 1, 256)}
+
+
+def _load_block_attention_at(ref: str):
+    """qstar_mini/fast/block_attention.py as it was at git commit ``ref``, loaded beside the current one."""
+    import importlib.util
+    import tempfile
+
+    from qstar_mini.paths import REPO_ROOT
+
+    source = subprocess.run(["git", "-C", str(REPO_ROOT), "show", f"{ref}:qstar_mini/fast/block_attention.py"],
+                            capture_output=True, text=True)
+    if source.returncode:
+        raise ConfigError(f"--before {ref}: {source.stderr.strip() or 'git show failed'}")
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source.stdout)
+    spec = importlib.util.spec_from_file_location("qstar_mini.fast._block_attention_before", f.name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _block_attention_switch(before):
+    """use("before") / use("after"): what the thought steps call (``structured``, ``step_cache``)."""
+    import qstar_mini.fast.block_attention as current
+    import qstar_mini.thoughts as thoughts
+
+    now = dict(structured=current.structured, step_cache=thoughts.step_cache)
+
+    def old_step_cache(cache, steps, m, model=None, text_limits=None):
+        return before.step_cache(cache, steps, m, model)
+
+    def use(which: str):
+        current.structured = before.structured if which == "before" else now["structured"]
+        thoughts.step_cache = old_step_cache if which == "before" else now["step_cache"]
+    return use
+
+
+def before_after_rows(ref: str, shapes=tuple(BEFORE_AFTER_SHAPES), rounds: int = 5) -> list[dict]:
+    """The default step with block attention now and as it was at commit ``ref``, in ONE process:
+    per shape the plain step, then the two steps in alternating order, ``rounds`` times (the
+    real-width shape half as many, at least 2), one thread, CPU time, medians."""
+    use = _block_attention_switch(_load_block_attention_at(ref))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for name in shapes:
+            sizes, batch, seq = BEFORE_AFTER_SHAPES[name]
+            model, meta, head = bench_model(**sizes)
+            ids, mask = random_batch(batch, seq, model.get_input_embeddings().weight.shape[0])
+            cfg = QuietStarConfig(thought_length=11, n_true=4, n_thoughts=2, seq_len=seq, attention="blocks")
+            times = {"plain": [], "before": [], "after": []}
+            for i in range(rounds if name != "real-width" else max(2, rounds // 2)):
+                times["plain"].append(cpu_timeit(lambda: _step(model, meta, head, ids, mask, cfg.replace(think=False)), 3))
+                for which in ("before", "after") if i % 2 == 0 else ("after", "before"):
+                    use(which)
+                    times[which].append(cpu_timeit(lambda: _step(model, meta, head, ids, mask, cfg), 1, warmup=int(i == 0)))
+            use("after")
+            med = {k: statistics.median(v) for k, v in times.items()}
+            passes = step_passes(cfg)
+            rows.append(dict(shape=name, batch=batch, seq=seq, sizes=sizes, plain_s=med["plain"], before_s=med["before"],
+                             after_s=med["after"], passes=passes, before_overhead=med["before"] / med["plain"] / passes,
+                             after_overhead=med["after"] / med["plain"] / passes,
+                             after_over_before=med["after"] / med["before"], rounds=len(times["plain"]), times=times))
+    finally:
+        use("after")
+        torch.set_num_threads(threads)
+    return rows
+
+
+def attention_cost(rows: int = 16, seq: int = 128, repeats: int = 7) -> dict:
+    """Block attention over a step's 14 masked steps (forward and backward, the tiny model's heads:
+    2 KV heads x 2, head dim 32, the causal text mask) against what the floor already pays for
+    attention, the fused causal sdpa over the same rows 14 times; one layer, one thread, CPU time,
+    medians of interleaved runs. rows: batch x thoughts (16: b = 8 with 2 thoughts)."""
+    import qstar_mini.fast.block_attention as ba
+
+    kv, group, dim, steps = 2, 2, 32, 14
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    leaf = lambda *shape: (torch.randn(*shape) * dim ** -0.25).requires_grad_()
+    k_text, v_text = leaf(rows, kv, seq, dim), leaf(rows, kv, seq, dim)
+    inputs = [(leaf(rows, kv, seq, group, dim), leaf(rows, kv, seq, dim), leaf(rows, kv, seq, dim)) for _ in range(steps)]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    mask = torch.zeros(rows, 1, seq, seq).masked_fill(~causal, torch.finfo(torch.float32).min)
+    chunks = ba.query_chunks(list(range(1, seq + 1)), ba.chunk_size(seq))
+    q_plain, k_plain = leaf(rows, kv * group, seq, dim), leaf(rows, kv * group, seq, dim)
+
+    class Layer:                                     # what _StepAttention needs of a StepLayer
+        def __init__(self):
+            self.state = ba._StepBuffers()
+
+        def buffers(self, key, value):
+            if self.state.key_buffer is None:
+                shape = (rows, kv, seq, steps, dim)
+                self.state.key_buffer, self.state.value_buffer = key.new_empty(shape), value.new_empty(shape)
+            return self.state.key_buffer, self.state.value_buffer
+
+    def blocks():
+        layer, link, total = Layer(), None, 0
+        for step, (q, k_new, v_new) in enumerate(inputs, 1):
+            out, link = ba._StepAttention.apply(q, k_new, v_new, k_text, v_text, link, mask, chunks, layer, step)
+            total = total + out.sum()
+        total.backward()
+
+    def plain():
+        for _ in range(steps):
+            torch.nn.functional.scaled_dot_product_attention(q_plain, k_plain, k_plain, is_causal=True).sum().backward()
+
+    times = {"blocks": [], "sdpa": []}
+    try:
+        for _ in range(repeats):
+            for name, fn in (("blocks", blocks), ("sdpa", plain)):
+                start = time.process_time()
+                fn()
+                times[name].append(time.process_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    blocks_s, sdpa_s = statistics.median(times["blocks"]), statistics.median(times["sdpa"])
+    return dict(rows=rows, seq=seq, blocks_s=blocks_s, sdpa_s=sdpa_s, ratio=blocks_s / sdpa_s)
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="the short version (under 2 minutes on 2 CPU cores); with --goals, the goals without "
@@ -898,6 +1026,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "one thread, CPU time; with --official-venv also the goal against the official code")
     parser.add_argument("--render", "--readme", dest="render", metavar="JSON", default=None,
                         help="print docs/performance.md's goals block made from a --goals JSON, and exit (--readme: the old name)")
+    parser.add_argument("--before", metavar="COMMIT", default=None,
+                        help="instead of the table: the default step with block attention now and as it was at "
+                             "this git commit, in one process, interleaved, one thread, CPU time (tiny model b=4 "
+                             "and b=8, l=128; SmolLM2-135M's width, 4 layers, b=1, l=256; minutes)")
+    parser.add_argument("--attention-cost", action="store_true",
+                        help="instead of the table: block attention over a step's 14 masked steps against the "
+                             "fused causal sdpa the floor pays, one layer, 16 rows, l=128, one thread, CPU time")
     parser.add_argument("--official-venv", metavar="DIR", default=None,
                         help="also time the official Quiet-STaR step (ezelikman/quiet-star) against ours, one CPU "
                              "thread, l=64 and 128, b=4; DIR: the venv scripts/official_env.sh builds (a few "
@@ -929,6 +1064,8 @@ def run_bench(args) -> int:
         with open(args.render) as f:
             print(performance_section(json.load(f)), end="")
         return 0
+    if getattr(args, "before", None) or getattr(args, "attention_cost", False):
+        return _run_block_attention_study(args)
     if getattr(args, "goals", False):
         rows = goal_rows(official_venv, quick=args.quick)
         result = {"machine": machine(), "command": "qstar-mini bench --goals" + (" --quick" if args.quick else "")
@@ -953,6 +1090,27 @@ def run_bench(args) -> int:
     result = run(quick=args.quick, device=args.device, e2e=args.e2e, dtype=dtype, sizes=sizes,
                  official_venv=official_venv)
     print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def _run_block_attention_study(args) -> int:
+    """``--before COMMIT`` and ``--attention-cost``: print, and write the JSON with ``--json``."""
+    if args.before:
+        rows = before_after_rows(args.before)
+        for r in rows:
+            print(f"{r['shape']}: b={r['batch']} l={r['seq']} plain {r['plain_s']:.4f} s; before {r['before_s']:.3f} s "
+                  f"(overhead {r['before_overhead']:.3f}); after {r['after_s']:.3f} s (overhead "
+                  f"{r['after_overhead']:.3f}); after/before {r['after_over_before']:.3f}")
+        result = {"machine": machine(), "before": args.before, "threads": 1, "clock": "CPU time",
+                  "settings": "t=11, n_true=4, n_thoughts=2, attention=blocks", "rows": rows}
+    else:
+        result = {"machine": machine(), "threads": 1, "clock": "CPU time", **attention_cost()}
+        print(f"block attention, 14 steps: {result['blocks_s'] * 1e3:.1f} ms; fused causal sdpa, 14 passes: "
+              f"{result['sdpa_s'] * 1e3:.1f} ms (rows 16, l 128, one layer, forward + backward); "
+              f"ratio {result['ratio']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
