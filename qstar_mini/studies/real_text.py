@@ -1,275 +1,537 @@
-"""Quiet-STaR on a real pretrained model: SmolLM2-135M thinking at the hardest tokens of text.
+"""Quiet-STaR on a real pretrained model (SmolLM2-135M), as a controlled experiment.
 
-The tiny arithmetic model shows every part of the algorithm; this experiment asks the same
-question of a real language model, on CPU, in well under an hour:
+The question: after Quiet-STaR training, does the *content* of the thought change the prediction
+of the tokens a thought could work out, or would training without a thought, on the same loss,
+do as well? The numbers are in ``docs/results/real_report.json`` and ``docs/real-model.md``; this
+docstring says only how they are made.
 
-1. **Text.** The project's GSM8K-format word problems (``data/gsm8k_format.jsonl``), question and
-   worked answer as one line, e.g. ``... The shells cost 4*4=16 dollars, so the change is
-   20-16=4 dollars. #### 4``. The first 150 lines train, the last 50 are held out.
-2. **Where to think.** The base model scores every token of every line; each line thinks after
-   the k positions of its worked answer whose next token the base finds hardest (highest NLL).
-   Those are mostly the results of the arithmetic (``16`` after ``4*4=``): "difficult tokens"
-   that a thought could work out from the question. (The question's own numbers are harder
-   still, but nothing before them says what they are, so no thought can help there.)
-3. **Two arms from the same seed**, the same lines in the same order, the same optimiser:
-   Quiet-STaR (thinking at those positions) and the control, the same loop with thinking off
-   (plain NLL on the same lines). Both fine-tune the model on this text, so the comparison is
-   Quiet-STaR against fine-tuning alone.
-4. **Held-out evaluation** at the hardest positions of the 50 test lines (chosen by the base):
-   the NLL of the true next token for the base, the control, the Quiet-STaR model without
-   thinking, and the Quiet-STaR model with thinking (the mixed post-thought prediction, mean over
-   n_thoughts sampled thoughts); binned by the base's NLL, as in the paper's "which tokens
-   benefit". The numbers are reported whatever they show.
+**Text.** The project's GSM8K-format word problems (``data/gsm8k_format.jsonl``), question and
+worked answer as one line: ``... The shells cost 4*4=16 dollars, so the change is 20-16=4
+dollars. #### 4``. Problems are split **by template** (:func:`template_of`): the held-out
+templates (default ``two_step`` and ``change``, two operations each) never occur in training,
+whose templates (``add``, ``sub``, ``mul``, ``div``) use the same four operations one at a time.
 
-``qstar-mini real`` (``make real``) writes ``runs/real/report.json`` and prints the
-table; README quotes the result and the time it took. On a GPU raise ``--steps`` and
-``--lines``; settings below.
+**Scored tokens.** Each answer token (the token x_{j+1} predicted at position j) falls in one
+category (:func:`token_categories`): ``result`` (the digits right after ``=``, which the numbers
+before them determine: where a thought could help), ``other_digit`` (operands copied from the
+question, the number after ``####``), ``operator`` (``+ - * / =``), ``hash`` (`` ####``) and
+``words`` (everything else: words, spaces, punctuation of the template). Training thinks only
+before ``result`` tokens; evaluation reports every category apart.
+
+**The arms**, per seed (paper notation, official names beside):
+
+* ``base``: SmolLM2 untrained.
+* ``quiet_star``: Algorithm 1 with thoughts of t tokens (``n_ahead``) at the positions j whose
+  next token is a result, n_true (``n_ahead_talk``) true tokens after each thought, n_thoughts
+  (``n_passes``) thoughts per position; loss = 0.5 * base NLL over every token + 0.5 * talk
+  NLL over the entries (j, i) above + REINFORCE.
+* ``control``: the same loss with the thought removed: 0.5 * base NLL over every token + 0.5 *
+  the no-thought NLL -log p^init(x_{j+1+i}) over exactly the same entries (j, i), pooled the same
+  way (``talk_nll_pooling``). This is the Quiet-STaR loss with the mixing weight w held at 0 (the
+  mixed prediction is then the no-thought prediction) and without REINFORCE, which only trains
+  which thought is sampled. So the scored tokens get the same weight in both arms, and the
+  other tokens the same loss.
+* The trained Quiet-STaR model evaluated (a) ``own``: with its own sampled thoughts (the mixed
+  prediction log p^talk, NLL averaged over the n_thoughts thoughts); (b) ``random``: with
+  thoughts of the same length made of uniformly random ordinary token ids; (c) ``shuffled``:
+  with its own thoughts moved to other positions (of any line of the evaluation batch); (d)
+  ``no_thought``: its plain next-token prediction, no thought generated (w = 0: the path the
+  mixing weight gives to the prediction without a thought). (b) and (c) go through the same
+  meta-tokens and mixing head as (a), so (a) - (b) and (a) - (c) measure what the thought's
+  content adds.
+
+**Equal terms** between ``control`` and ``quiet_star`` of one seed: the same starting weights
+(meta-tokens and mixing head are added to both; the control never uses them), the same
+training lines in the same order and batches, the same number of optimiser steps, AdamW with
+the same learning rates and warm-up, the same gradient clipping norm, the same scored entries
+with the same weights. What differs is only what the thought brings: the talk prediction passes
+through a thought and the mixing head, the REINFORCE term trains the sampling, and these extra
+gradients share the one clipping norm. The seed sets the line order, the thought samples and
+the evaluation's samples; the base needs no seed.
+
+Held-out numbers are the NLL of the true next token, averaged per category over the held-out
+lines' answer tokens; each seed gives one number per arm and category, reported as mean and
+sample standard deviation over the seeds, and the paired differences per seed likewise.
+
+:func:`run_experiment` runs it (``RealSettings``); :func:`render_table` renders the report as
+Markdown (``docs/real-model.md`` holds it between ``<!-- real-table -->`` markers,
+:func:`update_page`).
 """
 
 from __future__ import annotations
 
-import argparse
-import inspect
 import json
+import math
+import platform
+import re
+import statistics
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from qstar_mini.config import official
+from qstar_mini.config import QuietStarConfig, official
 from qstar_mini.data import read_jsonl
 from qstar_mini.errors import ConfigError
 from qstar_mini.lm import lm_head, text_log_probs
-from qstar_mini.losses import token_log_probs
-from qstar_mini.paths import DATA_DIR, RUNS_DIR
-from qstar_mini.step import at_positions, prepare_model, quiet_star_step
-from qstar_mini.thoughts import plain_forward
+from qstar_mini.losses import combined_loss, future_targets, talk_nll, token_log_probs
+from qstar_mini.mixing import mix_log_probs, mixing_weight
+from qstar_mini.paths import DATA_DIR
+from qstar_mini.fast.rescore import rescore_thoughts
+from qstar_mini.step import at_positions, prepare_model, quiet_star_step, scoring_ids
+from qstar_mini.models.check import resolve_attention
+from qstar_mini.thoughts import generate_thoughts, plain_forward
 
 # The official step's structure with the tiny preset's choices where a few dozen steps on a CPU
 # need them: a bounded mixing weight that starts at 0.05 (the base, nearly), the summed log p(T_j)
 # with weight 1, a larger learning rate, and the meta-tokens out of the scoring softmax (so adding
 # them leaves the base's predictions unchanged).
-REAL = official(thought_length=8, n_true=2, n_thoughts=2, seq_len=96, batch_size=4, steps=30,
+REAL = official(thought_length=8, n_true=2, n_thoughts=2, seq_len=80, batch_size=4, steps=30,
                 lr=1e-5, mixer_lr=1e-3, mixer_depth=1, mixer_sigmoid=True, mixer_bias_init=-3.0,
                 mixer_init="default", policy_loss_weight=1.0, reinforce_reduction="sum", scoring_vocab="text",
                 policy_positions="real", lr_schedule="constant", warmup_steps=5, weight_decay=0.0,
-                decay_meta_tokens=False)
-HARD_PER_LINE = 4
-TRAIN_LINES, TEST_LINES = 150, 50
-BINS = (0.0, 2.0, 4.0, 6.0, float("inf"))
+                decay_meta_tokens=False, attention="auto")
+
+CATEGORIES = ("result", "other_digit", "operator", "hash", "words")
+CATEGORY_NAMES = {"result": "results after `=`", "other_digit": "other digits", "operator": "operators",
+                  "hash": "`####`", "words": "words and template"}
+ARMS = ("base", "control", "quiet_star", "random", "shuffled", "no_thought")
+ARM_NAMES = {"base": "base (untrained)", "control": "control (no thought, same loss weights)",
+             "quiet_star": "Quiet-STaR, own thoughts", "random": "Quiet-STaR, random thoughts",
+             "shuffled": "Quiet-STaR, thoughts shuffled across positions",
+             "no_thought": "Quiet-STaR, no thought"}
+# Paired differences per seed, (a, b): NLL of a minus NLL of b; negative = a predicts better.
+DIFFERENCES = (("quiet_star", "control"), ("no_thought", "control"), ("quiet_star", "no_thought"),
+               ("quiet_star", "random"), ("quiet_star", "shuffled"))
+TABLE_START, TABLE_END = "<!-- real-table -->", "<!-- /real-table -->"
+
+# The project's six GSM8K-format templates (qstar_mini.data.GSM_TEMPLATES), each recognised by a
+# phrase of its question that no other template has.
+TEMPLATES = {
+    "add": r" gets \d+ more\. How many",
+    "sub": r" gives \d+ of them to a friend\.",
+    "mul": r" buys \d+ boxes of ",
+    "div": r" shares \d+ \w+ equally among ",
+    "two_step": r" buys \d+ more and then gives ",
+    "change": r" pays with a \$\d+ note\.",
+}
+
+
+@dataclass
+class RealSettings:
+    """The experiment's settings; every field has a ``help`` for the command line."""
+
+    model: str = field(default="smollm2", metadata={"help": "a model folder or short name (default: smollm2)"})
+    data: str = field(default=str(DATA_DIR / "gsm8k_format.jsonl"),
+                      metadata={"help": "GSM8K-format JSONL (question, answer) made by the project's templates"})
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "one trained control and Quiet-STaR per seed"})
+    steps: int = field(default=REAL.steps, metadata={"help": "optimiser steps per arm and seed"})
+    batch_size: int = field(default=REAL.batch_size, metadata={"help": "lines per step (b)"})
+    train_lines: int = field(default=0, metadata={"help": "training lines to use, 0: all of the training templates"})
+    test_lines: int = field(default=0, metadata={"help": "held-out lines to evaluate, 0: all of the held-out templates"})
+    held_out: tuple[str, ...] = field(default=("two_step", "change"),
+                                      metadata={"help": f"templates held out of training, from {', '.join(TEMPLATES)}"})
+    lr: float = field(default=REAL.lr, metadata={"help": "learning rate of the LM and meta-tokens"})
+    thought_length: int = field(default=REAL.thought_length,
+                                metadata={"help": "t, thought tokens incl. both meta-tokens (official n_ahead)"})
+    n_thoughts: int = field(default=REAL.n_thoughts, metadata={"help": "thoughts per position (official n_passes)"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    think_at: tuple[str, ...] = field(default=("result",),
+                                      metadata={"help": "categories whose positions think in the evaluation of the "
+                                                        f"thought arms, from {', '.join(CATEGORIES)} (all: about "
+                                                        "9x the evaluation time)"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads (1 avoids spin-waiting on a busy machine)"})
+
+    def validate(self) -> None:
+        if not self.seeds:
+            raise ConfigError("seeds is empty; give at least one seed (three for a mean and spread)")
+        for name in ("steps", "batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.train_lines < 0 or self.test_lines < 0:
+            raise ConfigError("train_lines and test_lines must be >= 0 (0: all)")
+        if not self.think_at or any(c not in CATEGORIES for c in self.think_at):
+            raise ConfigError(f"think_at must name some of {', '.join(CATEGORIES)} (got {list(self.think_at)})")
+        unknown = [t for t in self.held_out if t not in TEMPLATES]
+        if unknown or not self.held_out or set(self.held_out) == set(TEMPLATES):
+            raise ConfigError(f"held_out must name some but not all of {', '.join(TEMPLATES)} (got {list(self.held_out)})")
+
+    def config(self, seed: int, think: bool = True) -> QuietStarConfig:
+        return REAL.replace(seed=seed, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                            thought_length=self.thought_length, n_thoughts=self.n_thoughts, think=think)
+
+
+# ============================================================================ the data
+
+def template_of(question: str) -> str:
+    """The name of the project template a question was made from; ConfigError if none or several."""
+    found = [name for name, pattern in TEMPLATES.items() if re.search(pattern, question)]
+    if len(found) != 1:
+        raise ConfigError(f"question {question[:60]!r} matches {len(found)} of the project's templates "
+                          f"(needs exactly one); use data made by 'qstar-mini data'")
+    return found[0]
 
 
 def problem_lines(path=DATA_DIR / "gsm8k_format.jsonl") -> list[tuple[str, str]]:
-    """Each GSM8K-format record as (question, the whole line: question, then the worked answer)."""
+    """Each GSM8K-format record as (question, the whole line: question, a space, the worked answer)."""
     records = read_jsonl(Path(path))
     missing = [i for i, r in enumerate(records) if "question" not in r or "answer" not in r]
     if missing:
-        raise ConfigError(f"{path}: records {missing[:5]} lack 'question' or 'answer'")
+        raise ConfigError(f"{path}: records {missing[:5]} lack 'question' or 'answer'; give a GSM8K-format file")
     return [(r["question"], f"{r['question']} {r['answer'].replace(chr(10), ' ')}") for r in records]
 
 
-def answer_starts(tokenizer, questions: list[str]) -> torch.Tensor:
-    """(n,) the index of the first token after each question (where the worked answer begins)."""
-    return torch.tensor([len(tokenizer(q)["input_ids"]) for q in questions])
+def split_by_template(problems: list[tuple[str, str]], held_out: tuple[str, ...]):
+    """(train, test): the problems of the other templates, and those of the ``held_out`` ones."""
+    train = [p for p in problems if template_of(p[0]) not in held_out]
+    test = [p for p in problems if template_of(p[0]) in held_out]
+    if not train or not test:
+        raise ConfigError(f"the split by template left {len(train)} training and {len(test)} held-out "
+                          f"problems; hold out other templates")
+    return train, test
 
 
-def encode(tokenizer, lines: list[str], seq_len: int):
-    """Right-padded ids and mask (len(lines), seq_len); lines longer than seq_len are cut."""
-    enc = tokenizer(lines, return_tensors="pt", padding="max_length", truncation=True, max_length=seq_len)
-    return enc["input_ids"], enc["attention_mask"]
+def result_spans(line: str) -> list[tuple[int, int]]:
+    """Character spans of the arithmetic results: the digits right after each ``=``."""
+    return [m.span(1) for m in re.finditer(r"=(\d+)", line)]
 
 
-@torch.no_grad()
-def base_token_nll(model, ids: torch.Tensor, mask: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """The model's NLL of x_{j+1} at every position j: (n, seq), +inf where there is no target."""
+def token_categories(line: str, offsets: list[tuple[int, int]], answer_start: int) -> list[str | None]:
+    """The category (:data:`CATEGORIES`) of each token of ``line`` (by its character offsets),
+    None for the question's tokens and for padding."""
+    results = result_spans(line)
     out = []
-    for i in range(0, len(ids), batch):
-        x, m = ids[i:i + batch], mask[i:i + batch]
-        logp = torch.log_softmax(model(input_ids=x, attention_mask=m).logits.float(), -1)
-        nll = -logp[:, :-1].gather(-1, x[:, 1:, None])[..., 0]
-        valid = m[:, 1:].bool()
-        nll = torch.cat([nll.masked_fill(~valid, float("inf")), torch.full_like(nll[:, :1], float("inf"))], 1)
-        out.append(nll)
-    return torch.cat(out)
+    for a, b in offsets:
+        text = line[a:b].strip()
+        if b <= a or a < answer_start:
+            out.append(None)
+        elif text == "####":
+            out.append("hash")
+        elif text in ("+", "-", "*", "/", "="):
+            out.append("operator")
+        elif text.isdigit():
+            out.append("result" if any(s <= a and b <= e for s, e in results) else "other_digit")
+        else:
+            out.append("words")
+    return out
 
 
-def hardest_positions(nll: torch.Tensor, k: int, starts: torch.Tensor | None = None) -> torch.Tensor:
-    """(n, k) positions j whose next token is hardest, among j >= starts - 1 (the next token is in
-    the answer; default j >= 1); -1 where a line has fewer candidates."""
-    scores = nll.clone()
-    first = torch.ones(len(nll), dtype=torch.long) if starts is None else (starts - 1).clamp(min=1)
-    before = torch.arange(nll.shape[1])[None, :] < first[:, None]
-    scores = scores.masked_fill(before | torch.isinf(scores), -1.0)
-    top = scores.topk(k, dim=1)
-    return torch.where(top.values >= 0, top.indices, torch.full_like(top.indices, -1)).sort(dim=1).values
+@dataclass
+class Encoded:
+    """Lines as tensors. ids, mask: (n, seq) right-padded. target: (n, seq) long, the category
+    index (in :data:`CATEGORIES`) of the next token x_{j+1} at each position j, -1 where x_{j+1} is
+    not an answer token."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    target: torch.Tensor
+    lines: list[str]
+
+    def positions(self, categories: tuple[str, ...]) -> torch.Tensor:
+        """(n, m) the positions j whose next token is in ``categories``, -1-padded to the longest row."""
+        codes = torch.tensor([CATEGORIES.index(c) for c in categories])
+        hit = torch.isin(self.target, codes)
+        m = max(1, int(hit.sum(1).max()))
+        pos = torch.full((len(hit), m), -1, dtype=torch.long)
+        for i, row in enumerate(hit):
+            js = row.nonzero()[:, 0]
+            pos[i, :len(js)] = js
+        return pos
 
 
-def train_arm(model, tokenizer, meta, head, cfg, ids, mask, positions, *, log=print) -> list[dict]:
-    """cfg.steps optimiser steps over the training lines in a seeded order; returns the log."""
+def encode(tokenizer, problems: list[tuple[str, str]], seq_len: int) -> Encoded:
+    """Tokenize (question, line) pairs; ConfigError if a line needs more than seq_len tokens."""
+    lines = [line for _, line in problems]
+    enc = tokenizer(lines, padding="max_length", truncation=False, max_length=seq_len, return_offsets_mapping=True)
+    longest = max(len(x) for x in enc["input_ids"])
+    if longest > seq_len:
+        raise ConfigError(f"a line has {longest} tokens, more than seq_len = {seq_len}; raise seq_len to {longest}")
+    target = torch.full((len(lines), seq_len), -1, dtype=torch.long)
+    for i, ((question, line), offsets, m) in enumerate(zip(problems, enc["offset_mapping"], enc["attention_mask"])):
+        cats = token_categories(line, [o if k else (0, 0) for o, k in zip(offsets, m)], len(question) + 1)
+        for k, c in enumerate(cats):
+            if c is not None and k >= 1:
+                target[i, k - 1] = CATEGORIES.index(c)
+    return Encoded(torch.tensor(enc["input_ids"]), torch.tensor(enc["attention_mask"]), target, lines)
+
+
+# ============================================================================ training
+
+def control_step(model, meta, cfg: QuietStarConfig, ids, mask, positions) -> torch.Tensor:
+    """The control's loss: the Quiet-STaR loss with the thought removed.
+
+    ``base_loss_weight`` * the NLL of every token + (1 - ``base_loss_weight``) * the no-thought
+    NLL -log p^init(x_{j+1+i}) over the same (position j, offset i) entries the Quiet-STaR arm's
+    talk NLL covers, pooled by ``talk_nll_pooling`` like it. positions: (b, m), -1 slots unused.
+    """
+    out = quiet_star_step(model, meta, None, ids, mask, cfg.replace(think=False))
+    _, valid = future_targets(ids, mask, cfg.n_true)
+    valid = at_positions(valid, positions) & (positions >= 0)[..., None]    # (b, m, n_true)
+    log_p = at_positions(out.log_p_init, positions)[:, None]                # (b, 1, m, n_true)
+    _, scored = talk_nll(log_p, valid, cfg.talk_nll_pooling)
+    return combined_loss(out.base_nll, scored, torch.zeros(()), cfg.base_loss_weight, 0.0)
+
+
+def train_arm(model, meta, head, cfg: QuietStarConfig, data: Encoded, positions, *, log=print) -> list[dict]:
+    """cfg.steps optimiser steps over the lines in a seeded order: Quiet-STaR when cfg.think,
+    else the control (:func:`control_step`). Returns the per-step log."""
     from qstar_mini.train import QuietStarModule, build_optimizer, make_schedule
 
     module = QuietStarModule(model, meta, head)
     optimizer, history = build_optimizer(module, cfg), []
     scheduler = make_schedule(optimizer, cfg)
     g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(ids), generator=g)
+    order = torch.randperm(len(data.ids), generator=g)
     model.train()
     for step in range(cfg.steps):
-        rows = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % len(ids)]
-        out = quiet_star_step(model, meta, head, ids[rows], mask[rows], cfg, positions=positions[rows],
-                              generator=g, step=step)
+        rows = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % len(data.ids)]
+        x, m, p = data.ids[rows], data.mask[rows], positions[rows]
+        if cfg.think:
+            out = quiet_star_step(model, meta, head, x, m, cfg, positions=p, generator=g, step=step)
+            loss = out.loss
+            row = {"talk_nll": float(out.talk_nll.detach()), "w": float(out.w[..., 0].detach().mean())}
+        else:
+            loss, row = control_step(model, meta, cfg, x, m, p), {}
         optimizer.zero_grad()
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
                                        cfg.grad_clip)
         optimizer.step()
         scheduler.step()
-        row = {"step": step + 1, "loss": float(out.loss.detach()), "base_nll": float(out.base_nll.detach())}
-        if cfg.think:
-            row |= {"talk_nll": float(out.talk_nll.detach()), "w": float(out.w[..., 0].detach().mean())}
-        history.append(row)
+        history.append({"step": step + 1, "loss": float(loss.detach()), **row})
         if step % 10 == 0 or step == cfg.steps - 1:
-            log(json.dumps(row))
+            log(json.dumps(history[-1]))
     model.eval()
     return history
 
 
+# ============================================================================ evaluation
+
 @torch.no_grad()
-def nll_at(model, meta, cfg, ids, mask, positions) -> torch.Tensor:
-    """The model's plain NLL of x_{j+1} at the given positions: (n, k), nan at -1 slots."""
-    out = []
-    for i in range(0, len(ids), 8):
-        x, m, p = ids[i:i + 8], mask[i:i + 8], positions[i:i + 8]
-        h, _ = plain_forward(model, meta, x, m)
-        logp = text_log_probs(lm_head(model)(h), meta.ids if cfg.scoring_vocab == "text" else ())
-        nxt = token_log_probs(logp[:, :-1], x[:, 1:])                        # (b, seq - 1)
-        nll = -at_positions(torch.cat([nxt, nxt[:, :1]], 1), p)
-        out.append(nll.masked_fill(p < 0, float("nan")))
-    return torch.cat(out)
+def plain_nll(model, meta, cfg: QuietStarConfig, ids, mask) -> torch.Tensor:
+    """(n, seq) the plain (no-thought) NLL of x_{j+1} at every position j (garbage where there is
+    no next token: read it through a category mask)."""
+    h, _ = plain_forward(model, meta, ids, mask)
+    logp = text_log_probs(lm_head(model)(h), scoring_ids(meta, cfg))
+    nxt = token_log_probs(logp[:, :-1], ids[:, 1:])
+    return -torch.cat([nxt, nxt[:, -1:]], 1)
 
 
 @torch.no_grad()
-def thinking_nll_at(model, meta, head, cfg, ids, mask, positions, seed: int = 1) -> torch.Tensor:
-    """NLL of x_{j+1} from the mixed post-thought prediction, mean over the n_thoughts sampled
-    thoughts: (n, k), nan at -1 slots."""
-    out, g = [], torch.Generator().manual_seed(seed)
-    for i in range(0, len(ids), 8):
-        x, m, p = ids[i:i + 8], mask[i:i + 8], positions[i:i + 8]
-        step = quiet_star_step(model, meta, head, x, m, cfg, positions=p, generator=g)
-        nll = -step.log_p_talk[..., 0].mean(1)                                # (b, k)
-        out.append(nll.masked_fill(p < 0, float("nan")))
-    return torch.cat(out)
+def own_thoughts(model, meta, cfg: QuietStarConfig, ids, mask, positions, generator) -> torch.Tensor:
+    """(b, n_thoughts, m, t) thoughts sampled by the model at ``positions`` (as in training)."""
+    _, cache = plain_forward(model, meta, ids, mask)
+    return generate_thoughts(model, meta, ids, mask, cache, cfg.thought_length, cfg.n_thoughts,
+                             thought_temperature=cfg.thought_temperature,
+                             reinforce_temperature=cfg.reinforce_temperature, generator=generator,
+                             positions=positions.clamp(min=0), attention=resolve_attention(model, meta, cfg)).ids
 
 
-def binned(base: torch.Tensor, other: torch.Tensor) -> list[dict]:
-    """Mean gain (base NLL - other NLL) per bin of the base's NLL."""
-    rows = []
-    for lo, hi in zip(BINS[:-1], BINS[1:]):
-        sel = (base >= lo) & (base < hi) & ~torch.isnan(base)
-        rows.append({"bin": f"{lo:g}-{hi:g}", "tokens": int(sel.sum()),
-                     "gain": float((base - other)[sel].mean()) if sel.any() else None})
-    return rows
+def random_thoughts(thoughts: torch.Tensor, allowed: torch.Tensor, generator) -> torch.Tensor:
+    """The same meta-tokens around t - 2 ids drawn uniformly from ``allowed``."""
+    out = thoughts.clone()
+    pick = torch.randint(len(allowed), out[..., 1:-1].shape, generator=generator)
+    out[..., 1:-1] = allowed[pick]
+    return out
 
 
-def run(model_name="smollm2", steps: int | None = None, out_dir=RUNS_DIR / "real", seed: int = 0,
-        log=print) -> dict:
+def shuffled_thoughts(thoughts: torch.Tensor, positions: torch.Tensor, generator) -> torch.Tensor:
+    """Every real slot (positions >= 0) of the batch gets the thoughts of another real slot, of
+    the same or another line: a random order, shifted by one, so no slot keeps its own."""
+    out = thoughts.clone()
+    b, m = (positions >= 0).nonzero(as_tuple=True)
+    if len(b) < 2:
+        raise ConfigError("shuffling thoughts needs at least two thinking positions in a batch; evaluate more lines")
+    order = torch.randperm(len(b), generator=generator)
+    src = order.roll(1)
+    out[b[order], :, m[order]] = thoughts[b[src], :, m[src]]
+    return out
+
+
+@torch.no_grad()
+def thought_nll(model, meta, head, cfg: QuietStarConfig, ids, mask, positions, thoughts) -> torch.Tensor:
+    """(b, m) NLL of x_{j+1} from the mixed prediction log p^talk after the given thoughts
+    (b, n_thoughts, m, t), averaged over the thoughts; nan at -1 slots."""
+    h_init, _ = plain_forward(model, meta, ids, mask)
+    p = positions.clamp(min=0)
+    h_thought = rescore_thoughts(model, meta, ids, mask, thoughts, 1, positions=p).h_thought[:, :, :, 0]
+    h_init_at = at_positions(h_init, p)[:, None].expand_as(h_thought)          # (b, n, m, hidden)
+    w = mixing_weight(head, h_init_at, h_thought, cfg.mixing, cfg.mixer_sigmoid)
+    logp = mix_log_probs(lm_head(model), h_init_at, h_thought, w, cfg.mixing, scoring_ids(meta, cfg))
+    target = ids.gather(1, (p + 1).clamp(max=ids.shape[1] - 1))[:, None].expand(w.shape)
+    nll = -token_log_probs(logp, target).mean(1)
+    return nll.masked_fill(positions < 0, float("nan"))
+
+
+def by_category(nll: torch.Tensor, target: torch.Tensor, only=CATEGORIES) -> dict[str, float | None]:
+    """Mean of nll (same shape as target) over the entries of each category; None outside ``only``."""
+    return {c: float(nll[target == k].mean()) if c in only else None for k, c in enumerate(CATEGORIES)}
+
+
+def evaluate_arm(model, meta, head, cfg: QuietStarConfig, data: Encoded, *, seed: int = 0,
+                 variants=("quiet_star", "random", "shuffled"), think_at=CATEGORIES, exclude_ids=(),
+                 batch: int = 8) -> dict[str, dict]:
+    """Held-out NLL per category: ``no_thought`` (plain prediction) everywhere, and (with a
+    ``head``) for each of ``variants`` (own, random, shuffled thoughts) at the positions whose next
+    token is in ``think_at`` (None for the other categories); {arm: {category: nll}}.
+    Random thoughts draw from every id of the embedding but the meta-tokens and ``exclude_ids``
+    (the tokenizer's special tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    skip = set(meta.ids) | set(exclude_ids)
+    allowed = torch.tensor([i for i in range(model.get_input_embeddings().weight.shape[0]) if i not in skip])
+    positions_all = data.positions(tuple(think_at))
+    plain = torch.cat([plain_nll(model, meta, cfg, data.ids[i:i + batch], data.mask[i:i + batch])
+                       for i in range(0, len(data.ids), batch)])
+    out = {"no_thought": by_category(plain, data.target)}
+    if head is None:
+        return out
+    per_variant = {v: torch.full(data.target.shape, float("nan")) for v in variants}
+    for i in range(0, len(data.ids), batch):
+        x, m, p = data.ids[i:i + batch], data.mask[i:i + batch], positions_all[i:i + batch]
+        own = own_thoughts(model, meta, cfg, x, m, p, g)
+        made = {"quiet_star": own, "random": random_thoughts(own, allowed, g),
+                "shuffled": shuffled_thoughts(own, p, g)}
+        rows = torch.arange(len(x))[:, None].expand_as(p)
+        for v in variants:
+            nll = thought_nll(model, meta, head, cfg, x, m, p, made[v])
+            real = p >= 0
+            per_variant[v][i + rows[real], p[real]] = nll[real]
+    for v in variants:
+        out[v] = by_category(per_variant[v], data.target, tuple(think_at))
+    return out
+
+
+# ============================================================================ the experiment
+
+def summarise(per_seed: list[dict]) -> dict:
+    """Mean and sample std over seeds of every arm x category, and of the paired differences."""
+    def stats(values):
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        return {"mean": statistics.fmean(values) if values else None,
+                "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+    arms = {a: {c: stats([s["nll"][a][c] for s in per_seed]) for c in CATEGORIES} for a in ARMS}
+    def minus(x, y):
+        return None if x is None or y is None else x - y
+
+    diffs = {f"{a}-{b}": {c: stats([minus(s["nll"][a][c], s["nll"][b][c]) for s in per_seed]) for c in CATEGORIES}
+             for a, b in DIFFERENCES}
+    return {"nll": arms, "differences": diffs}
+
+
+def machine() -> dict:
+    import os
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def run_experiment(settings: RealSettings, out_dir, log=print) -> dict:
+    """Run every arm for every seed; write ``out_dir/real_report.json`` after each seed (its
+    ``complete`` says whether all seeds are in) and return the report."""
     from qstar_mini.models.tiny import load_model
 
+    settings.validate()
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    cfg = REAL.replace(seed=seed, **({"steps": steps} if steps is not None else {}))
-    problems = problem_lines()
-    train, test = problems[:TRAIN_LINES], problems[-TEST_LINES:]
-    test_lines = [line for _, line in test]
-    base, tokenizer = load_model(model_name)
-    train_ids, train_mask = encode(tokenizer, [line for _, line in train], cfg.seq_len)
-    test_ids, test_mask = encode(tokenizer, test_lines, cfg.seq_len)
-    train_pos = hardest_positions(base_token_nll(base, train_ids, train_mask), HARD_PER_LINE,
-                                  answer_starts(tokenizer, [q for q, _ in train]))
-    test_nll = base_token_nll(base, test_ids, test_mask)
-    test_pos = hardest_positions(test_nll, HARD_PER_LINE, answer_starts(tokenizer, [q for q, _ in test]))
-    base_at = torch.stack([test_nll[i, p.clamp(min=0)] for i, p in enumerate(test_pos)]).masked_fill(test_pos < 0, float("nan"))
-    examples = [{"line": test_lines[i][:160],
-                 "hard_tokens": [tokenizer.decode(test_ids[i, j + 1]) for j in test_pos[i].tolist() if j >= 0]}
-                for i in range(3)]
-    del base
-    result = {"settings": cfg.to_dict(), "hard_per_line": HARD_PER_LINE, "train_lines": TRAIN_LINES,
-              "test_lines": TEST_LINES, "model": str(model_name), "examples": examples,
-              "nll_at_hard_tokens": {"base": float(base_at.nanmean())}}
-    for arm, think in (("control", False), ("quiet_star", True)):
-        torch.manual_seed(seed)
-        model, tok = load_model(model_name)
-        arm_cfg = cfg.replace(think=think)
-        meta, head = prepare_model(model, tok, arm_cfg)
-        a0 = time.perf_counter()
-        log(f"--- {arm}: {arm_cfg.steps} steps")
-        history = train_arm(model, tok, meta, head, arm_cfg, train_ids, train_mask, train_pos, log=log)
-        plain = nll_at(model, meta, arm_cfg, test_ids, test_mask, test_pos)
-        result["nll_at_hard_tokens"][arm] = float(plain.nanmean())
-        result[f"{arm}_seconds"] = round(time.perf_counter() - a0, 1)
-        result[f"{arm}_history"] = history
-        result[f"{arm}_gain_by_base_nll"] = binned(base_at, plain)
-        if think:
-            thinking = thinking_nll_at(model, meta, head, arm_cfg, test_ids, test_mask, test_pos)
-            result["nll_at_hard_tokens"]["quiet_star_thinking"] = float(thinking.nanmean())
-            result["quiet_star_thinking_gain_by_base_nll"] = binned(base_at, thinking)
-            result["thoughts"] = thought_examples(model, tok, meta, head, arm_cfg, test_ids[:3], test_mask[:3],
-                                                  test_pos[:3])
-        del model
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(result, indent=1) + "\n")
-    log(format_table(result))
-    return result
+    torch.set_num_threads(settings.threads)
+    train, test = split_by_template(problem_lines(settings.data), settings.held_out)
+    train = train[:settings.train_lines or None]
+    test = test[:settings.test_lines or None]
+    base_model, tokenizer = load_model(settings.model, device=settings.device)
+    cfg0 = settings.config(settings.seeds[0])
+    train_data = encode(tokenizer, train, cfg0.seq_len)
+    test_data = encode(tokenizer, test, cfg0.seq_len)
+    counts = {c: int((test_data.target == k).sum()) for k, c in enumerate(CATEGORIES)}
+    train_pos = train_data.positions(("result",))
+    meta, _ = prepare_model(base_model, tokenizer, cfg0)
+    base = evaluate_arm(base_model, meta, None, cfg0, test_data)["no_thought"]
+    del base_model
+    report = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
+              "config": cfg0.to_dict(), "machine": machine(),
+              "train_problems": len(train), "test_problems": len(test),
+              "train_templates": sorted({template_of(q) for q, _ in train}),
+              "test_templates": sorted({template_of(q) for q, _ in test}),
+              "test_tokens": counts, "train_result_positions": int((train_pos >= 0).sum()),
+              "per_seed": [], "complete": False}
+    out_path = Path(out_dir) / "real_report.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    for seed in settings.seeds:
+        row = {"seed": seed, "nll": {"base": base}, "seconds": {}}
+        for arm, think in (("control", False), ("quiet_star", True)):
+            a0 = time.perf_counter()
+            torch.manual_seed(seed)
+            model, tok = load_model(settings.model, device=settings.device)
+            cfg = settings.config(seed, think=think)
+            meta, head = prepare_model(model, tok, cfg)
+            log(f"--- seed {seed}, {arm}: {cfg.steps} steps")
+            history = train_arm(model, meta, head, cfg, train_data, train_pos, log=log)
+            row["seconds"][f"{arm}_train"] = round(time.perf_counter() - a0, 1)
+            a1 = time.perf_counter()
+            if think:
+                result = evaluate_arm(model, meta, head, cfg, test_data, seed=seed + 1000,
+                                      think_at=settings.think_at, exclude_ids=tok.all_special_ids)
+                row["nll"] |= result
+            else:
+                row["nll"]["control"] = evaluate_arm(model, meta, None, cfg, test_data)["no_thought"]
+            row["seconds"][f"{arm}_eval"] = round(time.perf_counter() - a1, 1)
+            row[f"{arm}_history"] = history
+            del model
+        report["per_seed"].append(row)
+        report["summary"] = summarise(report["per_seed"])
+        report["complete"] = len(report["per_seed"]) == len(settings.seeds)
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        out_path.write_text(json.dumps(report, indent=1) + "\n")
+        log(render_table(report))
+    return report
 
 
-@torch.no_grad()
-def thought_examples(model, tokenizer, meta, head, cfg, ids, mask, positions) -> list[dict]:
-    step = quiet_star_step(model, meta, head, ids, mask, cfg, positions=positions, greedy=True)
-    rows = []
-    for b in range(ids.shape[0]):
-        for slot, j in enumerate(positions[b].tolist()):
-            if j < 0:
-                continue
-            rows.append({"context_end": tokenizer.decode(ids[b, max(0, j - 6): j + 1]),
-                         "next": tokenizer.decode(ids[b, j + 1]),
-                         "thought": tokenizer.decode(step.thoughts[b, 0, slot, 1:-1]),
-                         "w": round(float(step.w[b, 0, slot, 0]), 3)})
-    return rows
+# ============================================================================ the table
+
+def _cell(s: dict) -> str:
+    if s["mean"] is None:
+        return "not run"
+    return f"{s['mean']:.3f}" if s["std"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
 
 
-def format_table(result: dict) -> str:
-    n = result["nll_at_hard_tokens"]
-    lines = ["NLL of the true next token at the base's 4 hardest answer positions of each held-out line:",
-             f"  base model                         {n['base']:.3f}",
-             f"  control (fine-tuned, no thoughts)   {n['control']:.3f}",
-             f"  Quiet-STaR model, not thinking     {n['quiet_star']:.3f}",
-             f"  Quiet-STaR model, thinking         {n['quiet_star_thinking']:.3f}",
-             "gain over the base by the base's NLL of the token (control / Quiet-STaR thinking):"]
-    for c, q in zip(result["control_gain_by_base_nll"], result["quiet_star_thinking_gain_by_base_nll"]):
-        fmt = lambda x: "-" if x is None else f"{x:+.3f}"
-        lines.append(f"  {c['bin']:>8} nats ({c['tokens']:3d} tokens): {fmt(c['gain'])} / {fmt(q['gain'])}")
-    lines.append(f"time: {result['seconds']:.0f} s (control {result['control_seconds']:.0f} s, "
-                 f"Quiet-STaR {result['quiet_star_seconds']:.0f} s)")
+def render_table(report: dict) -> str:
+    """The report as Markdown: NLL per arm and category, then the paired differences."""
+    summary, counts = report["summary"], report["test_tokens"]
+    seeds = [s["seed"] for s in report["per_seed"]]
+    head = "| arm | " + " | ".join(f"{CATEGORY_NAMES[c]} ({counts[c]})" for c in CATEGORIES) + " |"
+    rule = "|---|" + "---|" * len(CATEGORIES)
+    lines = [f"Held-out NLL of the true next token (nats), mean ± std over seeds {seeds} "
+             f"({report['test_problems']} problems of templates {', '.join(report['test_templates'])}; "
+             f"token counts in brackets; lower is better):", "", head, rule]
+    for arm in ARMS:
+        lines.append(f"| {ARM_NAMES[arm]} | " + " | ".join(_cell(summary["nll"][arm][c]) for c in CATEGORIES) + " |")
+    lines += ["", "Paired differences per seed (NLL of the first minus the second; negative: the first predicts "
+              "better), mean ± std over the seeds:", "", head.replace("| arm |", "| difference |"), rule]
+    for a, b in DIFFERENCES:
+        d = summary["differences"][f"{a}-{b}"]
+        lines.append(f"| {ARM_NAMES[a]} − {ARM_NAMES[b]} | " + " | ".join(_cell(d[c]) for c in CATEGORIES) + " |")
+    status = "" if report["complete"] else " (incomplete: not every seed has run)"
+    lines += ["", f"{report['settings']['steps']} steps of {report['settings']['batch_size']} lines per arm, "
+              f"{report['train_problems']} training problems; {report['seconds'] / 60:.0f} min on "
+              f"{report['machine']['processor']} ({report['machine']['threads']} torch thread(s)){status}."]
     return "\n".join(lines)
 
 
-def add_real_arguments(parser: argparse.ArgumentParser) -> None:
-    """``qstar-mini real``'s flags; their defaults are :func:`run`'s and :data:`REAL`'s."""
-    from qstar_mini.cli.args import positive_int
-
-    defaults = inspect.signature(run).parameters
-    parser.add_argument("--model", default=defaults["model_name"].default, metavar="NAME_OR_DIR",
-                        help="a model folder or the short name of a fetched model (default: %(default)s)")
-    parser.add_argument("--steps", type=positive_int, default=REAL.steps, metavar="N",
-                        help="optimiser steps per arm (default: %(default)s)")
-    parser.add_argument("--out", default=str(defaults["out_dir"].default), metavar="DIR",
-                        help="where report.json goes (default: %(default)s)")
+def update_page(page, report: dict) -> None:
+    """Replace the text between :data:`TABLE_START` and :data:`TABLE_END` in ``page`` by the table."""
+    page = Path(page)
+    text = page.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        raise ConfigError(f"{page} lacks the markers {TABLE_START} ... {TABLE_END}; add them where the table goes")
+    before, rest = text.split(TABLE_START, 1)
+    after = rest.split(TABLE_END, 1)[1]
+    page.write_text(f"{before}{TABLE_START}\n{render_table(report)}\n{TABLE_END}{after}")
 
 
-def run_real(args: argparse.Namespace) -> int:
-    """``qstar-mini real``: :func:`run` with the flags of :func:`add_real_arguments`."""
-    run(args.model, args.steps, args.out)
-    return 0
+def page_table(page) -> str:
+    """The text between the markers of ``page`` (what :func:`update_page` wrote)."""
+    text = Path(page).read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        raise ConfigError(f"{page} lacks the markers {TABLE_START} ... {TABLE_END}")
+    return text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip("\n")
