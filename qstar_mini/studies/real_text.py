@@ -126,12 +126,13 @@ class RealSettings:
     data: str = field(default=str(DATA_DIR / "gsm8k_format.jsonl"),
                       metadata={"help": "GSM8K-format JSONL (question, answer) made by the project's templates"})
     seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "one trained control and Quiet-STaR per seed"})
-    steps: int = field(default=REAL.steps, metadata={"help": "optimiser steps per arm and seed"})
+    steps: int = field(default=20, metadata={"help": "optimiser steps per arm and seed"})
     batch_size: int = field(default=REAL.batch_size, metadata={"help": "lines per step (b)"})
     train_lines: int = field(default=0, metadata={"help": "training lines to use, 0: all of the training templates"})
     test_lines: int = field(default=0, metadata={"help": "held-out lines to evaluate, 0: all of the held-out templates"})
     held_out: tuple[str, ...] = field(default=("two_step", "change"),
                                       metadata={"help": f"templates held out of training, from {', '.join(TEMPLATES)}"})
+    seq_len: int = field(default=REAL.seq_len, metadata={"help": "tokens per line (the longest problem must fit)"})
     lr: float = field(default=REAL.lr, metadata={"help": "learning rate of the LM and meta-tokens"})
     thought_length: int = field(default=REAL.thought_length,
                                 metadata={"help": "t, thought tokens incl. both meta-tokens (official n_ahead)"})
@@ -146,7 +147,7 @@ class RealSettings:
     def validate(self) -> None:
         if not self.seeds:
             raise ConfigError("seeds is empty; give at least one seed (three for a mean and spread)")
-        for name in ("steps", "batch_size", "threads"):
+        for name in ("steps", "batch_size", "threads", "seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.train_lines < 0 or self.test_lines < 0:
@@ -158,7 +159,7 @@ class RealSettings:
             raise ConfigError(f"held_out must name some but not all of {', '.join(TEMPLATES)} (got {list(self.held_out)})")
 
     def config(self, seed: int, think: bool = True) -> QuietStarConfig:
-        return REAL.replace(seed=seed, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+        return REAL.replace(seed=seed, steps=self.steps, batch_size=self.batch_size, lr=self.lr, seq_len=self.seq_len,
                             thought_length=self.thought_length, n_thoughts=self.n_thoughts, think=think)
 
 
@@ -199,7 +200,9 @@ def result_spans(line: str) -> list[tuple[int, int]]:
 
 def token_categories(line: str, offsets: list[tuple[int, int]], answer_start: int) -> list[str | None]:
     """The category (:data:`CATEGORIES`) of each token of ``line`` (by its character offsets),
-    None for the question's tokens and for padding."""
+    None for the question's tokens and for padding. A token belongs to the answer if it starts
+    at or after ``answer_start``; the answer's first word, whose token begins with the space that
+    joins question and answer, is therefore counted with the question."""
     results = result_spans(line)
     out = []
     for a, b in offsets:
@@ -286,7 +289,8 @@ def train_arm(model, meta, head, cfg: QuietStarConfig, data: Encoded, positions,
     model.train()
     for step in range(cfg.steps):
         rows = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % len(data.ids)]
-        x, m, p = data.ids[rows], data.mask[rows], positions[rows]
+        device = model.get_input_embeddings().weight.device
+        x, m, p = data.ids[rows].to(device), data.mask[rows].to(device), positions[rows].to(device)
         if cfg.think:
             out = quiet_star_step(model, meta, head, x, m, cfg, positions=p, generator=g, step=step)
             loss = out.loss
@@ -332,7 +336,7 @@ def random_thoughts(thoughts: torch.Tensor, allowed: torch.Tensor, generator) ->
     """The same meta-tokens around t - 2 ids drawn uniformly from ``allowed``."""
     out = thoughts.clone()
     pick = torch.randint(len(allowed), out[..., 1:-1].shape, generator=generator)
-    out[..., 1:-1] = allowed[pick]
+    out[..., 1:-1] = allowed[pick].to(out.device)
     return out
 
 
@@ -340,11 +344,12 @@ def shuffled_thoughts(thoughts: torch.Tensor, positions: torch.Tensor, generator
     """Every real slot (positions >= 0) of the batch gets the thoughts of another real slot, of
     the same or another line: a random order, shifted by one, so no slot keeps its own."""
     out = thoughts.clone()
-    b, m = (positions >= 0).nonzero(as_tuple=True)
+    b, m = (positions.cpu() >= 0).nonzero(as_tuple=True)
     if len(b) < 2:
         raise ConfigError("shuffling thoughts needs at least two thinking positions in a batch; evaluate more lines")
     order = torch.randperm(len(b), generator=generator)
     src = order.roll(1)
+    b, m, order, src = (t.to(thoughts.device) for t in (b, m, order, src))
     out[b[order], :, m[order]] = thoughts[b[src], :, m[src]]
     return out
 
@@ -381,22 +386,23 @@ def evaluate_arm(model, meta, head, cfg: QuietStarConfig, data: Encoded, *, seed
     skip = set(meta.ids) | set(exclude_ids)
     allowed = torch.tensor([i for i in range(model.get_input_embeddings().weight.shape[0]) if i not in skip])
     positions_all = data.positions(tuple(think_at))
-    plain = torch.cat([plain_nll(model, meta, cfg, data.ids[i:i + batch], data.mask[i:i + batch])
-                       for i in range(0, len(data.ids), batch)])
+    device = model.get_input_embeddings().weight.device
+    plain = torch.cat([plain_nll(model, meta, cfg, data.ids[i:i + batch].to(device),
+                                 data.mask[i:i + batch].to(device)).cpu() for i in range(0, len(data.ids), batch)])
     out = {"no_thought": by_category(plain, data.target)}
     if head is None:
         return out
     per_variant = {v: torch.full(data.target.shape, float("nan")) for v in variants}
     for i in range(0, len(data.ids), batch):
-        x, m, p = data.ids[i:i + batch], data.mask[i:i + batch], positions_all[i:i + batch]
+        x, m, p = (t[i:i + batch].to(device) for t in (data.ids, data.mask, positions_all))
         own = own_thoughts(model, meta, cfg, x, m, p, g)
         made = {"quiet_star": own, "random": random_thoughts(own, allowed, g),
                 "shuffled": shuffled_thoughts(own, p, g)}
-        rows = torch.arange(len(x))[:, None].expand_as(p)
+        p_cpu = p.cpu()
+        rows, real = torch.arange(len(x))[:, None].expand_as(p_cpu), p_cpu >= 0
         for v in variants:
-            nll = thought_nll(model, meta, head, cfg, x, m, p, made[v])
-            real = p >= 0
-            per_variant[v][i + rows[real], p[real]] = nll[real]
+            nll = thought_nll(model, meta, head, cfg, x, m, p, made[v]).cpu()
+            per_variant[v][i + rows[real], p_cpu[real]] = nll[real]
     for v in variants:
         out[v] = by_category(per_variant[v], data.target, tuple(think_at))
     return out
@@ -423,7 +429,13 @@ def summarise(per_seed: list[dict]) -> dict:
 def machine() -> dict:
     import os
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "processor": name,
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
