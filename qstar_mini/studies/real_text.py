@@ -38,7 +38,10 @@ before ``result`` tokens; evaluation reports every category apart.
   ``no_thought``: its plain next-token prediction, no thought generated (w = 0: the path the
   mixing weight gives to the prediction without a thought). (b) and (c) go through the same
   meta-tokens and mixing head as (a), so (a) - (b) and (a) - (c) measure what the thought's
-  content adds.
+  content adds. (a)-(c) think at the positions whose next token is in ``think_at`` (default:
+  the results only, where training thought; every category costs about 9x the evaluation
+  time), the other categories are then "not run" for them; (d) and the other arms are measured
+  at every answer token.
 
 **Equal terms** between ``control`` and ``quiet_star`` of one seed: the same starting weights
 (meta-tokens and mixing head are added to both; the control never uses them), the same
@@ -49,8 +52,9 @@ through a thought and the mixing head, the REINFORCE term trains the sampling, a
 gradients share the one clipping norm. The seed sets the line order, the thought samples and
 the evaluation's samples; the base needs no seed.
 
-Held-out numbers are the NLL of the true next token, averaged per category over the held-out
-lines' answer tokens; each seed gives one number per arm and category, reported as mean and
+Held-out numbers are the NLL of the true next token x_{j+1}, averaged per category over the
+held-out lines' answer tokens (a token belongs to the answer if it starts after the space that
+joins question and answer); each seed gives one number per arm and category, reported as mean and
 sample standard deviation over the seeds, and the paired differences per seed likewise.
 
 :func:`run_experiment` runs it (``RealSettings``); :func:`render_table` renders the report as
