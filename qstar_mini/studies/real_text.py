@@ -39,9 +39,9 @@ before ``result`` tokens; evaluation reports every category apart.
   mixing weight gives to the prediction without a thought). (b) and (c) go through the same
   meta-tokens and mixing head as (a), so (a) - (b) and (a) - (c) measure what the thought's
   content adds. (a)-(c) think at the positions whose next token is in ``think_at`` (default:
-  the results only, where training thought; every category costs about 9x the evaluation
-  time), the other categories are then "not run" for them; (d) and the other arms are measured
-  at every answer token.
+  the results only, where training thought; thinking at every answer token multiplies the
+  evaluation's cost, see docs/real-model.md), the other categories are then "not run" for
+  them; (d) and the other arms are measured at every answer token.
 
 **Equal terms** between ``control`` and ``quiet_star`` of one seed: the same starting weights
 (meta-tokens and mixing head are added to both; the control never uses them), the same
@@ -144,8 +144,8 @@ class RealSettings:
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     think_at: tuple[str, ...] = field(default=("result",),
                                       metadata={"help": "categories whose positions think in the evaluation of the "
-                                                        f"thought arms, from {', '.join(CATEGORIES)} (all: about "
-                                                        "9x the evaluation time)"})
+                                                        f"thought arms, from {', '.join(CATEGORIES)} (all of them: "
+                                                        "a slower evaluation)"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (1 avoids spin-waiting on a busy machine)"})
 
     def validate(self) -> None:
