@@ -177,4 +177,5 @@ def test_the_page_shows_the_reports_table():
     report = json.loads(REPORT.read_text())
     assert report["complete"] and len(report["per_seed"]) >= 3
     assert set(report["per_seed"][0]["nll"]) == set(rt.ARMS)
+    assert report["summary"] == rt.summarise(report["per_seed"])        # the per-seed numbers behind it
     assert rt.page_table(PAGE) == rt.render_table(report)
