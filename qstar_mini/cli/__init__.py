@@ -11,7 +11,7 @@
     qstar-mini models      fetch smollm2 | verify | list a real pretrained model, once, offline after (qstar_mini.models.pretrained)
     qstar-mini reproduce   demo | reproduce | ablations | differences | long PART --seed N | long --merge
                                                          the miniature reproduction (qstar_mini.studies.reproduce)
-    qstar-mini real        [--model M] [--steps N]       Quiet-STaR on SmolLM2 at the hardest tokens (qstar_mini.studies.real_text)
+    qstar-mini real        [--model M] [--steps N]       Quiet-STaR vs its control on SmolLM2, thought content tested (qstar_mini.studies.real_text)
     qstar-mini harness     [lm_eval flags ...]           lm_eval's command line with qstar-mini registered
                                                          (qstar_mini.evaluation.harness)
 
@@ -524,10 +524,12 @@ def add_real_command(subparsers) -> None:
 
     p = subparsers.add_parser(
         "real",
-        help="Quiet-STaR vs the no-thought control on SmolLM2-135M at the hardest tokens of word problems",
+        help="Quiet-STaR vs a control with the same loss weighting on SmolLM2-135M: does thought content help?",
         description="Fine-tune a real pretrained model (default: SmolLM2-135M-Instruct, fetched with "
-        f"`{PROG} models fetch smollm2`) with and without thinking on the GSM8K-format word problems, "
-        "and compare the held-out NLL at the tokens the base finds hardest (qstar_mini.studies.real_text).",
+        f"`{PROG} models fetch smollm2`) with Quiet-STaR and with the same loss but no thought, over several "
+        "seeds, on word problems of some templates; on problems of the held-out templates compare the NLL "
+        "of the arithmetic results after '=' (other tokens apart), the trained model also with random, "
+        "shuffled and no thoughts (qstar_mini.studies.real_text; docs/real-model.md).",
     )
     add_real_arguments(p)
     p.set_defaults(func=run_real)

@@ -64,6 +64,7 @@ Markdown (``docs/real-model.md`` holds it between ``<!-- real-table -->`` marker
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import platform
@@ -81,7 +82,7 @@ from qstar_mini.errors import ConfigError
 from qstar_mini.lm import lm_head, text_log_probs
 from qstar_mini.losses import combined_loss, future_targets, talk_nll, token_log_probs
 from qstar_mini.mixing import mix_log_probs, mixing_weight
-from qstar_mini.paths import DATA_DIR
+from qstar_mini.paths import DATA_DIR, RUNS_DIR
 from qstar_mini.fast.rescore import rescore_thoughts
 from qstar_mini.step import at_positions, prepare_model, quiet_star_step, scoring_ids
 from qstar_mini.models.check import resolve_attention
@@ -126,7 +127,7 @@ TEMPLATES = {
 class RealSettings:
     """The experiment's settings; every field has a ``help`` for the command line."""
 
-    model: str = field(default="smollm2", metadata={"help": "a model folder or short name (default: smollm2)"})
+    model: str = field(default="smollm2", metadata={"help": "a model folder or the short name of a fetched model"})
     data: str = field(default=str(DATA_DIR / "gsm8k_format.jsonl"),
                       metadata={"help": "GSM8K-format JSONL (question, answer) made by the project's templates"})
     seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "one trained control and Quiet-STaR per seed"})
@@ -135,7 +136,7 @@ class RealSettings:
     train_lines: int = field(default=0, metadata={"help": "training lines to use, 0: all of the training templates"})
     test_lines: int = field(default=0, metadata={"help": "held-out lines to evaluate, 0: all of the held-out templates"})
     held_out: tuple[str, ...] = field(default=("two_step", "change"),
-                                      metadata={"help": f"templates held out of training, from {', '.join(TEMPLATES)}"})
+                                      metadata={"help": "templates held out of training (the others train)"})
     seq_len: int = field(default=REAL.seq_len, metadata={"help": "tokens per line (the longest problem must fit)"})
     lr: float = field(default=REAL.lr, metadata={"help": "learning rate of the LM and meta-tokens"})
     thought_length: int = field(default=REAL.thought_length,
@@ -143,9 +144,8 @@ class RealSettings:
     n_thoughts: int = field(default=REAL.n_thoughts, metadata={"help": "thoughts per position (official n_passes)"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     think_at: tuple[str, ...] = field(default=("result",),
-                                      metadata={"help": "categories whose positions think in the evaluation of the "
-                                                        f"thought arms, from {', '.join(CATEGORIES)} (all of them: "
-                                                        "a slower evaluation)"})
+                                      metadata={"help": "categories whose positions think when the thought arms "
+                                                        "are evaluated (all of them: a slower evaluation)"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (1 avoids spin-waiting on a busy machine)"})
 
     def validate(self) -> None:
@@ -551,3 +551,38 @@ def page_table(page) -> str:
     if TABLE_START not in text or TABLE_END not in text:
         raise ConfigError(f"{page} lacks the markers {TABLE_START} ... {TABLE_END}")
     return text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip("\n")
+
+
+# ============================================================================ the command line
+
+def add_real_arguments(parser: argparse.ArgumentParser) -> None:
+    """``qstar-mini real``'s flags: one per :class:`RealSettings` field (its ``help``, its default),
+    and ``--out``. Adds to ``parser``; reads no argv itself."""
+    from dataclasses import fields
+
+    from qstar_mini.cli.args import nonnegative_int, positive_float, positive_int
+    from qstar_mini.paths import REPO_ROOT
+
+    types = {"steps": positive_int, "batch_size": positive_int, "seq_len": positive_int, "threads": positive_int,
+             "thought_length": positive_int, "n_thoughts": positive_int, "train_lines": nonnegative_int,
+             "test_lines": nonnegative_int, "lr": positive_float, "seeds": int}
+    choices = {"held_out": tuple(TEMPLATES), "think_at": CATEGORIES}
+    for f in fields(RealSettings):
+        shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else str(f.default)
+        shown = shown[len(str(REPO_ROOT)) + 1:] if shown.startswith(str(REPO_ROOT) + "/") else shown
+        extra = {"nargs": "+"} if isinstance(f.default, tuple) else {}
+        parser.add_argument("--" + f.name.replace("_", "-"), type=types.get(f.name, str), default=f.default,
+                            choices=choices.get(f.name), metavar=None if f.name in choices else f.name.upper(),
+                            help=f"{f.metadata['help']} (default: {shown})".replace("%", "%%"), **extra)
+    parser.add_argument("--out", default=str(RUNS_DIR / "real"), metavar="DIR",
+                        help="where real_report.json goes (default: runs/real)")
+
+
+def run_real(args: argparse.Namespace) -> int:
+    """``qstar-mini real``: :func:`run_experiment` with the flags of :func:`add_real_arguments`."""
+    from dataclasses import fields
+
+    values = {f.name: getattr(args, f.name) for f in fields(RealSettings)}
+    settings = RealSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    run_experiment(settings, args.out)
+    return 0

@@ -228,6 +228,8 @@ def test_the_entry_point_check_sees_both_forms(tmp_path):
     (["reproduce", "long", "everything"], ["invalid choice: 'everything'", "quiet_star"]),
     (["reproduce", "ablations", "--seed", "x"], ["--seed", "invalid int value"]),
     (["real", "--steps", "0"], ["--steps", ">= 1"]),
+    (["real", "--held-out", "everything"], ["--held-out", "invalid choice: 'everything'", "two_step"]),
+    (["real", "--held-out", "add", "sub", "mul", "div", "two_step", "change"], ["held_out", "some but not all"]),
     (["data", "--bogus"], ["unrecognized arguments: --bogus"]),
 ])
 def test_bad_study_commands_are_one_line(capsys, args, words):
@@ -252,17 +254,18 @@ def test_harness_without_lm_eval_is_one_line_naming_the_install(capsys, monkeypa
                           "needs lm_eval", "pip install 'qstar-mini[harness]'")
 
 
-@pytest.mark.skipif(os.environ.get("QSTAR_SLOW") != "1", reason="about a minute; set QSTAR_SLOW=1")
 def test_real_runs_on_the_tiny_base(capsys, tmp_path):
-    """`qstar-mini real`'s smallest form: one step per arm of the tiny base, report.json written."""
+    """`qstar-mini real`'s smallest form: one seed, one step per arm of the tiny base (a character
+    model: longer lines, shorter thoughts), a few lines; real_report.json written, its table printed."""
     from qstar_mini.paths import TINY_BASE
 
-    result = run_cli(capsys, "real", "--model", str(TINY_BASE), "--steps", "1", "--out", str(tmp_path))
+    result = run_cli(capsys, "real", "--model", str(TINY_BASE), "--steps", "1", "--seeds", "3", "--seq-len", "224",
+                     "--thought-length", "4", "--train-lines", "4", "--test-lines", "4", "--out", str(tmp_path))
     assert result.code == 0, result.err
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["settings"]["steps"] == 1 and set(report["nll_at_hard_tokens"]) == {
-        "base", "control", "quiet_star", "quiet_star_thinking"}
-    assert "Quiet-STaR model, thinking" in result.out
+    report = json.loads((tmp_path / "real_report.json").read_text())
+    assert report["settings"]["steps"] == 1 and report["settings"]["seeds"] == [3] and report["complete"]
+    assert set(report["per_seed"][0]["nll"]) == {"base", "control", "quiet_star", "random", "shuffled", "no_thought"}
+    assert "Quiet-STaR, random thoughts" in result.out
 
 
 # ---- main(): Ctrl-C, library errors, real bugs -------------------------------------------------
