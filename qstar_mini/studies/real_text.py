@@ -59,7 +59,7 @@ sample standard deviation over the seeds, and the paired differences per seed li
 
 :func:`run_experiment` runs it (``RealSettings``); :func:`render_table` renders the report as
 Markdown (``docs/real-model.md`` holds it between ``<!-- real-table -->`` markers,
-:func:`update_page`).
+:func:`update_page`), :func:`render_headline` its short form for README.
 """
 
 from __future__ import annotations
@@ -109,7 +109,6 @@ ARM_NAMES = {"base": "base (untrained)", "control": "control (no thought, same l
 # Paired differences per seed, (a, b): NLL of a minus NLL of b; negative = a predicts better.
 DIFFERENCES = (("quiet_star", "control"), ("no_thought", "control"), ("quiet_star", "no_thought"),
                ("quiet_star", "random"), ("quiet_star", "shuffled"))
-TABLE_START, TABLE_END = "<!-- real-table -->", "<!-- /real-table -->"
 
 # The project's six GSM8K-format templates (qstar_mini.data.GSM_TEMPLATES), each recognised by a
 # phrase of its question that no other template has.
@@ -534,23 +533,48 @@ def render_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def update_page(page, report: dict) -> None:
-    """Replace the text between :data:`TABLE_START` and :data:`TABLE_END` in ``page`` by the table."""
-    page = Path(page)
+def render_headline(report: dict) -> str:
+    """The short form for README: the scored category (results after ``=``) only, the arms that
+    answer the question, and the paired content differences."""
+    nll, diff = report["summary"]["nll"], report["summary"]["differences"]
+    seeds = [s["seed"] for s in report["per_seed"]]
+    rows = [("base (untrained)", nll["base"]["result"]),
+            ("control: the same loss weighting, no thought", nll["control"]["result"]),
+            ("Quiet-STaR, own thoughts", nll["quiet_star"]["result"]),
+            ("Quiet-STaR, random thoughts", nll["random"]["result"]),
+            ("Quiet-STaR, thoughts shuffled across positions", nll["shuffled"]["result"]),
+            ("Quiet-STaR, no thought", nll["no_thought"]["result"]),
+            ("own minus random thoughts, paired per seed", diff["quiet_star-random"]["result"]),
+            ("Quiet-STaR (no thought) minus control, paired per seed", diff["no_thought-control"]["result"])]
+    lines = [f"| SmolLM2-135M-Instruct, held-out results after `=` ({report['test_tokens']['result']} tokens) "
+             f"| NLL (nats), mean ± std over seeds {seeds} |", "|---|---|"]
+    lines += [f"| {name} | {_cell(s)} |" for name, s in rows]
+    return "\n".join(lines)
+
+
+def _markers(kind: str) -> tuple[str, str]:
+    return f"<!-- {kind} -->", f"<!-- /{kind} -->"
+
+
+def update_page(page, report: dict, kind: str = "real-table") -> None:
+    """Replace the text between ``<!-- kind -->`` and ``<!-- /kind -->`` in ``page`` by the
+    rendering: :func:`render_table` for ``real-table``, :func:`render_headline` for ``real-headline``."""
+    page, (start, end) = Path(page), _markers(kind)
     text = page.read_text()
-    if TABLE_START not in text or TABLE_END not in text:
-        raise ConfigError(f"{page} lacks the markers {TABLE_START} ... {TABLE_END}; add them where the table goes")
-    before, rest = text.split(TABLE_START, 1)
-    after = rest.split(TABLE_END, 1)[1]
-    page.write_text(f"{before}{TABLE_START}\n{render_table(report)}\n{TABLE_END}{after}")
+    if start not in text or end not in text:
+        raise ConfigError(f"{page} lacks the markers {start} ... {end}; add them where the table goes")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    body = render_table(report) if kind == "real-table" else render_headline(report)
+    page.write_text(f"{before}{start}\n{body}\n{end}{after}")
 
 
-def page_table(page) -> str:
-    """The text between the markers of ``page`` (what :func:`update_page` wrote)."""
-    text = Path(page).read_text()
-    if TABLE_START not in text or TABLE_END not in text:
-        raise ConfigError(f"{page} lacks the markers {TABLE_START} ... {TABLE_END}")
-    return text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip("\n")
+def page_table(page, kind: str = "real-table") -> str:
+    """The text between the ``kind`` markers of ``page`` (what :func:`update_page` wrote)."""
+    (start, end), text = _markers(kind), Path(page).read_text()
+    if start not in text or end not in text:
+        raise ConfigError(f"{page} lacks the markers {start} ... {end}")
+    return text.split(start, 1)[1].split(end, 1)[0].strip("\n")
 
 
 # ============================================================================ the command line

@@ -179,3 +179,25 @@ def test_the_page_shows_the_reports_table():
     assert set(report["per_seed"][0]["nll"]) == set(rt.ARMS)
     assert report["summary"] == rt.summarise(report["per_seed"])        # the per-seed numbers behind it
     assert rt.page_table(PAGE) == rt.render_table(report)
+
+
+def test_readmes_headline_is_the_rendering_of_the_report():
+    """README's short table (between <!-- real-headline --> markers) is render_headline of the saved
+    report; skipped only while README has no such markers."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    if "<!-- real-headline -->" not in readme:
+        pytest.skip("README has no <!-- real-headline --> markers (yet)")
+    report = json.loads(REPORT.read_text())
+    assert rt.page_table(REPO_ROOT / "README.md", "real-headline") == rt.render_headline(report)
+
+
+def test_update_page_writes_what_page_table_reads(tmp_path):
+    report = json.loads(REPORT.read_text())
+    page = tmp_path / "page.md"
+    page.write_text("top\n<!-- real-headline -->\nold\n<!-- /real-headline -->\nbottom\n")
+    rt.update_page(page, report, "real-headline")
+    assert rt.page_table(page, "real-headline") == rt.render_headline(report)
+    assert page.read_text().startswith("top\n") and page.read_text().endswith("bottom\n")
+    assert "| Quiet-STaR, random thoughts | " in rt.render_headline(report)
+    with pytest.raises(ConfigError, match="lacks the markers <!-- real-table -->"):
+        rt.update_page(page, report)
