@@ -48,7 +48,7 @@ help:
 	@echo "make data       regenerate the corpus under $(DATA_DIR)/ (byte-identical to the committed one)"
 	@echo "make pretrain   pretrain the tiny base models into $(TINY_BASE)/ and $(TINY_BASE_NOISY)/ (CPU minutes)"
 	@echo "make smollm2    fetch the real SmolLM2-135M-Instruct once into the cache (qstar-mini models fetch smollm2)"
-	@echo "make real       Quiet-STaR vs the control on SmolLM2 at the hardest tokens of word problems (runs/real/; qstar-mini real)"
+	@echo "make real       Quiet-STaR vs the equally weighted control on SmolLM2, own/random/shuffled thoughts (runs/real/real_report.json; qstar-mini real)"
 	@echo "make compat     opt-in: the compatibility matrix, the whole suite on each declared stack (scripts/compat.py; ROWS=low,... for some)"
 	@echo "make nbgrader-check opt-in: real nbgrader 0.9.6 on notebooks 02-05 as four students (instructor, a correct answer that warns, a cheater, a deleted check cell; scripts/nbgrader_check.sh)"
 	@echo "make colab-check    opt-in: every notebook, setup cell included, twice, in a Colab-like environment (ipywidgets 7.7.1, a google.colab stand-in, a local clone; scripts/colab_check.sh)"
@@ -96,8 +96,9 @@ STAMP_REAL := $(ENV_DIR)/.qstar-mini-$(REPO_ID)-real.stamp
 smollm2: $(STAMP_REAL)
 	$(PY) -m qstar_mini models fetch smollm2
 
-# Quiet-STaR on SmolLM2 at the hardest answer tokens of the word problems, against the
-# no-thought control (qstar-mini real: qstar_mini/studies/real_text.py; runs/real/report.json; README gives the time).
+# Quiet-STaR on SmolLM2 against a control with the same loss weighting and no thought, 3 seeds, on word
+# problems split by template (qstar-mini real: qstar_mini/studies/real_text.py; runs/real/real_report.json;
+# docs/real-model.md gives the time: about an hour on 2 CPU cores).
 .PHONY: real
 real: smollm2
 	$(PY) -m qstar_mini real
