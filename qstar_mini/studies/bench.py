@@ -623,7 +623,7 @@ E2E_COMMANDS = [
 ]
 
 
-def run(quick: bool = True, device: str | None = None, e2e: bool = False, dtype=None,
+def measure_all(quick: bool = True, device: str | None = None, e2e: bool = False, dtype=None,
         sizes: tuple[str, ...] | None = None, official_venv: str | None = None) -> dict:
     """Every row in one run. dtype: default float32 on CPU, bfloat16 on CUDA. sizes: the model
     sizes of the throughput rows (default ``tiny`` on CPU, ``tiny`` and ``100m`` on CUDA).
@@ -1087,7 +1087,7 @@ def run_bench(args) -> int:
             with open(args.json, "w") as f:
                 json.dump({"machine": machine(), "profile": args.profile, "rows": rows}, f, indent=1)
         return 0
-    result = run(quick=args.quick, device=args.device, e2e=args.e2e, dtype=dtype, sizes=sizes,
+    result = measure_all(quick=args.quick, device=args.device, e2e=args.e2e, dtype=dtype, sizes=sizes,
                  official_venv=official_venv)
     print(format_table(result))
     if args.json:
