@@ -774,6 +774,38 @@ def mark_memory_goal(rows: list[dict], slack: float = 1.2) -> list[dict]:
     return rows
 
 
+def official_real_rows(venv: str, seq: int = 256, batch: int = 1, repeats: int = 1, warmup: int = 1) -> list[dict]:
+    """Our default step against the official code's at SmolLM2-135M's width (:data:`REAL`: its
+    hidden size, heads and vocabulary, 4 of its 30 layers), one thread each, eager attention in
+    both, official settings, random weights. ratio = official / ours from each process's CPU time."""
+    from qstar_mini.config import official
+    from qstar_mini.models.tiny import tiny_config
+
+    python = official_venv_python(venv)
+    sizes = {k: v for k, v in REAL.items() if k != "vocab"}
+    shape = tiny_config(REAL["vocab"], **{**TINY, **sizes})
+    dims = {k: getattr(shape, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                           "num_key_value_heads", "intermediate_size", "max_position_embeddings",
+                                           "tie_word_embeddings", "rms_norm_eps")}
+    theirs = official_step_seconds(python, seq, batch, repeats, warmup, dims)["rows"][0]
+    cfg = official(batch_size=batch, seq_len=seq)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, meta, head = bench_model(attn="eager", **REAL)
+        ids, mask = random_batch(batch, seq, REAL["vocab"])
+        ours, ours_cpu = timeit_wall_and_cpu(lambda: _step(model, meta, head, ids, mask, cfg), repeats, warmup)
+    finally:
+        torch.set_num_threads(threads)
+    return [dict(name="step: qstar_mini vs official code, SmolLM2-135M width (4 layers)",
+                 params=dict(seq=seq, batch=batch, attention=cfg.attention, attn="eager", default=True,
+                             t=cfg.thought_length, n_true=cfg.n_true, n_thoughts=cfg.n_thoughts, threads=1,
+                             memory=cfg.memory),
+                 median_s=ours, baseline_median_s=theirs["median_s"], ratio=theirs["median_s"] / ours,
+                 passes=step_passes(cfg), overhead=None, cpu_s=ours_cpu, baseline_cpu_s=theirs["cpu_median_s"],
+                 cpu_ratio=theirs["cpu_median_s"] / ours_cpu)]
+
+
 def goal_rows(official_venv: str | None = None, repeats: int = 3, quick: bool = False) -> list[dict]:
     """The rows behind :data:`GOALS`, on one CPU thread, timed by CPU time, official settings
     (t = 11 = n_ahead - 1, n_true = 4, n_thoughts = 2), the default attention (in full, the
@@ -799,6 +831,8 @@ def goal_rows(official_venv: str | None = None, repeats: int = 3, quick: bool = 
             if row["params"]["seq"] == 128 and row["params"]["default"]:
                 row["goal"], row["value"] = "vs_official", row["cpu_ratio"]
             rows.append(row)
+        if not quick:
+            rows += official_real_rows(official_venv)
     return rows
 
 

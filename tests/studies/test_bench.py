@@ -252,6 +252,22 @@ def test_performance_page_block_is_the_committed_goals_json_rendered():
     assert [g["goal"] for g in result["goals"]] == [g[0] for g in GOALS]
 
 
+def test_performance_page_official_block_is_its_json_rendered():
+    """The second goals run, with the official code's step beside ours (at the real width too), is
+    rendered from docs/results/bench_goals_official_cpu.json, not typed."""
+    from pathlib import Path
+
+    from qstar_mini.studies.bench import PERFORMANCE_PAGE, performance_section
+
+    root = Path(__file__).resolve().parents[2]
+    result = json.loads((root / "docs/results/bench_goals_official_cpu.json").read_text())
+    page = (root / PERFORMANCE_PAGE).read_text()
+    start, end = "<!-- bench-goals-official: start -->\n", "<!-- bench-goals-official: end -->"
+    assert page.split(start, 1)[1].split(end, 1)[0] == performance_section(result)
+    real = [r for r in result["rows"] if "SmolLM2-135M width" in r["name"] and "official" in r["name"]]
+    assert len(real) == 1 and real[0]["params"]["seq"] == 256 and real[0]["cpu_ratio"] > 0
+
+
 @pytest.mark.parametrize("flag", ["--render", "--readme"])
 def test_cli_render_prints_the_block_from_a_json(tmp_path, capsys, flag):
     from qstar_mini.studies.bench import performance_section
