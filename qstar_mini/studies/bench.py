@@ -552,6 +552,13 @@ def timeit_wall_and_cpu(fn, repeats: int, warmup: int = 1) -> tuple[float, float
     return statistics.median(wall), statistics.median(cpu)
 
 
+def _official_dims(shape) -> dict:
+    """The model shape ``scripts/official_bench.py --dims`` builds its Mistral from: ``shape``'s."""
+    return {k: getattr(shape, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                           "num_key_value_heads", "intermediate_size", "max_position_embeddings",
+                                           "tie_word_embeddings", "rms_norm_eps")}
+
+
 def official_rows(venv: str, seqs=OFFICIAL_SEQS, batch: int = 4, repeats: int = 3, warmup: int = 1,
                   sdpa: bool = True) -> list[dict]:
     """Our training step against the official code's, one thread each, same model shape and batch.
@@ -569,9 +576,7 @@ def official_rows(venv: str, seqs=OFFICIAL_SEQS, batch: int = 4, repeats: int = 
     cfg0 = official(batch_size=batch)
     attentions = list(dict.fromkeys([cfg0.attention, "mask", "blocks"]))
     shape = tiny_config(85, **TINY)
-    dims = {k: getattr(shape, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                           "num_key_value_heads", "intermediate_size", "max_position_embeddings",
-                                           "tie_word_embeddings", "rms_norm_eps")}
+    dims = _official_dims(shape)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -784,9 +789,7 @@ def official_real_rows(venv: str, seq: int = 256, batch: int = 1, repeats: int =
     python = official_venv_python(venv)
     sizes = {k: v for k, v in REAL.items() if k != "vocab"}
     shape = tiny_config(REAL["vocab"], **{**TINY, **sizes})
-    dims = {k: getattr(shape, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                           "num_key_value_heads", "intermediate_size", "max_position_embeddings",
-                                           "tie_word_embeddings", "rms_norm_eps")}
+    dims = _official_dims(shape)
     theirs = official_step_seconds(python, seq, batch, repeats, warmup, dims)["rows"][0]
     cfg = official(batch_size=batch, seq_len=seq)
     threads = torch.get_num_threads()
